@@ -1,0 +1,346 @@
+//! The transactional handoff: a giver offers fds with their state, a taker
+//! validates and adopts them, then acks; until the ack the giver keeps every
+//! fd and can resume as if nothing happened.
+//!
+//! ```text
+//! taker                                  giver
+//!   hello {version, pid}          ──▶
+//!                                 ◀──    offer {version, fds, batches, app}
+//!                                 ◀──    batch {seq, entries} + SCM_RIGHTS  (×batches)
+//!                                 ◀──    end {fds}
+//!   (validate, adopt)
+//!   ack | nack {reason}           ──▶
+//! ```
+
+use std::collections::HashSet;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::fd::{self, Kind};
+use crate::manifest::{self, check_name, Entry, Message, PROTOCOL_VERSION};
+use crate::wire;
+
+/// One fd the giver offers.
+#[derive(Debug)]
+pub struct Item<'a> {
+    /// Unique name (see [`check_name`]).
+    pub name: &'a str,
+    /// What it is.
+    pub kind: Kind,
+    /// The fd; the giver keeps it open until the taker acks.
+    pub fd: BorrowedFd<'a>,
+    /// Its state.
+    pub state: Value,
+}
+
+/// One fd the taker received, validated.
+#[derive(Debug)]
+pub struct Taken {
+    /// Its name.
+    pub name: String,
+    /// What it is (checked).
+    pub kind: Kind,
+    /// The fd, now ours.
+    pub fd: OwnedFd,
+    /// Its state, as the giver sent it.
+    pub state: Value,
+}
+
+/// Everything a taker received in one handoff.
+#[derive(Debug)]
+pub struct Handoff {
+    /// Application state not tied to one fd.
+    pub app: Value,
+    /// True when the giver says the previous server of these sockets died,
+    /// so per-fd states may be stale.
+    pub recovered: bool,
+    /// The fds, in the giver's order.
+    pub taken: Vec<Taken>,
+}
+
+/// Giver: waits for the taker's `hello` and checks its version. On a version
+/// mismatch the taker is sent a `refuse` naming both versions.
+pub fn read_hello(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<u32> {
+    let (msg, fds) =
+        manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("before saying hello"))?;
+    if !fds.is_empty() {
+        return Err(Error::protocol(format!(
+            "hello came with {} unexpected fds (closed)",
+            fds.len()
+        )));
+    }
+    match msg {
+        Message::Hello { version, pid } if version == PROTOCOL_VERSION => Ok(pid),
+        Message::Hello { version, .. } => {
+            let err = Error::Version { theirs: version };
+            let _ = manifest::send(
+                chan,
+                &Message::Refuse {
+                    reason: err.to_string(),
+                },
+                &[],
+                deadline,
+            );
+            Err(err)
+        }
+        other => Err(Error::protocol(format!(
+            "expected hello, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// Giver: sends every item (in as many batches as the limits need).
+pub fn offer(
+    chan: BorrowedFd<'_>,
+    items: &[Item<'_>],
+    app: &Value,
+    recovered: bool,
+    deadline: Option<Instant>,
+) -> Result<()> {
+    let mut names = HashSet::with_capacity(items.len());
+    let mut encoded = Vec::with_capacity(items.len());
+    for item in items {
+        check_name(item.name).map_err(Error::Protocol)?;
+        if !names.insert(item.name) {
+            return Err(Error::protocol(format!("two fds named {:?}", item.name)));
+        }
+        let e = Entry {
+            name: item.name.to_owned(),
+            kind: item.kind,
+            state: item.state.clone(),
+        };
+        encoded.push(serde_json::to_string(&e).expect("an Entry always serialises"));
+    }
+    let chunks = manifest::chunk(&encoded, manifest::WRAP_OVERHEAD)?;
+    let head = Message::Offer {
+        version: PROTOCOL_VERSION,
+        fds: items.len(),
+        batches: chunks.len(),
+        recovered,
+        app: app.clone(),
+    };
+    manifest::send(chan, &head, &[], deadline)?;
+    for (seq, range) in chunks.into_iter().enumerate() {
+        let body = manifest::wrap("batch", Some(seq), &encoded[range.clone()]);
+        let fds: Vec<BorrowedFd<'_>> = items[range].iter().map(|i| i.fd).collect();
+        wire::send(chan, &body, &fds, deadline)?;
+    }
+    manifest::send(chan, &Message::End { fds: items.len() }, &[], deadline)
+}
+
+/// Giver: waits for the taker's verdict. `Ok(())` is an ack: the taker owns
+/// everything now. Any error means the giver still owns everything and
+/// should resume; the error says why.
+pub fn await_ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
+    let (msg, fds) = manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("before acking"))?;
+    drop(fds);
+    match msg {
+        Message::Ack => Ok(()),
+        Message::Nack { reason } => Err(Error::Refused(reason)),
+        other => Err(Error::protocol(format!(
+            "expected ack or nack, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// What a taker is willing to receive.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The most fds one handoff may carry.
+    pub max_fds: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_fds: fd_headroom(),
+        }
+    }
+}
+
+/// How many more fds this process can open: the soft `RLIMIT_NOFILE` minus
+/// what is open now, less a margin for the process's own work.
+pub fn fd_headroom() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s)
+        .unwrap_or(1024);
+    let open = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0) as u64;
+    soft.saturating_sub(open).saturating_sub(32) as usize
+}
+
+/// Taker: says hello.
+pub fn hello(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
+    manifest::send(
+        chan,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+        },
+        &[],
+        deadline,
+    )
+}
+
+/// Taker: receives and validates a whole offer. On any error the giver is
+/// sent a `nack` naming it, every fd received so far is closed, and the
+/// error is returned.
+pub fn receive(
+    chan: BorrowedFd<'_>,
+    limits: &Limits,
+    deadline: Option<Instant>,
+) -> Result<Handoff> {
+    let result = receive_inner(chan, limits, deadline);
+    if let Err(e) = &result {
+        if !matches!(e, Error::Refused(_) | Error::Disconnected(_)) {
+            let _ = nack(chan, &e.to_string());
+        }
+    }
+    result
+}
+
+fn receive_inner(
+    chan: BorrowedFd<'_>,
+    limits: &Limits,
+    deadline: Option<Instant>,
+) -> Result<Handoff> {
+    let recv =
+        || manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("in the middle of an offer"));
+    let (msg, fds) = recv()?;
+    if !fds.is_empty() {
+        return Err(Error::protocol(format!(
+            "offer came with {} unexpected fds",
+            fds.len()
+        )));
+    }
+    let (total, batches, recovered, app) = match msg {
+        Message::Offer {
+            version,
+            fds,
+            batches,
+            recovered,
+            app,
+        } => {
+            if version != PROTOCOL_VERSION {
+                return Err(Error::Version { theirs: version });
+            }
+            (fds, batches, recovered, app)
+        }
+        Message::Refuse { reason } => return Err(Error::Refused(reason)),
+        other => {
+            return Err(Error::protocol(format!(
+                "expected offer, got {}",
+                other.name()
+            )))
+        }
+    };
+    if total > limits.max_fds {
+        return Err(Error::protocol(format!(
+            "offer of {total} fds is more than this process can hold ({}; raise RLIMIT_NOFILE)",
+            limits.max_fds
+        )));
+    }
+    if batches > total || (total > 0 && batches == 0) {
+        return Err(Error::protocol(format!(
+            "offer announces {batches} batches for {total} fds"
+        )));
+    }
+    let mut taken = Vec::with_capacity(total);
+    let mut names = HashSet::with_capacity(total);
+    for seq in 0..batches {
+        let (msg, fds) = recv()?;
+        let entries = match msg {
+            Message::Batch { seq: s, entries } if s == seq => entries,
+            Message::Batch { seq: s, .. } => {
+                return Err(Error::protocol(format!(
+                    "expected batch {seq}, got batch {s}"
+                )))
+            }
+            other => {
+                return Err(Error::protocol(format!(
+                    "expected batch {seq} of {batches}, got {}",
+                    other.name()
+                )))
+            }
+        };
+        if entries.len() != fds.len() {
+            return Err(Error::protocol(format!(
+                "batch {seq} lists {} fds but carries {}",
+                entries.len(),
+                fds.len()
+            )));
+        }
+        if taken.len() + fds.len() > total {
+            return Err(Error::protocol(format!(
+                "more fds than the {total} announced"
+            )));
+        }
+        for (entry, fd) in entries.into_iter().zip(fds) {
+            check_name(&entry.name).map_err(Error::Protocol)?;
+            fd::validate(std::os::fd::AsFd::as_fd(&fd), entry.kind).map_err(|problem| {
+                Error::BadFd {
+                    name: entry.name.clone(),
+                    problem,
+                }
+            })?;
+            if !names.insert(entry.name.clone()) {
+                return Err(Error::protocol(format!("two fds named {:?}", entry.name)));
+            }
+            taken.push(Taken {
+                name: entry.name,
+                kind: entry.kind,
+                fd,
+                state: entry.state,
+            });
+        }
+    }
+    let (msg, fds) = recv()?;
+    if !fds.is_empty() {
+        return Err(Error::protocol(format!(
+            "more fds than announced: {} came with the end message",
+            fds.len()
+        )));
+    }
+    match msg {
+        Message::End { fds } if fds == total && taken.len() == total => Ok(Handoff {
+            app,
+            recovered,
+            taken,
+        }),
+        Message::End { fds } => Err(Error::protocol(format!(
+            "offer announced {total} fds, end says {fds}, received {}",
+            taken.len()
+        ))),
+        Message::Batch { .. } => Err(Error::protocol(format!(
+            "more batches than the {batches} announced"
+        ))),
+        other => Err(Error::protocol(format!(
+            "expected end, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// Taker: everything is adopted; the giver may go.
+pub fn ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
+    manifest::send(chan, &Message::Ack, &[], deadline)
+}
+
+/// Taker (or a giver refusing a hello): the handoff is off, and why.
+pub fn nack(chan: BorrowedFd<'_>, reason: &str) -> Result<()> {
+    let deadline = Some(Instant::now() + std::time::Duration::from_millis(100));
+    manifest::send(
+        chan,
+        &Message::Nack {
+            reason: reason.chars().take(1024).collect(),
+        },
+        &[],
+        deadline,
+    )
+}

@@ -1,0 +1,46 @@
+//! Transactional handoff of listening and live sockets between processes.
+//!
+//! A *giver* (a server that is about to be replaced) offers every fd it
+//! serves, each with a name, a [`Kind`] and a JSON state, over a
+//! `SOCK_SEQPACKET` Unix socket; the fds travel as `SCM_RIGHTS` in batches of
+//! at most 253. The *taker* (its successor) validates every fd against the
+//! manifest, adopts them, and only then acks. Until the ack the giver keeps
+//! its copies and resumes serving on any failure: a crash, a `nack`, a
+//! timeout. The wire protocol is written down in `docs/PROTOCOL.md`.
+//!
+//! ```no_run
+//! use std::time::{Duration, Instant};
+//! use std::os::fd::AsFd;
+//! # fn main() -> Result<(), takeover::Error> {
+//! // Taker: connect, say hello, receive and validate, adopt, ack.
+//! let chan = takeover::connect("/run/app/takeover".as_ref())?;
+//! let deadline = Some(Instant::now() + Duration::from_secs(5));
+//! takeover::hello(chan.as_fd(), deadline)?;
+//! let handoff = takeover::receive(chan.as_fd(), &takeover::Limits::default(), deadline)?;
+//! for taken in &handoff.taken {
+//!     println!("{} is a {}", taken.name, taken.kind);
+//! }
+//! takeover::ack(chan.as_fd(), deadline)?;
+//! # Ok(()) }
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod endpoint;
+mod error;
+mod fd;
+mod handoff;
+pub mod manifest;
+mod sys;
+mod tcp;
+pub mod wire;
+
+pub use endpoint::{check_peer, connect, Endpoint, Existing};
+pub use error::{Error, Result};
+pub use fd::{validate, Kind};
+pub use handoff::{
+    ack, await_ack, fd_headroom, hello, nack, offer, read_hello, receive, Handoff, Item, Limits,
+    Taken,
+};
+pub use manifest::{check_name, Entry, Message, StateEntry, PROTOCOL_VERSION};
+pub use sys::{pass_fd, socket_cookie, take_env_fd};
+pub use tcp::{stream_offsets, StreamOffsets};

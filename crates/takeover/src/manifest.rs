@@ -1,0 +1,381 @@
+//! The messages of the takeover protocol and of the supervisor's control
+//! channel, and their JSON encoding. `docs/PROTOCOL.md` is the prose version
+//! of this file.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::fd::Kind;
+use crate::wire::{self, MAX_FDS, MAX_MESSAGE};
+
+/// The protocol version this build speaks. A peer announcing another
+/// version is refused with a message that names both.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The longest fd name we send or accept. systemd's fd store allows 255.
+pub const MAX_NAME: usize = 255;
+
+/// One fd as the manifest describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Unique within one handoff; printable ASCII, no `:` (so it can also be
+    /// an fd-store name).
+    pub name: String,
+    /// What the fd is; the receiver checks it.
+    pub kind: Kind,
+    /// Whatever the application carries along with this fd.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub state: Value,
+}
+
+/// State of one connection without its fd (the reply to `quiesce`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateEntry {
+    /// The connection's name.
+    pub name: String,
+    /// The application's state for it.
+    #[serde(default)]
+    pub state: Value,
+}
+
+/// Every message on a takeover or control channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Message {
+    // --- takeover protocol ---
+    /// Taker → giver, first message: who is asking, in which version.
+    Hello {
+        /// The taker's protocol version.
+        version: u32,
+        /// The taker's pid (for the giver's log).
+        #[serde(default)]
+        pid: u32,
+    },
+    /// Giver → taker: the handoff will not happen.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// Giver → taker: what follows.
+    Offer {
+        /// The giver's protocol version.
+        version: u32,
+        /// How many fds the batches carry in all.
+        fds: usize,
+        /// How many batch messages follow.
+        batches: usize,
+        /// True when the giver is not the last process that served these
+        /// sockets and that process died: states may be stale.
+        #[serde(default)]
+        recovered: bool,
+        /// Application state that is not tied to one fd.
+        #[serde(default)]
+        app: Value,
+    },
+    /// Giver → taker: entries, with exactly one fd each attached.
+    Batch {
+        /// 0, 1, 2, ...
+        seq: usize,
+        /// One per attached fd, in the same order.
+        entries: Vec<Entry>,
+    },
+    /// Giver → taker: the last message of an offer.
+    End {
+        /// The fd count again.
+        fds: usize,
+    },
+    /// Taker → giver: every fd is validated and in the taker's event loop;
+    /// the giver may close its copies and go.
+    Ack,
+    /// Taker → giver: the taker will not serve these fds; the giver resumes.
+    Nack {
+        /// Why.
+        reason: String,
+    },
+
+    // --- supervisor control channel ---
+    /// Worker → supervisor: a connection was accepted; its fd is attached.
+    Opened {
+        /// The connection.
+        entry: Entry,
+    },
+    /// Worker → supervisor: a connection ended.
+    Closed {
+        /// Its name.
+        name: String,
+    },
+    /// Supervisor → worker: stop accepting and reading, report state.
+    Quiesce,
+    /// Worker → supervisor: state of some connections (after `quiesce`).
+    State {
+        /// One per connection.
+        entries: Vec<StateEntry>,
+    },
+    /// Worker → supervisor: quiesced; `count` state entries were sent.
+    Quiesced {
+        /// How many connections the worker holds.
+        count: usize,
+    },
+    /// Supervisor → worker: the handoff failed; serve again.
+    Resume,
+    /// Supervisor → worker: the handoff succeeded; close everything and exit 0.
+    Exit,
+}
+
+impl Message {
+    /// Encodes the message as JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a Message always serialises")
+    }
+
+    /// Decodes one message; the error says what is wrong with it.
+    pub fn decode(bytes: &[u8]) -> Result<Message> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
+            Error::protocol(format!("malformed message ({e}): {shown:?}"))
+        })
+    }
+
+    /// The message's `type`, for error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Refuse { .. } => "refuse",
+            Message::Offer { .. } => "offer",
+            Message::Batch { .. } => "batch",
+            Message::End { .. } => "end",
+            Message::Ack => "ack",
+            Message::Nack { .. } => "nack",
+            Message::Opened { .. } => "opened",
+            Message::Closed { .. } => "closed",
+            Message::Quiesce => "quiesce",
+            Message::State { .. } => "state",
+            Message::Quiesced { .. } => "quiesced",
+            Message::Resume => "resume",
+            Message::Exit => "exit",
+        }
+    }
+}
+
+/// Checks that `name` can be an fd name (here and in systemd's fd store).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(format!(
+            "fd name {name:?} must be 1 to {MAX_NAME} characters"
+        ));
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Err(format!(
+            "fd name {name:?} must be printable ASCII without spaces or ':'"
+        ));
+    }
+    Ok(())
+}
+
+/// Sends `msg` with `fds` attached.
+pub fn send(
+    chan: BorrowedFd<'_>,
+    msg: &Message,
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> Result<()> {
+    wire::send(chan, &msg.encode(), fds, deadline)
+}
+
+/// Receives one message and its fds; `Ok(None)` at the end of the channel.
+pub fn recv(
+    chan: BorrowedFd<'_>,
+    deadline: Option<Instant>,
+) -> Result<Option<(Message, Vec<OwnedFd>)>> {
+    match wire::recv(chan, deadline)? {
+        None => Ok(None),
+        Some(r) => Ok(Some((Message::decode(&r.bytes)?, r.fds))),
+    }
+}
+
+/// Like [`recv`] but returns `Ok(None)` at once when no message is queued,
+/// and `Ok(Some(None))` at the end of the channel.
+#[allow(clippy::type_complexity)]
+pub fn try_recv(chan: BorrowedFd<'_>) -> Result<Option<Option<(Message, Vec<OwnedFd>)>>> {
+    match wire::try_recv(chan)? {
+        None => Ok(None),
+        Some(None) => Ok(Some(None)),
+        Some(Some(r)) => Ok(Some(Some((Message::decode(&r.bytes)?, r.fds)))),
+    }
+}
+
+/// Splits pre-encoded JSON array elements into chunks that each fit one
+/// message: at most `MAX_MESSAGE - overhead` bytes and [`MAX_FDS`] elements
+/// (every element carries at most one fd). Returns the element ranges.
+pub(crate) fn chunk(encoded: &[String], overhead: usize) -> Result<Vec<std::ops::Range<usize>>> {
+    let budget = MAX_MESSAGE - overhead;
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for (i, e) in encoded.iter().enumerate() {
+        let add = e.len() + 1; // the comma
+        if add > budget {
+            return Err(Error::protocol(format!(
+                "one entry encodes to {} bytes, more than fits in a {MAX_MESSAGE} byte message",
+                e.len()
+            )));
+        }
+        if i - start == MAX_FDS || size + add > budget {
+            out.push(start..i);
+            start = i;
+            size = 0;
+        }
+        size += add;
+    }
+    if start < encoded.len() {
+        out.push(start..encoded.len());
+    }
+    Ok(out)
+}
+
+/// Builds `{"type":"<ty>","seq":N,"entries":[...]}` (or without `seq`) from
+/// pre-encoded elements.
+pub(crate) fn wrap(ty: &str, seq: Option<usize>, elems: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + elems.iter().map(|e| e.len() + 1).sum::<usize>());
+    out.extend_from_slice(b"{\"type\":\"");
+    out.extend_from_slice(ty.as_bytes());
+    out.extend_from_slice(b"\",");
+    if let Some(seq) = seq {
+        out.extend_from_slice(format!("\"seq\":{seq},").as_bytes());
+    }
+    out.extend_from_slice(b"\"entries\":[");
+    for (i, e) in elems.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(e.as_bytes());
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Room kept for the wrapper around a chunk's elements.
+pub(crate) const WRAP_OVERHEAD: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn round_trip_every_message() {
+        let entry = Entry {
+            name: "c1".into(),
+            kind: Kind::TcpStream,
+            state: json!({"next": 7}),
+        };
+        let msgs = vec![
+            Message::Hello {
+                version: 1,
+                pid: 42,
+            },
+            Message::Refuse {
+                reason: "no".into(),
+            },
+            Message::Offer {
+                version: 1,
+                fds: 3,
+                batches: 1,
+                recovered: true,
+                app: json!({"g": 2}),
+            },
+            Message::Batch {
+                seq: 0,
+                entries: vec![entry.clone()],
+            },
+            Message::End { fds: 3 },
+            Message::Ack,
+            Message::Nack {
+                reason: "bad fd".into(),
+            },
+            Message::Opened { entry },
+            Message::Closed { name: "c1".into() },
+            Message::Quiesce,
+            Message::State {
+                entries: vec![StateEntry {
+                    name: "c1".into(),
+                    state: json!(null),
+                }],
+            },
+            Message::Quiesced { count: 1 },
+            Message::Resume,
+            Message::Exit,
+        ];
+        for m in msgs {
+            assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn wire_format_is_stable() {
+        let m = Message::Batch {
+            seq: 2,
+            entries: vec![Entry {
+                name: "l0".into(),
+                kind: Kind::TcpListener,
+                state: Value::Null,
+            }],
+        };
+        assert_eq!(
+            String::from_utf8(m.encode()).unwrap(),
+            r#"{"type":"batch","seq":2,"entries":[{"name":"l0","kind":"tcp-listener"}]}"#
+        );
+        let wrapped = wrap(
+            "batch",
+            Some(2),
+            &[r#"{"name":"l0","kind":"tcp-listener"}"#.to_string()],
+        );
+        assert_eq!(Message::decode(&wrapped).unwrap(), m);
+    }
+
+    #[test]
+    fn malformed_and_unknown_are_named() {
+        for (input, want) in [
+            (&b"{not json"[..], "malformed message"),
+            (br#"{"type":"launch-missiles"}"#, "unknown variant"),
+            (
+                br#"{"type":"batch","seq":0,"entries":[{"name":"x","kind":"pipe"}]}"#,
+                "unknown variant `pipe`",
+            ),
+            (br#"{"type":"offer"}"#, "missing field"),
+        ] {
+            let e = Message::decode(input).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("c1z").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a:b").is_err());
+        assert!(check_name("a b").is_err());
+        assert!(check_name(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn chunks_respect_fd_and_byte_limits() {
+        let small: Vec<String> = (0..600).map(|i| format!("{{\"n\":{i}}}")).collect();
+        let c = chunk(&small, WRAP_OVERHEAD).unwrap();
+        assert_eq!(c, vec![0..253, 253..506, 506..600]);
+        let big: Vec<String> = (0..10)
+            .map(|_| format!("\"{}\"", "x".repeat(20_000)))
+            .collect();
+        let c = chunk(&big, WRAP_OVERHEAD).unwrap();
+        assert!(c.iter().all(|r| r.len() <= 3), "{c:?}");
+        assert_eq!(c.iter().map(|r| r.len()).sum::<usize>(), 10);
+        let huge = vec![format!("\"{}\"", "x".repeat(MAX_MESSAGE))];
+        assert!(chunk(&huge, WRAP_OVERHEAD).is_err());
+    }
+}
