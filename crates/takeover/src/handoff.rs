@@ -10,6 +10,8 @@
 //!                                 ◀──    end {fds}
 //!   (validate, adopt)
 //!   ack | nack {reason}           ──▶
+//!                                 ◀──    commit   (the giver stops for good)
+//!   (serve)
 //! ```
 
 use std::collections::HashSet;
@@ -132,14 +134,15 @@ pub fn offer(
     manifest::send(chan, &Message::End { fds: items.len() }, &[], deadline)
 }
 
-/// Giver: waits for the taker's verdict. `Ok(())` is an ack: the taker owns
-/// everything now. Any error means the giver still owns everything and
-/// should resume; the error says why.
+/// Giver: waits for the taker's verdict. `Ok(())` is an ack, answered with a
+/// `commit`: the taker owns everything now and the giver must stop serving.
+/// Any error means the giver still owns everything and should resume; the
+/// error says why.
 pub fn await_ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
     let (msg, fds) = manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("before acking"))?;
     drop(fds);
     match msg {
-        Message::Ack => Ok(()),
+        Message::Ack => manifest::send(chan, &Message::Commit, &[], deadline),
         Message::Nack { reason } => Err(Error::Refused(reason)),
         other => Err(Error::protocol(format!(
             "expected ack or nack, got {}",
@@ -327,9 +330,60 @@ fn receive_inner(
     }
 }
 
-/// Taker: everything is adopted; the giver may go.
+/// Taker: everything is adopted; asks the giver to step down and waits for
+/// its `commit`. `Ok(())` means the taker alone serves the fds now. An error
+/// means the giver resumed (it timed out before our ack arrived): the taker
+/// must close everything it received and not serve.
+///
+/// If the channel ends without a commit, the giver either resumed or died
+/// right after reading the ack; the giver's pid (from `SO_PEERCRED`) tells
+/// which, and a dead giver's sockets are ours.
 pub fn ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
-    manifest::send(chan, &Message::Ack, &[], deadline)
+    let giver = nix::sys::socket::getsockopt(&chan, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| Error::io("SO_PEERCRED", e))?
+        .pid();
+    manifest::send(chan, &Message::Ack, &[], deadline)?;
+    match manifest::recv(chan, deadline) {
+        Ok(Some((Message::Commit, _))) => Ok(()),
+        Ok(Some((other, _))) => Err(Error::protocol(format!(
+            "expected commit, got {}",
+            other.name()
+        ))),
+        Ok(None) | Err(Error::Disconnected(_)) => {
+            if giver_gone(giver) {
+                tracing::warn!(
+                    giver,
+                    "the giver exited after our ack without a commit; its sockets are ours"
+                );
+                Ok(())
+            } else {
+                Err(Error::Disconnected(
+                    "after our ack without a commit, and is still running: it resumed",
+                ))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// True when `pid` no longer runs (or is a zombie).
+fn giver_gone(pid: i32) -> bool {
+    // Give an exiting giver a moment to finish exiting.
+    for _ in 0..50 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(stat) => {
+                let state = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next());
+                if matches!(state, Some("Z" | "X")) {
+                    return true;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    false
 }
 
 /// Taker (or a giver refusing a hello): the handoff is off, and why.

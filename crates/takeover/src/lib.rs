@@ -25,10 +25,13 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod control;
 mod endpoint;
 mod error;
 mod fd;
 mod handoff;
+#[cfg(feature = "log")]
+pub mod log;
 pub mod manifest;
 mod sys;
 mod tcp;

@@ -98,6 +98,12 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// Giver → taker, after an ack: the giver has stopped for good; the
+    /// taker may start serving. A taker that sees the channel end without a
+    /// commit serves only if the giver process is gone (it died after the
+    /// ack); if the giver is alive, it timed out and resumed, so the taker
+    /// must not serve.
+    Commit,
 
     // --- supervisor control channel ---
     /// Worker → supervisor: a connection was accepted; its fd is attached.
@@ -152,6 +158,7 @@ impl Message {
             Message::End { .. } => "end",
             Message::Ack => "ack",
             Message::Nack { .. } => "nack",
+            Message::Commit => "commit",
             Message::Opened { .. } => "opened",
             Message::Closed { .. } => "closed",
             Message::Quiesce => "quiesce",

@@ -37,9 +37,6 @@ impl Probe {
             write: Some(w),
         }
     }
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.write.as_ref().unwrap().as_fd()
-    }
     /// Drops our copy and reports whether any other copy is still open.
     fn others_open(mut self) -> bool {
         self.write = None;

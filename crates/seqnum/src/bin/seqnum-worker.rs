@@ -1,0 +1,18 @@
+#![forbid(unsafe_code)]
+//! `seqnum-worker`: see `seqnum-worker --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = seqnum::worker::Args::parse();
+    takeover::log::init("seqnum-worker");
+    match seqnum::worker::run(args) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The worker's event loop: one thread, one epoll (mio), every socket
+//! non-blocking and edge-triggered.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use serde_json::json;
+use slab::Slab;
+use takeover::{Endpoint, Entry, Item, Kind, Message};
+
+use crate::echo::{conn_name, EchoConn, End};
+
+const SIGNALS: Token = Token(0);
+const ENDPOINT: Token = Token(1);
+const CONTROL: Token = Token(2);
+const LISTENER_BASE: usize = 16;
+const TAKER_BASE: usize = 1 << 16;
+const CONN_BASE: usize = 1 << 20;
+
+/// Takers that connected but have not said hello yet; more are refused.
+const MAX_PENDING_TAKERS: usize = 16;
+
+struct Listener {
+    name: String,
+    sock: TcpListener,
+    addr: SocketAddr,
+}
+
+struct PendingTaker {
+    chan: OwnedFd,
+    deadline: Instant,
+}
+
+/// What the loop does next.
+enum Flow {
+    Continue,
+    Exit(i32),
+}
+
+/// A seqnum worker: its sockets and its event loop.
+pub struct Worker {
+    poll: Poll,
+    listeners: Vec<Listener>,
+    conns: Slab<EchoConn>,
+    scratch: Vec<u8>,
+    signals: SignalFd,
+    endpoint: Option<Endpoint>,
+    takers: Slab<PendingTaker>,
+    control: Option<OwnedFd>,
+    quiesced: bool,
+    accept_retry: Option<Instant>,
+    ack_timeout: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("listeners", &self.listeners.len())
+            .field("conns", &self.conns.len())
+            .finish()
+    }
+}
+
+impl Worker {
+    /// An empty worker with its signal handling in place.
+    pub fn new(ack_timeout: Duration) -> io::Result<Worker> {
+        let mut mask = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            mask.add(s);
+        }
+        mask.thread_block()?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        let poll = Poll::new()?;
+        poll.registry().register(
+            &mut SourceFd(&signals.as_fd().as_raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )?;
+        Ok(Worker {
+            poll,
+            listeners: Vec::new(),
+            conns: Slab::new(),
+            scratch: vec![0u8; 64 * 1024],
+            signals,
+            endpoint: None,
+            takers: Slab::new(),
+            control: None,
+            quiesced: false,
+            accept_retry: None,
+            ack_timeout,
+        })
+    }
+
+    /// Serves `l` under `name`.
+    pub fn add_listener(&mut self, name: String, l: std::net::TcpListener) -> io::Result<()> {
+        l.set_nonblocking(true)?;
+        let addr = l.local_addr()?;
+        let mut sock = TcpListener::from_std(l);
+        let token = Token(LISTENER_BASE + self.listeners.len());
+        assert!(token.0 < TAKER_BASE, "too many listeners");
+        self.poll
+            .registry()
+            .register(&mut sock, token, Interest::READABLE)?;
+        self.listeners.push(Listener { name, sock, addr });
+        Ok(())
+    }
+
+    /// Serves `conn`, starting with whatever is already queued on it.
+    pub fn add_conn(&mut self, conn: EchoConn) -> io::Result<()> {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let conn = entry.insert(conn);
+        self.poll.registry().register(
+            &mut conn.stream,
+            Token(CONN_BASE + key),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(())
+    }
+
+    /// Offers takeovers on `ep`.
+    pub fn set_endpoint(&mut self, ep: Endpoint) -> io::Result<()> {
+        self.poll.registry().register(
+            &mut SourceFd(&ep.as_fd().as_raw_fd()),
+            ENDPOINT,
+            Interest::READABLE,
+        )?;
+        tracing::info!(path = %ep.path().display(), "offering takeover");
+        self.endpoint = Some(ep);
+        Ok(())
+    }
+
+    /// Talks to takeoverd on `chan` from now on.
+    pub fn set_control(&mut self, chan: OwnedFd) -> io::Result<()> {
+        self.poll.registry().register(
+            &mut SourceFd(&chan.as_raw_fd()),
+            CONTROL,
+            Interest::READABLE,
+        )?;
+        self.control = Some(chan);
+        Ok(())
+    }
+
+    /// Number of listeners.
+    pub fn listener_count(&self) -> usize {
+        self.listeners.len()
+    }
+
+    /// Number of live connections.
+    pub fn conn_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Names and addresses of the listeners.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.addr))
+            .collect()
+    }
+
+    /// Runs until the worker stops; returns the exit status.
+    pub fn run(&mut self) -> i32 {
+        // Sockets adopted at start may have input queued already.
+        self.poke_all();
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!("epoll failed: {e}");
+                return 1;
+            }
+            for ev in events.iter() {
+                let flow = match ev.token() {
+                    SIGNALS => self.on_signal(),
+                    ENDPOINT => self.on_endpoint(),
+                    CONTROL => self.on_control(),
+                    Token(t) if t >= CONN_BASE => {
+                        if !self.quiesced {
+                            self.serve(t - CONN_BASE, ev.is_read_closed() || ev.is_error());
+                        }
+                        Flow::Continue
+                    }
+                    Token(t) if t >= TAKER_BASE => self.on_taker(t - TAKER_BASE),
+                    Token(t) => {
+                        if !self.quiesced {
+                            self.accept(t - LISTENER_BASE);
+                        }
+                        Flow::Continue
+                    }
+                };
+                if let Flow::Exit(code) = flow {
+                    return code;
+                }
+            }
+            self.expire_takers();
+            if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
+                self.accept_retry = None;
+                for i in 0..self.listeners.len() {
+                    self.accept(i);
+                }
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let soonest = self
+            .takers
+            .iter()
+            .map(|(_, t)| t.deadline)
+            .chain(self.accept_retry)
+            .min()?;
+        Some(soonest.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
+    }
+
+    /// Serves every connection and accepts on every listener: after a
+    /// pause, edges that came in meanwhile were consumed without action.
+    fn poke_all(&mut self) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.serve(k, false);
+        }
+        for i in 0..self.listeners.len() {
+            self.accept(i);
+        }
+    }
+
+    fn serve(&mut self, key: usize, read_closed: bool) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(end) = conn.serve(&mut self.scratch, read_closed) {
+            self.close(key, end);
+        }
+    }
+
+    fn close(&mut self, key: usize, end: End) {
+        let mut conn = self.conns.remove(key);
+        let name = conn_name(conn.cookie);
+        match end {
+            End::Eof => {
+                tracing::debug!(peer = ?conn.peer, %name, "connection closed by the client")
+            }
+            End::EofMidMessage => {
+                tracing::info!(peer = ?conn.peer, %name, "client closed in the middle of a message")
+            }
+            End::Reset => tracing::info!(peer = ?conn.peer, %name, "connection reset"),
+        }
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        // Other processes (takeoverd) may hold a copy: shut down so the
+        // client sees the close now, not when the last copy goes.
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        drop(conn);
+        if let Some(chan) = &self.control {
+            let deadline = Some(Instant::now() + self.ack_timeout);
+            if let Err(e) =
+                takeover::manifest::send(chan.as_fd(), &Message::Closed { name }, &[], deadline)
+            {
+                tracing::warn!("could not tell takeoverd about a closed connection: {e}");
+            }
+        }
+    }
+
+    fn accept(&mut self, i: usize) {
+        loop {
+            let Some(l) = self.listeners.get(i) else {
+                return;
+            };
+            match l.sock.accept() {
+                Ok((stream, peer)) => {
+                    if let Err(e) = self.on_accepted(stream, peer) {
+                        tracing::warn!(%peer, "dropping a new connection: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.kind() == io::ErrorKind::ConnectionAborted =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: the connection stays in the
+                    // backlog. Retry shortly rather than spin; log once per burst.
+                    if self.accept_retry.is_none() {
+                        tracing::warn!(listener = %l.name, "accept failed: {e}; existing connections are served, retrying every 100 ms");
+                    }
+                    self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+        let conn = EchoConn::accepted(stream, peer)?;
+        tracing::debug!(%peer, name = %conn_name(conn.cookie), "accepted");
+        if let Some(chan) = &self.control {
+            // takeoverd keeps a copy of every connection, so that it outlives us.
+            let entry = Entry {
+                name: conn_name(conn.cookie),
+                kind: Kind::TcpStream,
+                state: json!({"peer": peer}),
+            };
+            let deadline = Some(Instant::now() + self.ack_timeout);
+            takeover::manifest::send(
+                chan.as_fd(),
+                &Message::Opened { entry },
+                &[conn.stream.as_fd()],
+                deadline,
+            )?;
+        }
+        self.add_conn(conn)?;
+        Ok(())
+    }
+
+    fn on_signal(&mut self) -> Flow {
+        match self.signals.read_signal() {
+            Ok(Some(info)) => {
+                let sig = Signal::try_from(info.ssi_signo as i32)
+                    .map(|s| s.as_str())
+                    .unwrap_or("?");
+                if sig == "SIGHUP" {
+                    tracing::info!("SIGHUP: nothing to reload in a worker (use -T to replace it)");
+                    return Flow::Continue;
+                }
+                tracing::info!(signal = sig, connections = self.conns.len(), "stopping");
+                if let Some(ep) = &self.endpoint {
+                    ep.unlink_if_ours();
+                }
+                Flow::Exit(0)
+            }
+            Ok(None) => Flow::Continue,
+            Err(e) => {
+                tracing::error!("reading signals: {e}");
+                Flow::Exit(1)
+            }
+        }
+    }
+
+    fn on_endpoint(&mut self) -> Flow {
+        loop {
+            let Some(ep) = &self.endpoint else {
+                return Flow::Continue;
+            };
+            match ep.accept() {
+                Ok(Some(chan)) => {
+                    if self.takers.len() >= MAX_PENDING_TAKERS {
+                        tracing::warn!("refusing a takeover connection: {MAX_PENDING_TAKERS} are already waiting");
+                        continue;
+                    }
+                    let entry = self.takers.vacant_entry();
+                    let token = Token(TAKER_BASE + entry.key());
+                    if let Err(e) = self.poll.registry().register(
+                        &mut SourceFd(&chan.as_raw_fd()),
+                        token,
+                        Interest::READABLE,
+                    ) {
+                        tracing::warn!("registering a takeover connection: {e}");
+                        continue;
+                    }
+                    entry.insert(PendingTaker {
+                        chan,
+                        deadline: Instant::now() + self.ack_timeout,
+                    });
+                }
+                Ok(None) => return Flow::Continue,
+                Err(e @ takeover::Error::PeerNotAllowed { .. }) => {
+                    tracing::warn!("refused a takeover: {e}")
+                }
+                Err(e) => {
+                    tracing::warn!("takeover endpoint: {e}");
+                    return Flow::Continue;
+                }
+            }
+        }
+    }
+
+    fn expire_takers(&mut self) {
+        let now = Instant::now();
+        let late: Vec<usize> = self
+            .takers
+            .iter()
+            .filter(|(_, t)| t.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in late {
+            let t = self.takers.remove(k);
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&t.chan.as_raw_fd()));
+            tracing::warn!(
+                "dropped a takeover connection that said nothing for {:?}",
+                self.ack_timeout
+            );
+        }
+    }
+
+    fn on_taker(&mut self, key: usize) -> Flow {
+        let Some(t) = self.takers.try_remove(key) else {
+            return Flow::Continue;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&t.chan.as_raw_fd()));
+        let chan = t.chan;
+        let pid = match takeover::read_hello(
+            chan.as_fd(),
+            Some(Instant::now() + Duration::from_millis(50)),
+        ) {
+            Ok(pid) => pid,
+            Err(e) => {
+                tracing::warn!("takeover request rejected: {e}");
+                return Flow::Continue;
+            }
+        };
+        tracing::info!(
+            pid,
+            listeners = self.listeners.len(),
+            connections = self.conns.len(),
+            "handing over to a successor"
+        );
+        let started = Instant::now();
+        match self.give(chan.as_fd()) {
+            Ok(()) => {
+                tracing::info!(
+                    pid,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "handoff acked; exiting"
+                );
+                Flow::Exit(0)
+            }
+            Err(e) => {
+                tracing::warn!(pid, "handoff failed, resuming service: {e}");
+                self.poke_all();
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Every socket with its state, for a successor.
+    fn items(
+        &self,
+    ) -> (
+        Vec<String>,
+        Vec<(Kind, std::os::fd::BorrowedFd<'_>, serde_json::Value)>,
+    ) {
+        let mut names = Vec::with_capacity(self.listeners.len() + self.conns.len());
+        let mut rest = Vec::with_capacity(names.capacity());
+        for l in &self.listeners {
+            names.push(l.name.clone());
+            rest.push((Kind::TcpListener, l.sock.as_fd(), json!({"addr": l.addr})));
+        }
+        for (_, c) in &self.conns {
+            names.push(conn_name(c.cookie));
+            rest.push((
+                Kind::TcpStream,
+                c.stream.as_fd(),
+                serde_json::to_value(c.state()).expect("state serialises"),
+            ));
+        }
+        (names, rest)
+    }
+
+    /// Offers everything on `chan` and waits for the ack. We are stopped at
+    /// message boundaries: nothing is read or accepted until this returns.
+    fn give(&self, chan: std::os::fd::BorrowedFd<'_>) -> takeover::Result<()> {
+        let deadline = Some(Instant::now() + self.ack_timeout);
+        let (names, rest) = self.items();
+        let items: Vec<Item<'_>> = names
+            .iter()
+            .zip(rest)
+            .map(|(n, (kind, fd, state))| Item {
+                name: n,
+                kind,
+                fd,
+                state,
+            })
+            .collect();
+        takeover::offer(chan, &items, &serde_json::Value::Null, false, deadline)?;
+        takeover::await_ack(chan, deadline)
+    }
+
+    fn on_control(&mut self) -> Flow {
+        loop {
+            let Some(chan) = &self.control else {
+                return Flow::Continue;
+            };
+            let msg = match takeover::manifest::try_recv(chan.as_fd()) {
+                Ok(None) => return Flow::Continue,
+                Ok(Some(Some((msg, _fds)))) => msg,
+                Ok(Some(None)) => {
+                    tracing::error!("takeoverd went away; stopping without touching the sockets (its successor will serve them)");
+                    return Flow::Exit(1);
+                }
+                Err(e) => {
+                    tracing::error!("control channel: {e}; stopping");
+                    return Flow::Exit(1);
+                }
+            };
+            match msg {
+                Message::Quiesce => {
+                    self.quiesced = true;
+                    let states: Vec<(String, serde_json::Value)> = self
+                        .conns
+                        .iter()
+                        .map(|(_, c)| {
+                            (
+                                conn_name(c.cookie),
+                                serde_json::to_value(c.state()).expect("state serialises"),
+                            )
+                        })
+                        .collect();
+                    let deadline = Some(Instant::now() + self.ack_timeout);
+                    if let Err(e) =
+                        takeover::control::report_quiesced(chan.as_fd(), &states, deadline)
+                    {
+                        tracing::error!("reporting state to takeoverd: {e}; resuming");
+                        self.quiesced = false;
+                        self.poke_all();
+                    } else {
+                        tracing::info!(connections = states.len(), "quiesced for a handoff");
+                    }
+                }
+                Message::Resume => {
+                    tracing::info!("handoff abandoned by takeoverd; serving again");
+                    self.quiesced = false;
+                    self.poke_all();
+                }
+                Message::Exit => {
+                    tracing::info!(connections = self.conns.len(), "handed over; exiting");
+                    return Flow::Exit(0);
+                }
+                other => tracing::warn!("ignoring unexpected {} from takeoverd", other.name()),
+            }
+        }
+    }
+}

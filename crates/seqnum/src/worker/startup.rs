@@ -1,0 +1,147 @@
+//! Where a worker's sockets come from.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use takeover::{control::CONTROL_FD_ENV, Endpoint, Existing, Handoff, Kind};
+
+use super::event_loop::Worker;
+use super::Args;
+use crate::echo::{ConnState, EchoConn};
+
+pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
+    let mut worker = Worker::new(args.ack_timeout())?;
+    if let Some(chan) = takeover::take_env_fd(CONTROL_FD_ENV)? {
+        // Supervised: takeoverd hands us everything over the control channel.
+        let handoff = take(&chan, args).context("receiving sockets from takeoverd")?;
+        adopt(&mut worker, handoff)?;
+        takeover::ack(chan.as_fd(), deadline(args)).context("acking takeoverd's handoff")?;
+        worker.set_control(chan)?;
+        tracing::info!(
+            listeners = worker.listener_count(),
+            connections = worker.conn_count(),
+            "serving for takeoverd"
+        );
+        return Ok(worker);
+    }
+    if let Some(path) = &args.takeover {
+        let chan = takeover::connect(path)
+            .with_context(|| format!("taking over from {}", path.display()))?;
+        let handoff =
+            take(&chan, args).with_context(|| format!("taking over from {}", path.display()))?;
+        adopt(&mut worker, handoff)?;
+        takeover::ack(chan.as_fd(), deadline(args))
+            .with_context(|| format!("completing the takeover from {}", path.display()))?;
+        tracing::info!(from = %path.display(), listeners = worker.listener_count(), connections = worker.conn_count(), "took over");
+        let offer = args.takeover_path.as_deref().unwrap_or(path);
+        let existing = if offer == path.as_path() {
+            Existing::Succeed
+        } else {
+            Existing::ReplaceStale
+        };
+        worker.set_endpoint(Endpoint::bind(offer, existing)?)?;
+    } else {
+        let inherited = inherited_listeners()?;
+        if inherited.is_empty() {
+            let addr = SocketAddr::new(args.listen_address, args.listen_port);
+            let l = bind(addr, args.listen_backlog).with_context(|| format!("binding {addr}"))?;
+            worker.add_listener("l0".into(), l)?;
+        } else {
+            for (i, l) in inherited.into_iter().enumerate() {
+                worker.add_listener(format!("l{i}"), l)?;
+            }
+        }
+        if let Some(path) = &args.takeover_path {
+            worker.set_endpoint(Endpoint::bind(path, Existing::ReplaceStale)?)?;
+        }
+    }
+    for (name, addr) in worker.listener_addrs() {
+        tracing::info!(%name, %addr, "listening");
+    }
+    Ok(worker)
+}
+
+fn deadline(args: &Args) -> Option<Instant> {
+    Some(Instant::now() + args.ack_timeout())
+}
+
+fn take(chan: &OwnedFd, args: &Args) -> anyhow::Result<Handoff> {
+    takeover::hello(chan.as_fd(), deadline(args))?;
+    Ok(takeover::receive(
+        chan.as_fd(),
+        &takeover::Limits::default(),
+        deadline(args),
+    )?)
+}
+
+/// Puts everything received into the event loop. Pending input stays in the
+/// kernel (see `echo`), so there is nothing else to replay.
+fn adopt(worker: &mut Worker, handoff: Handoff) -> anyhow::Result<()> {
+    if handoff.recovered {
+        tracing::info!("the previous worker died; reconciling every connection with the kernel's byte counters");
+    }
+    for t in handoff.taken {
+        match t.kind {
+            Kind::TcpListener => worker.add_listener(t.name, std::net::TcpListener::from(t.fd))?,
+            Kind::TcpStream => {
+                let stream = std::net::TcpStream::from(t.fd);
+                stream.set_nonblocking(true)?;
+                let state: ConnState = serde_json::from_value(t.state).unwrap_or_default();
+                let conn = EchoConn::adopt(
+                    mio::net::TcpStream::from_std(stream),
+                    state,
+                    handoff.recovered,
+                )
+                .with_context(|| format!("adopting connection {}", t.name))?;
+                worker.add_conn(conn)?;
+            }
+            other => bail!(
+                "received a {other} ({}) that a seqnum worker cannot serve",
+                t.name
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Listeners passed by systemd or systemfd (`LISTEN_FDS`).
+fn inherited_listeners() -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    let mut out = Vec::new();
+    for i in 0..fds.len() {
+        match fds
+            .take_tcp_listener(i)
+            .with_context(|| format!("LISTEN_FDS fd {} is not a TCP listener", 3 + i))?
+        {
+            Some(l) => out.push(l),
+            None => bail!("LISTEN_FDS fd {} was already taken", 3 + i),
+        }
+    }
+    Ok(out)
+}
+
+fn bind(addr: SocketAddr, backlog: i32) -> anyhow::Result<std::net::TcpListener> {
+    use nix::sys::socket::{
+        self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    socket::listen(&fd, Backlog::new(backlog)?)?;
+    Ok(std::net::TcpListener::from(fd))
+}

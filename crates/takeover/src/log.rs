@@ -1,0 +1,96 @@
+//! Logging set-up shared by the binaries: `tracing` to stderr, filtered by
+//! `RUST_LOG` (default `info`). Under systemd (`JOURNAL_STREAM` set, stderr
+//! connected to the journal) each line starts with the sd-daemon `<N>`
+//! priority prefix and carries no timestamp (the journal adds its own), so
+//! `journalctl -p warning` works.
+
+use std::fmt;
+use std::io::IsTerminal;
+
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::{DefaultFields, Format, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
+
+/// Prefixes each line with `<N>` (under the journal) and `name[pid]: `.
+struct Prefixed<T> {
+    journal: bool,
+    tag: String,
+    inner: Format<tracing_subscriber::fmt::format::Full, T>,
+}
+
+impl<S, N, T> FormatEvent<S, N> for Prefixed<T>
+where
+    Format<tracing_subscriber::fmt::format::Full, T>: FormatEvent<S, N>,
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        if self.journal {
+            let prio = match *event.metadata().level() {
+                Level::ERROR => 3,
+                Level::WARN => 4,
+                Level::INFO => 6,
+                Level::DEBUG | Level::TRACE => 7,
+            };
+            write!(writer, "<{prio}>")?;
+        }
+        write!(writer, "{}: ", self.tag)?;
+        self.inner.format_event(ctx, writer, event)
+    }
+}
+
+/// True when stderr is the journal stream systemd gave us.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        Ok(st) => st.st_dev.to_string() == dev && st.st_ino.to_string() == ino,
+        Err(_) => false,
+    }
+}
+
+/// Installs the global subscriber. `binary` and the pid start each line, as
+/// a supervisor and its workers share one stderr (and one journal stream).
+pub fn init(binary: &'static str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .fmt_fields(DefaultFields::new());
+    let tag = format!("{binary}[{}]", std::process::id());
+    if stderr_is_journal() {
+        let inner = Format::default().without_time().with_target(false);
+        let _ = builder
+            .with_ansi(false)
+            .event_format(Prefixed {
+                journal: true,
+                tag,
+                inner,
+            })
+            .try_init();
+    } else {
+        let inner = Format::default()
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal());
+        let _ = builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .event_format(Prefixed {
+                journal: false,
+                tag,
+                inner,
+            })
+            .try_init();
+    }
+}
