@@ -25,37 +25,18 @@ pub const CONTROL_FD_ENV: &str = "TAKEOVERD_FD";
 
 /// Worker: reports its state after a `quiesce`, in as many `state` messages
 /// as the size limits need, then `quiesced`.
-pub fn report_quiesced(
-    chan: BorrowedFd<'_>,
-    states: &[(String, Value)],
-    deadline: Option<Instant>,
-) -> Result<()> {
+pub fn report_quiesced(chan: BorrowedFd<'_>, states: &[(String, Value)], deadline: Option<Instant>) -> Result<()> {
     let encoded: Vec<String> = states
         .iter()
         .map(|(name, state)| {
-            serde_json::to_string(&StateEntry {
-                name: name.clone(),
-                state: state.clone(),
-            })
-            .expect("a StateEntry always serialises")
+            serde_json::to_string(&StateEntry { name: name.clone(), state: state.clone() })
+                .expect("a StateEntry always serialises")
         })
         .collect();
     for range in manifest::chunk(&encoded, manifest::WRAP_OVERHEAD)? {
-        crate::wire::send(
-            chan,
-            &manifest::wrap("state", None, &encoded[range]),
-            &[],
-            deadline,
-        )?;
+        crate::wire::send(chan, &manifest::wrap("state", None, &encoded[range]), &[], deadline)?;
     }
-    manifest::send(
-        chan,
-        &Message::Quiesced {
-            count: states.len(),
-        },
-        &[],
-        deadline,
-    )
+    manifest::send(chan, &Message::Quiesced { count: states.len() }, &[], deadline)
 }
 
 /// Supervisor: collects a worker's state after sending `quiesce`. Messages
@@ -68,8 +49,7 @@ pub fn collect_quiesced(
 ) -> Result<Vec<StateEntry>> {
     let mut states = Vec::new();
     loop {
-        let (msg, fds) =
-            manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("while quiescing"))?;
+        let (msg, fds) = manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("while quiescing"))?;
         match msg {
             Message::State { entries } => {
                 if !fds.is_empty() {
@@ -85,12 +65,7 @@ pub fn collect_quiesced(
                 )))
             }
             m @ (Message::Opened { .. } | Message::Closed { .. }) => other(m, fds),
-            m => {
-                return Err(Error::protocol(format!(
-                    "unexpected {} while quiescing",
-                    m.name()
-                )))
-            }
+            m => return Err(Error::protocol(format!("unexpected {} while quiescing", m.name()))),
         }
     }
 }

@@ -31,37 +31,21 @@ pub enum Existing {
 }
 
 fn seqpacket() -> Result<OwnedFd> {
-    socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(|e| Error::io("creating a unix socket", e))
+    socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
+        .map_err(|e| Error::io("creating a unix socket", e))
 }
 
 /// Connects to a takeover endpoint (the taker's side).
 pub fn connect(path: &Path) -> Result<OwnedFd> {
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| Error::io("creating a unix socket", e))?;
+    let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| Error::io("creating a unix socket", e))?;
     let addr = UnixAddr::new(path).map_err(|e| Error::io("takeover path", e))?;
     socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| Error::Io {
         context: "connecting to the takeover path",
-        source: io::Error::new(
-            io::Error::from(e).kind(),
-            format!("{}: {e}", path.display()),
-        ),
+        source: io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", path.display())),
     })?;
-    nix::fcntl::fcntl(
-        &fd,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .map_err(|e| Error::io("fcntl", e))?;
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+        .map_err(|e| Error::io("fcntl", e))?;
     Ok(fd)
 }
 
@@ -88,9 +72,7 @@ impl Endpoint {
         let fd = seqpacket()?;
         let tmp = path.with_file_name(format!(
             ".{}.{}.tmp",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("takeover"),
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("takeover"),
             std::process::id()
         ));
         let _ = std::fs::remove_file(&tmp);
@@ -114,16 +96,9 @@ impl Endpoint {
                 });
             }
         };
-        socket::listen(
-            &fd,
-            socket::Backlog::new(64).expect("64 is a valid backlog"),
-        )
-        .map_err(|e| Error::io("listen on the takeover path", e))?;
-        Ok(Endpoint {
-            fd,
-            path: path.to_owned(),
-            ino,
-        })
+        socket::listen(&fd, socket::Backlog::new(64).expect("64 is a valid backlog"))
+            .map_err(|e| Error::io("listen on the takeover path", e))?;
+        Ok(Endpoint { fd, path: path.to_owned(), ino })
     }
 
     /// The path we listen on.
@@ -140,11 +115,9 @@ impl Endpoint {
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         ) {
             Ok(raw) => raw,
-            Err(
-                nix::errno::Errno::EAGAIN
-                | nix::errno::Errno::ECONNABORTED
-                | nix::errno::Errno::EINTR,
-            ) => return Ok(None),
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ECONNABORTED | nix::errno::Errno::EINTR) => {
+                return Ok(None)
+            }
             Err(e) => return Err(Error::io("accept on the takeover path", e)),
         };
         // SAFETY: accept4 just created this fd for us; nothing else owns it.
@@ -170,15 +143,11 @@ impl AsFd for Endpoint {
 
 /// Checks the peer of a connected Unix socket: root or our effective uid.
 pub fn check_peer(fd: BorrowedFd<'_>) -> Result<()> {
-    let cred = socket::getsockopt(&fd, sockopt::PeerCredentials)
-        .map_err(|e| Error::io("SO_PEERCRED", e))?;
+    let cred = socket::getsockopt(&fd, sockopt::PeerCredentials).map_err(|e| Error::io("SO_PEERCRED", e))?;
     let uid = Uid::from_raw(cred.uid());
     if uid.is_root() || uid == geteuid() {
         Ok(())
     } else {
-        Err(Error::PeerNotAllowed {
-            pid: cred.pid(),
-            uid: cred.uid(),
-        })
+        Err(Error::PeerNotAllowed { pid: cred.pid(), uid: cred.uid() })
     }
 }

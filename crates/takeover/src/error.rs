@@ -50,10 +50,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(context: &'static str, source: impl Into<io::Error>) -> Self {
-        Error::Io {
-            context,
-            source: source.into(),
-        }
+        Error::Io { context, source: source.into() }
     }
 
     pub(crate) fn protocol(msg: impl Into<String>) -> Self {
@@ -75,11 +72,9 @@ impl fmt::Display for Error {
             Error::Disconnected(when) => write!(f, "peer closed the channel {when}"),
             Error::Timeout(what) => write!(f, "timed out {what}"),
             Error::BadFd { name, problem } => write!(f, "fd {name:?}: {problem}"),
-            Error::PeerNotAllowed { pid, uid } => write!(
-                f,
-                "peer pid {pid} uid {uid} is neither root nor our uid {}",
-                nix::unistd::geteuid()
-            ),
+            Error::PeerNotAllowed { pid, uid } => {
+                write!(f, "peer pid {pid} uid {uid} is neither root nor our uid {}", nix::unistd::geteuid())
+            }
         }
     }
 }

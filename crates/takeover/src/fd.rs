@@ -53,10 +53,7 @@ pub fn validate(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), String> {
         return if st.st_mode & libc::S_IFMT == libc::S_IFREG {
             Ok(())
         } else {
-            Err(format!(
-                "expected a regular file (memfd), got file mode {:o}",
-                st.st_mode
-            ))
+            Err(format!("expected a regular file (memfd), got file mode {:o}", st.st_mode))
         };
     }
     let opt = |o, name: &str| {
@@ -71,39 +68,21 @@ pub fn validate(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), String> {
     let domain = opt(libc::SO_DOMAIN, "SO_DOMAIN")?;
     let ty = opt(libc::SO_TYPE, "SO_TYPE")?;
     let (want_domain_ok, want_type, want_listening) = match kind {
-        Kind::TcpListener => (
-            domain == libc::AF_INET || domain == libc::AF_INET6,
-            libc::SOCK_STREAM,
-            Some(true),
-        ),
-        Kind::TcpStream => (
-            domain == libc::AF_INET || domain == libc::AF_INET6,
-            libc::SOCK_STREAM,
-            Some(false),
-        ),
+        Kind::TcpListener => (domain == libc::AF_INET || domain == libc::AF_INET6, libc::SOCK_STREAM, Some(true)),
+        Kind::TcpStream => (domain == libc::AF_INET || domain == libc::AF_INET6, libc::SOCK_STREAM, Some(false)),
         Kind::UnixListener => (domain == libc::AF_UNIX, libc::SOCK_STREAM, Some(true)),
         Kind::UnixStream => (domain == libc::AF_UNIX, libc::SOCK_STREAM, Some(false)),
         Kind::UnixSeqpacket => (domain == libc::AF_UNIX, libc::SOCK_SEQPACKET, None),
         Kind::File => unreachable!(),
     };
     if !want_domain_ok || ty != want_type {
-        return Err(format!(
-            "expected a {kind} socket, got {}",
-            describe(domain, ty)
-        ));
+        return Err(format!("expected a {kind} socket, got {}", describe(domain, ty)));
     }
     if let Some(listening) = want_listening {
         let accepting = opt(libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? != 0;
         if accepting != listening {
-            let state = if accepting {
-                "listening"
-            } else {
-                "not listening"
-            };
-            return Err(format!(
-                "expected a {kind} socket, got a {state} {}",
-                describe(domain, ty)
-            ));
+            let state = if accepting { "listening" } else { "not listening" };
+            return Err(format!("expected a {kind} socket, got a {state} {}", describe(domain, ty)));
         }
     }
     Ok(())

@@ -66,32 +66,18 @@ pub struct Handoff {
 /// Giver: waits for the taker's `hello` and checks its version. On a version
 /// mismatch the taker is sent a `refuse` naming both versions.
 pub fn read_hello(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<u32> {
-    let (msg, fds) =
-        manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("before saying hello"))?;
+    let (msg, fds) = manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("before saying hello"))?;
     if !fds.is_empty() {
-        return Err(Error::protocol(format!(
-            "hello came with {} unexpected fds (closed)",
-            fds.len()
-        )));
+        return Err(Error::protocol(format!("hello came with {} unexpected fds (closed)", fds.len())));
     }
     match msg {
         Message::Hello { version, pid } if version == PROTOCOL_VERSION => Ok(pid),
         Message::Hello { version, .. } => {
             let err = Error::Version { theirs: version };
-            let _ = manifest::send(
-                chan,
-                &Message::Refuse {
-                    reason: err.to_string(),
-                },
-                &[],
-                deadline,
-            );
+            let _ = manifest::send(chan, &Message::Refuse { reason: err.to_string() }, &[], deadline);
             Err(err)
         }
-        other => Err(Error::protocol(format!(
-            "expected hello, got {}",
-            other.name()
-        ))),
+        other => Err(Error::protocol(format!("expected hello, got {}", other.name()))),
     }
 }
 
@@ -110,11 +96,7 @@ pub fn offer(
         if !names.insert(item.name) {
             return Err(Error::protocol(format!("two fds named {:?}", item.name)));
         }
-        let e = Entry {
-            name: item.name.to_owned(),
-            kind: item.kind,
-            state: item.state.clone(),
-        };
+        let e = Entry { name: item.name.to_owned(), kind: item.kind, state: item.state.clone() };
         encoded.push(serde_json::to_string(&e).expect("an Entry always serialises"));
     }
     let chunks = manifest::chunk(&encoded, manifest::WRAP_OVERHEAD)?;
@@ -144,10 +126,7 @@ pub fn await_ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> 
     match msg {
         Message::Ack => manifest::send(chan, &Message::Commit, &[], deadline),
         Message::Nack { reason } => Err(Error::Refused(reason)),
-        other => Err(Error::protocol(format!(
-            "expected ack or nack, got {}",
-            other.name()
-        ))),
+        other => Err(Error::protocol(format!("expected ack or nack, got {}", other.name()))),
     }
 }
 
@@ -160,45 +139,28 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_fds: fd_headroom(),
-        }
+        Limits { max_fds: fd_headroom() }
     }
 }
 
 /// How many more fds this process can open: the soft `RLIMIT_NOFILE` minus
 /// what is open now, less a margin for the process's own work.
 pub fn fd_headroom() -> usize {
-    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(s, _)| s)
-        .unwrap_or(1024);
-    let open = std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0) as u64;
+    let soft =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(s, _)| s).unwrap_or(1024);
+    let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0) as u64;
     soft.saturating_sub(open).saturating_sub(32) as usize
 }
 
 /// Taker: says hello.
 pub fn hello(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
-    manifest::send(
-        chan,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            pid: std::process::id(),
-        },
-        &[],
-        deadline,
-    )
+    manifest::send(chan, &Message::Hello { version: PROTOCOL_VERSION, pid: std::process::id() }, &[], deadline)
 }
 
 /// Taker: receives and validates a whole offer. On any error the giver is
 /// sent a `nack` naming it, every fd received so far is closed, and the
 /// error is returned.
-pub fn receive(
-    chan: BorrowedFd<'_>,
-    limits: &Limits,
-    deadline: Option<Instant>,
-) -> Result<Handoff> {
+pub fn receive(chan: BorrowedFd<'_>, limits: &Limits, deadline: Option<Instant>) -> Result<Handoff> {
     let result = receive_inner(chan, limits, deadline);
     if let Err(e) = &result {
         if !matches!(e, Error::Refused(_) | Error::Disconnected(_)) {
@@ -208,40 +170,21 @@ pub fn receive(
     result
 }
 
-fn receive_inner(
-    chan: BorrowedFd<'_>,
-    limits: &Limits,
-    deadline: Option<Instant>,
-) -> Result<Handoff> {
-    let recv =
-        || manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("in the middle of an offer"));
+fn receive_inner(chan: BorrowedFd<'_>, limits: &Limits, deadline: Option<Instant>) -> Result<Handoff> {
+    let recv = || manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("in the middle of an offer"));
     let (msg, fds) = recv()?;
     if !fds.is_empty() {
-        return Err(Error::protocol(format!(
-            "offer came with {} unexpected fds",
-            fds.len()
-        )));
+        return Err(Error::protocol(format!("offer came with {} unexpected fds", fds.len())));
     }
     let (total, batches, recovered, app) = match msg {
-        Message::Offer {
-            version,
-            fds,
-            batches,
-            recovered,
-            app,
-        } => {
+        Message::Offer { version, fds, batches, recovered, app } => {
             if version != PROTOCOL_VERSION {
                 return Err(Error::Version { theirs: version });
             }
             (fds, batches, recovered, app)
         }
         Message::Refuse { reason } => return Err(Error::Refused(reason)),
-        other => {
-            return Err(Error::protocol(format!(
-                "expected offer, got {}",
-                other.name()
-            )))
-        }
+        other => return Err(Error::protocol(format!("expected offer, got {}", other.name()))),
     };
     if total > limits.max_fds {
         return Err(Error::protocol(format!(
@@ -250,9 +193,7 @@ fn receive_inner(
         )));
     }
     if batches > total || (total > 0 && batches == 0) {
-        return Err(Error::protocol(format!(
-            "offer announces {batches} batches for {total} fds"
-        )));
+        return Err(Error::protocol(format!("offer announces {batches} batches for {total} fds")));
     }
     let mut taken = Vec::with_capacity(total);
     let mut names = HashSet::with_capacity(total);
@@ -261,72 +202,37 @@ fn receive_inner(
         let entries = match msg {
             Message::Batch { seq: s, entries } if s == seq => entries,
             Message::Batch { seq: s, .. } => {
-                return Err(Error::protocol(format!(
-                    "expected batch {seq}, got batch {s}"
-                )))
+                return Err(Error::protocol(format!("expected batch {seq}, got batch {s}")))
             }
-            other => {
-                return Err(Error::protocol(format!(
-                    "expected batch {seq} of {batches}, got {}",
-                    other.name()
-                )))
-            }
+            other => return Err(Error::protocol(format!("expected batch {seq} of {batches}, got {}", other.name()))),
         };
         if entries.len() != fds.len() {
-            return Err(Error::protocol(format!(
-                "batch {seq} lists {} fds but carries {}",
-                entries.len(),
-                fds.len()
-            )));
+            return Err(Error::protocol(format!("batch {seq} lists {} fds but carries {}", entries.len(), fds.len())));
         }
         if taken.len() + fds.len() > total {
-            return Err(Error::protocol(format!(
-                "more fds than the {total} announced"
-            )));
+            return Err(Error::protocol(format!("more fds than the {total} announced")));
         }
         for (entry, fd) in entries.into_iter().zip(fds) {
             check_name(&entry.name).map_err(Error::Protocol)?;
-            fd::validate(std::os::fd::AsFd::as_fd(&fd), entry.kind).map_err(|problem| {
-                Error::BadFd {
-                    name: entry.name.clone(),
-                    problem,
-                }
-            })?;
+            fd::validate(std::os::fd::AsFd::as_fd(&fd), entry.kind)
+                .map_err(|problem| Error::BadFd { name: entry.name.clone(), problem })?;
             if !names.insert(entry.name.clone()) {
                 return Err(Error::protocol(format!("two fds named {:?}", entry.name)));
             }
-            taken.push(Taken {
-                name: entry.name,
-                kind: entry.kind,
-                fd,
-                state: entry.state,
-            });
+            taken.push(Taken { name: entry.name, kind: entry.kind, fd, state: entry.state });
         }
     }
     let (msg, fds) = recv()?;
     if !fds.is_empty() {
-        return Err(Error::protocol(format!(
-            "more fds than announced: {} came with the end message",
-            fds.len()
-        )));
+        return Err(Error::protocol(format!("more fds than announced: {} came with the end message", fds.len())));
     }
     match msg {
-        Message::End { fds } if fds == total && taken.len() == total => Ok(Handoff {
-            app,
-            recovered,
-            taken,
-        }),
-        Message::End { fds } => Err(Error::protocol(format!(
-            "offer announced {total} fds, end says {fds}, received {}",
-            taken.len()
-        ))),
-        Message::Batch { .. } => Err(Error::protocol(format!(
-            "more batches than the {batches} announced"
-        ))),
-        other => Err(Error::protocol(format!(
-            "expected end, got {}",
-            other.name()
-        ))),
+        Message::End { fds } if fds == total && taken.len() == total => Ok(Handoff { app, recovered, taken }),
+        Message::End { fds } => {
+            Err(Error::protocol(format!("offer announced {total} fds, end says {fds}, received {}", taken.len())))
+        }
+        Message::Batch { .. } => Err(Error::protocol(format!("more batches than the {batches} announced"))),
+        other => Err(Error::protocol(format!("expected end, got {}", other.name()))),
     }
 }
 
@@ -345,21 +251,13 @@ pub fn ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
     manifest::send(chan, &Message::Ack, &[], deadline)?;
     match manifest::recv(chan, deadline) {
         Ok(Some((Message::Commit, _))) => Ok(()),
-        Ok(Some((other, _))) => Err(Error::protocol(format!(
-            "expected commit, got {}",
-            other.name()
-        ))),
+        Ok(Some((other, _))) => Err(Error::protocol(format!("expected commit, got {}", other.name()))),
         Ok(None) | Err(Error::Disconnected(_)) => {
             if giver_gone(giver) {
-                tracing::warn!(
-                    giver,
-                    "the giver exited after our ack without a commit; its sockets are ours"
-                );
+                tracing::warn!(giver, "the giver exited after our ack without a commit; its sockets are ours");
                 Ok(())
             } else {
-                Err(Error::Disconnected(
-                    "after our ack without a commit, and is still running: it resumed",
-                ))
+                Err(Error::Disconnected("after our ack without a commit, and is still running: it resumed"))
             }
         }
         Err(e) => Err(e),
@@ -373,9 +271,7 @@ fn giver_gone(pid: i32) -> bool {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return true,
             Ok(stat) => {
-                let state = stat
-                    .rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().next());
+                let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
                 if matches!(state, Some("Z" | "X")) {
                     return true;
                 }
@@ -389,12 +285,17 @@ fn giver_gone(pid: i32) -> bool {
 /// Taker (or a giver refusing a hello): the handoff is off, and why.
 pub fn nack(chan: BorrowedFd<'_>, reason: &str) -> Result<()> {
     let deadline = Some(Instant::now() + std::time::Duration::from_millis(100));
-    manifest::send(
-        chan,
-        &Message::Nack {
-            reason: reason.chars().take(1024).collect(),
-        },
-        &[],
-        deadline,
-    )
+    manifest::send(chan, &Message::Nack { reason: reason.chars().take(1024).collect() }, &[], deadline)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (a server that holds
+/// thousands of connections needs it; systemd units set the hard limit with
+/// `LimitNOFILE=`). Returns the new soft limit.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
 }

@@ -41,9 +41,8 @@ pub use endpoint::{check_peer, connect, Endpoint, Existing};
 pub use error::{Error, Result};
 pub use fd::{validate, Kind};
 pub use handoff::{
-    ack, await_ack, fd_headroom, hello, nack, offer, read_hello, receive, Handoff, Item, Limits,
-    Taken,
+    ack, await_ack, fd_headroom, hello, nack, offer, raise_fd_limit, read_hello, receive, Handoff, Item, Limits, Taken,
 };
 pub use manifest::{check_name, Entry, Message, StateEntry, PROTOCOL_VERSION};
-pub use sys::{pass_fd, socket_cookie, take_env_fd};
+pub use sys::{pass_fd, socket_cookie, take_env_fd, take_raw_inherited};
 pub use tcp::{stream_offsets, StreamOffsets};

@@ -26,12 +26,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         if self.journal {
             let prio = match *event.metadata().level() {
                 Level::ERROR => 3,
@@ -65,32 +60,17 @@ fn stderr_is_journal() -> bool {
 /// a supervisor and its workers share one stderr (and one journal stream).
 pub fn init(binary: &'static str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .fmt_fields(DefaultFields::new());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).fmt_fields(DefaultFields::new());
     let tag = format!("{binary}[{}]", std::process::id());
     if stderr_is_journal() {
         let inner = Format::default().without_time().with_target(false);
-        let _ = builder
-            .with_ansi(false)
-            .event_format(Prefixed {
-                journal: true,
-                tag,
-                inner,
-            })
-            .try_init();
+        let _ = builder.with_ansi(false).event_format(Prefixed { journal: true, tag, inner }).try_init();
     } else {
-        let inner = Format::default()
-            .with_target(false)
-            .with_ansi(std::io::stderr().is_terminal());
+        let inner = Format::default().with_target(false).with_ansi(std::io::stderr().is_terminal());
         let _ = builder
             .with_ansi(std::io::stderr().is_terminal())
-            .event_format(Prefixed {
-                journal: false,
-                tag,
-                inner,
-            })
+            .event_format(Prefixed { journal: false, tag, inner })
             .try_init();
     }
 }

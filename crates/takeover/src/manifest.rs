@@ -173,33 +173,21 @@ impl Message {
 /// Checks that `name` can be an fd name (here and in systemd's fd store).
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME {
-        return Err(format!(
-            "fd name {name:?} must be 1 to {MAX_NAME} characters"
-        ));
+        return Err(format!("fd name {name:?} must be 1 to {MAX_NAME} characters"));
     }
     if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
-        return Err(format!(
-            "fd name {name:?} must be printable ASCII without spaces or ':'"
-        ));
+        return Err(format!("fd name {name:?} must be printable ASCII without spaces or ':'"));
     }
     Ok(())
 }
 
 /// Sends `msg` with `fds` attached.
-pub fn send(
-    chan: BorrowedFd<'_>,
-    msg: &Message,
-    fds: &[BorrowedFd<'_>],
-    deadline: Option<Instant>,
-) -> Result<()> {
+pub fn send(chan: BorrowedFd<'_>, msg: &Message, fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> Result<()> {
     wire::send(chan, &msg.encode(), fds, deadline)
 }
 
 /// Receives one message and its fds; `Ok(None)` at the end of the channel.
-pub fn recv(
-    chan: BorrowedFd<'_>,
-    deadline: Option<Instant>,
-) -> Result<Option<(Message, Vec<OwnedFd>)>> {
+pub fn recv(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<Option<(Message, Vec<OwnedFd>)>> {
     match wire::recv(chan, deadline)? {
         None => Ok(None),
         Some(r) => Ok(Some((Message::decode(&r.bytes)?, r.fds))),
@@ -277,44 +265,19 @@ mod tests {
 
     #[test]
     fn round_trip_every_message() {
-        let entry = Entry {
-            name: "c1".into(),
-            kind: Kind::TcpStream,
-            state: json!({"next": 7}),
-        };
+        let entry = Entry { name: "c1".into(), kind: Kind::TcpStream, state: json!({"next": 7}) };
         let msgs = vec![
-            Message::Hello {
-                version: 1,
-                pid: 42,
-            },
-            Message::Refuse {
-                reason: "no".into(),
-            },
-            Message::Offer {
-                version: 1,
-                fds: 3,
-                batches: 1,
-                recovered: true,
-                app: json!({"g": 2}),
-            },
-            Message::Batch {
-                seq: 0,
-                entries: vec![entry.clone()],
-            },
+            Message::Hello { version: 1, pid: 42 },
+            Message::Refuse { reason: "no".into() },
+            Message::Offer { version: 1, fds: 3, batches: 1, recovered: true, app: json!({"g": 2}) },
+            Message::Batch { seq: 0, entries: vec![entry.clone()] },
             Message::End { fds: 3 },
             Message::Ack,
-            Message::Nack {
-                reason: "bad fd".into(),
-            },
+            Message::Nack { reason: "bad fd".into() },
             Message::Opened { entry },
             Message::Closed { name: "c1".into() },
             Message::Quiesce,
-            Message::State {
-                entries: vec![StateEntry {
-                    name: "c1".into(),
-                    state: json!(null),
-                }],
-            },
+            Message::State { entries: vec![StateEntry { name: "c1".into(), state: json!(null) }] },
             Message::Quiesced { count: 1 },
             Message::Resume,
             Message::Exit,
@@ -328,21 +291,13 @@ mod tests {
     fn wire_format_is_stable() {
         let m = Message::Batch {
             seq: 2,
-            entries: vec![Entry {
-                name: "l0".into(),
-                kind: Kind::TcpListener,
-                state: Value::Null,
-            }],
+            entries: vec![Entry { name: "l0".into(), kind: Kind::TcpListener, state: Value::Null }],
         };
         assert_eq!(
             String::from_utf8(m.encode()).unwrap(),
             r#"{"type":"batch","seq":2,"entries":[{"name":"l0","kind":"tcp-listener"}]}"#
         );
-        let wrapped = wrap(
-            "batch",
-            Some(2),
-            &[r#"{"name":"l0","kind":"tcp-listener"}"#.to_string()],
-        );
+        let wrapped = wrap("batch", Some(2), &[r#"{"name":"l0","kind":"tcp-listener"}"#.to_string()]);
         assert_eq!(Message::decode(&wrapped).unwrap(), m);
     }
 
@@ -351,10 +306,7 @@ mod tests {
         for (input, want) in [
             (&b"{not json"[..], "malformed message"),
             (br#"{"type":"launch-missiles"}"#, "unknown variant"),
-            (
-                br#"{"type":"batch","seq":0,"entries":[{"name":"x","kind":"pipe"}]}"#,
-                "unknown variant `pipe`",
-            ),
+            (br#"{"type":"batch","seq":0,"entries":[{"name":"x","kind":"pipe"}]}"#, "unknown variant `pipe`"),
             (br#"{"type":"offer"}"#, "missing field"),
         ] {
             let e = Message::decode(input).unwrap_err().to_string();
@@ -376,9 +328,7 @@ mod tests {
         let small: Vec<String> = (0..600).map(|i| format!("{{\"n\":{i}}}")).collect();
         let c = chunk(&small, WRAP_OVERHEAD).unwrap();
         assert_eq!(c, vec![0..253, 253..506, 506..600]);
-        let big: Vec<String> = (0..10)
-            .map(|_| format!("\"{}\"", "x".repeat(20_000)))
-            .collect();
+        let big: Vec<String> = (0..10).map(|_| format!("\"{}\"", "x".repeat(20_000))).collect();
         let c = chunk(&big, WRAP_OVERHEAD).unwrap();
         assert!(c.iter().all(|r| r.len() <= 3), "{c:?}");
         assert_eq!(c.iter().map(|r| r.len()).sum::<usize>(), 10);

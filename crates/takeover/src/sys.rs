@@ -31,24 +31,12 @@ pub(crate) unsafe fn own(raw: RawFd) -> OwnedFd {
 }
 
 /// `getsockopt` for an option whose value is a C `int`.
-pub(crate) fn getsockopt_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    opt: libc::c_int,
-) -> io::Result<libc::c_int> {
+pub(crate) fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut val: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes and `len` is the size of
     // `val`; the kernel writes at most `len` bytes.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
+    cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&mut val as *mut libc::c_int).cast(), &mut len) })?;
     Ok(val)
 }
 
@@ -60,13 +48,7 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: as in `getsockopt_int`, with a `u64` as the kernel defines it.
     cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&mut val as *mut u64).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_COOKIE, (&mut val as *mut u64).cast(), &mut len)
     })?;
     Ok(val)
 }
@@ -88,13 +70,7 @@ pub(crate) fn tcp_info_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     // SAFETY: `info` is valid for `len` bytes of writes; the kernel writes at
     // most `len` bytes and reports how many it wrote in `len`.
     cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
     })?;
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + size_of::<u64>();
     if (len as usize) < needed {
@@ -149,39 +125,42 @@ pub fn pass_fd(cmd: &mut Command, fd: OwnedFd, target: RawFd) {
 /// taken once per process; a second attempt is an error rather than a second
 /// owner of the same fd.
 pub fn take_env_fd(var: &str) -> io::Result<Option<OwnedFd>> {
-    use std::collections::HashSet;
-    use std::sync::Mutex;
-    static TAKEN: Mutex<Option<HashSet<RawFd>>> = Mutex::new(None);
-
     let Some(value) = std::env::var_os(var) else {
         return Ok(None);
     };
     std::env::remove_var(var);
-    let invalid = |why: String| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("${var}={value:?}: {why}"),
-        )
-    };
-    let raw: RawFd = value
-        .to_str()
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| invalid("not an fd number".into()))?;
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, format!("${var}={value:?}: {why}"));
+    let raw: RawFd = value.to_str().and_then(|v| v.parse().ok()).ok_or_else(|| invalid("not an fd number".into()))?;
+    take_raw_inherited(raw).map(Some).map_err(|e| invalid(e.to_string()))
+}
+
+/// Takes fd number `raw`, which this process's parent handed down at exec
+/// (systemd's `LISTEN_FDS` convention: fds 3, 4, ...): checks it is open,
+/// marks it close-on-exec and returns it owned. Each number can be taken
+/// once per process; a second attempt is an error, never a second owner.
+pub fn take_raw_inherited(raw: RawFd) -> io::Result<OwnedFd> {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static TAKEN: Mutex<Option<HashSet<RawFd>>> = Mutex::new(None);
+
     if raw < 3 {
-        return Err(invalid("fds 0-2 are the standard streams".into()));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {raw} is a standard stream, not an inherited fd"),
+        ));
     }
     let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
     if !taken.get_or_insert_with(HashSet::new).insert(raw) {
-        return Err(invalid("that fd was taken already".into()));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("inherited fd {raw} was taken already")));
     }
     // SAFETY: F_GETFD only inspects the fd table; EBADF tells us it is closed.
     let flags = cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })
-        .map_err(|e| invalid(format!("fd is not open ({e})")))?;
+        .map_err(|e| io::Error::new(e.kind(), format!("inherited fd {raw} is not open ({e})")))?;
     // SAFETY: setting a flag on an fd we just saw open.
     cvt(unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
     // SAFETY: the fd is open (checked above), was handed to this process by
     // its parent for it to own, and the set above makes sure we own it once.
-    Ok(Some(unsafe { own(raw) }))
+    Ok(unsafe { own(raw) })
 }
 
 /// What one `recvmsg` returned.
@@ -203,19 +182,12 @@ pub(crate) struct RecvWithFds {
 /// Unlike a wrapper that refuses to parse control data on `MSG_CTRUNC`, this
 /// takes ownership of every fd that did arrive, truncated or not, so none
 /// can leak.
-pub(crate) fn recv_with_fds(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-    max_fds: usize,
-) -> io::Result<RecvWithFds> {
+pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io::Result<RecvWithFds> {
     // SAFETY: CMSG_SPACE is a pure computation on its argument.
     let space = unsafe { libc::CMSG_SPACE((max_fds * size_of::<RawFd>()) as u32) } as usize;
     // u64 elements keep the buffer aligned for `cmsghdr`.
     let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: an all-zero msghdr is a valid "no name, no iov, no control".
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -224,13 +196,7 @@ pub(crate) fn recv_with_fds(
     msg.msg_controllen = space as _;
     // SAFETY: `msg` points at `iov` (valid for `buf.len()` bytes of writes)
     // and at `cbuf` (valid for `space` bytes); both outlive the call.
-    let n = unsafe {
-        libc::recvmsg(
-            sock.as_raw_fd(),
-            &mut msg,
-            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-        )
-    };
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

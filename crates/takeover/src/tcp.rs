@@ -40,16 +40,10 @@ pub fn stream_offsets(fd: BorrowedFd<'_>) -> io::Result<StreamOffsets> {
         let after = sys::tcp_info_bytes(fd)?;
         if before == after {
             let (acked, received) = after;
-            return Ok(StreamOffsets {
-                consumed: received.saturating_sub(inq),
-                written: acked + outq,
-            });
+            return Ok(StreamOffsets { consumed: received.saturating_sub(inq), written: acked + outq });
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::WouldBlock,
-        "TCP counters kept moving; could not read a consistent snapshot",
-    ))
+    Err(io::Error::new(io::ErrorKind::WouldBlock, "TCP counters kept moving; could not read a consistent snapshot"))
 }
 
 #[cfg(test)]
@@ -65,33 +59,15 @@ mod tests {
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut server, _) = l.accept().unwrap();
         let at = |s: &TcpStream| stream_offsets(s.as_fd()).unwrap();
-        assert_eq!(
-            at(&server),
-            StreamOffsets {
-                consumed: 0,
-                written: 0
-            }
-        );
+        assert_eq!(at(&server), StreamOffsets { consumed: 0, written: 0 });
         client.write_all(b"abcdefgh").unwrap();
         let mut buf = [0u8; 3];
         server.read_exact(&mut buf).unwrap();
         assert_eq!(at(&server).consumed, 3);
         server.write_all(b"xyz").unwrap();
-        assert_eq!(
-            at(&server),
-            StreamOffsets {
-                consumed: 3,
-                written: 3
-            }
-        );
+        assert_eq!(at(&server), StreamOffsets { consumed: 3, written: 3 });
         // Bytes the peer sent but we did not read yet are not consumed.
         client.read_exact(&mut buf).unwrap();
-        assert_eq!(
-            at(&server),
-            StreamOffsets {
-                consumed: 3,
-                written: 3
-            }
-        );
+        assert_eq!(at(&server), StreamOffsets { consumed: 3, written: 3 });
     }
 }

@@ -32,12 +32,7 @@ pub struct Received {
 }
 
 /// Waits until `fd` is ready for `events` or `deadline` passes.
-fn wait(
-    fd: BorrowedFd<'_>,
-    events: PollFlags,
-    deadline: Option<Instant>,
-    what: &'static str,
-) -> Result<()> {
+fn wait(fd: BorrowedFd<'_>, events: PollFlags, deadline: Option<Instant>, what: &'static str) -> Result<()> {
     loop {
         let timeout = match deadline {
             None => PollTimeout::NONE,
@@ -47,10 +42,8 @@ fn wait(
                     return Err(Error::Timeout(what));
                 }
                 // Round up so we never spin on a sub-millisecond remainder.
-                PollTimeout::try_from(
-                    left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
-                )
-                .unwrap_or(PollTimeout::MAX)
+                PollTimeout::try_from(left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32)
+                    .unwrap_or(PollTimeout::MAX)
             }
         };
         let mut fds = [PollFd::new(fd, events)];
@@ -64,23 +57,12 @@ fn wait(
 }
 
 /// Sends one message, waiting for room until `deadline`.
-pub fn send(
-    chan: BorrowedFd<'_>,
-    bytes: &[u8],
-    fds: &[BorrowedFd<'_>],
-    deadline: Option<Instant>,
-) -> Result<()> {
+pub fn send(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> Result<()> {
     if bytes.len() > MAX_MESSAGE {
-        return Err(Error::protocol(format!(
-            "refusing to send a {} byte message (limit {MAX_MESSAGE})",
-            bytes.len()
-        )));
+        return Err(Error::protocol(format!("refusing to send a {} byte message (limit {MAX_MESSAGE})", bytes.len())));
     }
     if fds.len() > MAX_FDS {
-        return Err(Error::protocol(format!(
-            "refusing to send {} fds in one message (limit {MAX_FDS})",
-            fds.len()
-        )));
+        return Err(Error::protocol(format!("refusing to send {} fds in one message (limit {MAX_FDS})", fds.len())));
     }
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
@@ -101,16 +83,11 @@ pub fn send(
                     bytes.len()
                 )))
             }
-            Err(Errno::EAGAIN) => wait(
-                chan,
-                PollFlags::POLLOUT,
-                deadline,
-                "waiting for room to send on the takeover channel",
-            )?,
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EPIPE | Errno::ECONNRESET) => {
-                return Err(Error::Disconnected("while we were sending"))
+            Err(Errno::EAGAIN) => {
+                wait(chan, PollFlags::POLLOUT, deadline, "waiting for room to send on the takeover channel")?
             }
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(Error::Disconnected("while we were sending")),
             Err(e) => return Err(Error::io("sendmsg on the takeover channel", e)),
         }
     }
@@ -122,12 +99,7 @@ pub fn recv(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<Option<Re
     loop {
         match try_recv(chan)? {
             Some(r) => return Ok(r),
-            None => wait(
-                chan,
-                PollFlags::POLLIN,
-                deadline,
-                "waiting for the peer on the takeover channel",
-            )?,
+            None => wait(chan, PollFlags::POLLIN, deadline, "waiting for the peer on the takeover channel")?,
         }
     }
 }
@@ -156,18 +128,13 @@ pub fn try_recv(chan: BorrowedFd<'_>) -> Result<Option<Option<Received>>> {
         return Err(Error::protocol("control message other than SCM_RIGHTS"));
     }
     if r.truncated || r.len > MAX_MESSAGE {
-        return Err(Error::protocol(format!(
-            "message larger than {MAX_MESSAGE} bytes"
-        )));
+        return Err(Error::protocol(format!("message larger than {MAX_MESSAGE} bytes")));
     }
     if r.len == 0 && r.fds.is_empty() {
         return Ok(Some(None));
     }
     buf.truncate(r.len);
-    Ok(Some(Some(Received {
-        bytes: buf,
-        fds: r.fds,
-    })))
+    Ok(Some(Some(Received { bytes: buf, fds: r.fds })))
 }
 
 /// A connected pair of `SOCK_SEQPACKET` Unix sockets, close-on-exec.

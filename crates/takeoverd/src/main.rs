@@ -1,1 +1,140 @@
-fn main() {}
+#![forbid(unsafe_code)]
+//! `takeoverd`: see `takeoverd --help` and the README.
+
+mod ctl;
+mod fdstore;
+mod state;
+mod status;
+mod supervisor;
+mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "takeoverd",
+    version,
+    about = "Hold every listening socket and live connection, and move them into fresh workers without dropping one",
+    long_about = "takeoverd holds the listening sockets and every live client connection of a service, keeps them in \
+the systemd fd store when run as a Type=notify service, and hands them to a freshly started worker over SCM_RIGHTS \
+on each reload (SIGHUP or `takeoverd ctl reload`). A crashed worker is restarted with the same sockets; a \
+restarted or crashed takeoverd gets them back from the fd store.\n\n\
+Listeners come from systemd (a .socket unit, or the fd store of an earlier run), else from --listen.",
+    after_help = "Examples:\n  takeoverd --listen 127.0.0.1:1234                 run with the default seqnum-worker\n  \
+takeoverd --listen [::1]:8080 --worker ./my-worker -- --flag\n  takeoverd ctl reload                               replace the worker, report the outcome\n  \
+takeoverd ctl status --json\n\n\
+Exit status: 0 after a clean stop (or a successful ctl command), 1 on a runtime error or a failed reload, 2 on bad arguments.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Bind a TCP listener on ADDR:PORT (repeatable) when systemd passes none.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Vec<SocketAddr>,
+
+    /// Backlog of listeners bound with --listen.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..=65535))]
+    backlog: i32,
+
+    /// The worker binary, started afresh from disk at every reload
+    /// [default: seqnum-worker beside takeoverd].
+    #[arg(long, value_name = "PATH")]
+    worker: Option<PathBuf>,
+
+    /// Deadline of each handoff step (new worker's hello, old worker's
+    /// quiesce, new worker's ack).
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    ack_timeout_ms: u64,
+
+    /// The control socket [default: $RUNTIME_DIRECTORY/control.sock, else
+    /// $XDG_RUNTIME_DIR/takeoverd.sock, else /tmp/takeoverd-$UID.sock].
+    #[arg(long, value_name = "PATH", global = true)]
+    control_socket: Option<PathBuf>,
+
+    /// The unit's FileDescriptorStoreMax=; connections beyond it are served
+    /// but not stored [default: $FDSTORE (systemd 254+), else 16384].
+    #[arg(long, value_name = "N")]
+    fdstore_max: Option<usize>,
+
+    /// Arguments for the worker.
+    #[arg(last = true, value_name = "WORKER ARGS")]
+    worker_args: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Talk to a running takeoverd.
+    Ctl {
+        #[command(subcommand)]
+        what: Ctl,
+        /// The control socket (as for takeoverd).
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Ctl {
+    /// Replace the worker; waits for the outcome and exits 1 if it failed.
+    Reload {
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 90)]
+        timeout_s: u64,
+    },
+    /// Show generation, worker, connections, listeners and reload history.
+    Status {
+        /// One line of JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    takeover::log::init("takeoverd");
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            1
+        }
+    };
+    ExitCode::from(code as u8)
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Some(Command::Ctl { what, control_socket }) = cli.command {
+        let path = control_socket.or(cli.control_socket).unwrap_or_else(ctl::default_path);
+        return match what {
+            Ctl::Reload { timeout_s } => ctl::reload(&path, Duration::from_secs(timeout_s)),
+            Ctl::Status { json } => ctl::status(&path, json),
+        };
+    }
+    if let Err(e) = takeover::raise_fd_limit() {
+        tracing::warn!("could not raise the fd limit: {e}");
+    }
+    let worker = match cli.worker {
+        Some(w) => w,
+        None => std::env::current_exe()?.with_file_name("seqnum-worker"),
+    };
+    let fdstore_max =
+        cli.fdstore_max.or_else(|| std::env::var("FDSTORE").ok().and_then(|v| v.parse().ok())).unwrap_or(16384);
+    let cfg = supervisor::Config {
+        worker,
+        worker_args: cli.worker_args,
+        ack_timeout: Duration::from_millis(cli.ack_timeout_ms),
+        control_socket: cli.control_socket.unwrap_or_else(ctl::default_path),
+        fdstore_max,
+        listen: cli.listen,
+        backlog: cli.backlog,
+    };
+    let mut sup = supervisor::Supervisor::new(cfg)?;
+    Ok(sup.run())
+}

@@ -1,0 +1,80 @@
+//! The control socket (`takeoverd ctl ...`): a `SOCK_SEQPACKET` Unix socket,
+//! mode 0600, that accepts only root and the service's own uid. One JSON
+//! request, one JSON reply.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::status::{ReloadRecord, Status};
+
+/// A request on the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Reload now (or join the reload that is running) and report the outcome.
+    Reload,
+    /// Report the status.
+    Status,
+}
+
+/// The default control socket: `$RUNTIME_DIRECTORY/control.sock` under
+/// systemd, else `$XDG_RUNTIME_DIR/takeoverd.sock`, else
+/// `/tmp/takeoverd-$UID.sock`.
+pub fn default_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
+        // RuntimeDirectory= may list several, separated by ':'.
+        let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
+        return Path::new(&first).join("control.sock");
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&dir).join("takeoverd.sock");
+    }
+    PathBuf::from(format!("/tmp/takeoverd-{}.sock", nix::unistd::geteuid()))
+}
+
+/// `takeoverd ctl reload`: asks for a reload, waits for its outcome.
+/// Returns the process exit status (0 ok, 1 failed).
+pub fn reload(path: &Path, timeout: Duration) -> anyhow::Result<i32> {
+    let reply = request(path, Request::Reload, timeout)?;
+    let rec: ReloadRecord = serde_json::from_slice(&reply).context("unreadable reply from takeoverd")?;
+    if rec.ok {
+        println!(
+            "reload ok: generation {}, worker pid {}, handoff {:.2} ms",
+            rec.generation,
+            rec.worker_pid.unwrap_or(0),
+            rec.handoff_ms
+        );
+        Ok(0)
+    } else {
+        eprintln!("reload failed: {}", rec.error.as_deref().unwrap_or("unknown reason"));
+        Ok(1)
+    }
+}
+
+/// `takeoverd ctl status`: prints the status, as JSON or for people.
+pub fn status(path: &Path, json: bool) -> anyhow::Result<i32> {
+    let reply = request(path, Request::Status, Duration::from_secs(10))?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&reply));
+        return Ok(0);
+    }
+    let s: Status = serde_json::from_slice(&reply).context("unreadable reply from takeoverd")?;
+    print!("{}", s.human());
+    Ok(0)
+}
+
+fn request(path: &Path, req: Request, timeout: Duration) -> anyhow::Result<Vec<u8>> {
+    let chan = takeover::connect(path).with_context(|| {
+        format!("is takeoverd running? (control socket {}; pass --control-socket if it is elsewhere)", path.display())
+    })?;
+    let deadline = Some(Instant::now() + timeout);
+    takeover::wire::send(chan.as_fd(), &serde_json::to_vec(&req)?, &[], deadline)?;
+    match takeover::wire::recv(chan.as_fd(), deadline)? {
+        Some(r) => Ok(r.bytes),
+        None => bail!("takeoverd closed the control connection without an answer"),
+    }
+}

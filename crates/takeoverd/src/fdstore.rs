@@ -1,0 +1,158 @@
+//! systemd's fd store: every listener and live connection is stored under a
+//! name of its own (`FDSTORE=1`, `FDNAME=`), removed when it ends, and comes
+//! back as `LISTEN_FDS`/`LISTEN_FDNAMES` when the service restarts.
+//!
+//! `LISTEN_FDNAMES` is a single environment string, and the kernel refuses
+//! an exec whose one string exceeds 128 KiB (`MAX_ARG_STRLEN`). If the
+//! stored names did not fit, systemd could not start the service at all, so
+//! the store keeps a byte budget and stores no connection beyond it (it is
+//! still served; it would not survive a restart of takeoverd).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use sd_notify::NotifyState;
+
+/// `MAX_ARG_STRLEN`: the longest single environment string exec accepts.
+const MAX_ENV_STRING: usize = 32 * 4096;
+
+/// Bytes of `LISTEN_FDNAMES` we allow ourselves: the kernel's limit less the
+/// `LISTEN_FDNAMES=` prefix, the NUL, and a margin.
+pub const NAMES_BUDGET: usize = MAX_ENV_STRING - "LISTEN_FDNAMES=".len() - 1 - 1024;
+
+/// The fd store, or nothing when not running under systemd.
+#[derive(Debug)]
+pub struct FdStore {
+    enabled: bool,
+    /// Name → bytes it takes in `LISTEN_FDNAMES` (name + separator).
+    stored: HashMap<Box<str>, u16>,
+    used: usize,
+    max_fds: usize,
+    /// Connections we could not store since the last report.
+    refused: u64,
+    refused_total: u64,
+}
+
+impl FdStore {
+    /// Enabled when `NOTIFY_SOCKET` is set. `max_fds` mirrors the unit's
+    /// `FileDescriptorStoreMax=`.
+    pub fn new(max_fds: usize) -> FdStore {
+        FdStore {
+            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            stored: HashMap::new(),
+            used: 0,
+            max_fds,
+            refused: 0,
+            refused_total: 0,
+        }
+    }
+
+    /// Whether a service manager is there to store fds.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Stores `fd` as `name`. `essential` entries (listeners, the state) are
+    /// stored even past the connection budget. Returns whether it is stored.
+    pub fn store(&mut self, name: &str, fd: BorrowedFd<'_>, essential: bool) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        if self.stored.contains_key(name) {
+            return true;
+        }
+        let cost = name.len() + 1;
+        if !essential && (self.used + cost > NAMES_BUDGET || self.stored.len() + 1 > self.max_fds) {
+            if self.refused == 0 {
+                tracing::warn!(
+                    stored = self.stored.len(),
+                    names_bytes = self.used,
+                    max_fds = self.max_fds,
+                    "fd store full: new connections are served but will not survive a restart of takeoverd"
+                );
+            }
+            self.refused += 1;
+            self.refused_total += 1;
+            return false;
+        }
+        match sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[fd]) {
+            Ok(()) => {
+                self.stored.insert(name.into(), cost as u16);
+                self.used += cost;
+                self.refused = 0;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%name, "storing an fd with systemd failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Removes `name` from the store (no-op if it was never stored).
+    pub fn remove(&mut self, name: &str) {
+        if let Some(cost) = self.stored.remove(name) {
+            self.used -= cost as usize;
+            if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
+                tracing::warn!(%name, "removing an fd from the systemd store failed: {e}");
+            }
+        }
+    }
+
+    /// How many fds are stored.
+    pub fn len(&self) -> usize {
+        self.stored.len()
+    }
+
+    /// Connections that could not be stored, since start.
+    pub fn refused_total(&self) -> u64 {
+        self.refused_total
+    }
+}
+
+/// Sends a plain notification (READY=1, STATUS=..., ...); a failure is
+/// logged, never fatal.
+pub fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("sd_notify failed: {e}");
+    }
+}
+
+/// One fd handed to us at start (`LISTEN_FDS`), with its name.
+#[derive(Debug)]
+pub struct Inherited {
+    /// Its `LISTEN_FDNAMES` entry.
+    pub name: String,
+    /// The fd.
+    pub fd: OwnedFd,
+}
+
+/// Takes every fd systemd passed (socket units and the fd store alike),
+/// removes the `LISTEN_*` variables, and drops duplicates of the same open
+/// socket (a socket unit's listener we also stored comes back twice).
+pub fn inherited() -> anyhow::Result<Vec<Inherited>> {
+    let pid_ok = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count: usize = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    if !pid_ok || count == 0 {
+        return Ok(Vec::new());
+    }
+    let names: Vec<&str> = if names.is_empty() { Vec::new() } else { names.split(':').collect() };
+    let mut out = Vec::with_capacity(count);
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..count {
+        let raw = 3 + i as i32;
+        let fd = takeover::take_raw_inherited(raw)?;
+        let name = names.get(i).copied().unwrap_or("unknown").to_owned();
+        let st = nix::sys::stat::fstat(fd.as_fd())?;
+        if !seen.insert((st.st_dev, st.st_ino)) {
+            tracing::debug!(%name, "dropping a second copy of an inherited socket");
+            continue;
+        }
+        out.push(Inherited { name, fd });
+    }
+    Ok(out)
+}

@@ -1,0 +1,725 @@
+//! takeoverd's state machine: it holds every listener and live connection,
+//! keeps them in the fd store, and moves them into fresh workers.
+//!
+//! ```text
+//!            start / crash restart (recovered)          reload (SIGHUP, ctl reload)
+//!   ┌──────────────────────────────────────┐   ┌──────────────────────────────────────────┐
+//!   spawn W ─ hello ─ offer ─ ack ─ commit    spawn W2 ─ hello ─▶ quiesce W1 ─ states ─▶
+//!                                              offer W2 ─ ack ─ commit ─▶ exit W1   (ok)
+//!                                                         └─ fail ─▶ kill W2, resume W1
+//! ```
+//! Every step has a deadline; nothing is ever closed until its successor
+//! has acked, so a failure at any step leaves the sockets served.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use sd_notify::NotifyState;
+use serde_json::Value;
+use slab::Slab;
+use takeover::{Endpoint, Existing, Item, Kind, Message};
+
+use crate::ctl::Request;
+use crate::fdstore::{self, notify, FdStore};
+use crate::state::{Saved, StateFile, STATE_NAME};
+use crate::status::{unix_now, ListenerInfo, ReloadRecord, Status};
+use crate::worker::WorkerProc;
+
+const SIGNALS: Token = Token(0);
+const CTL: Token = Token(1);
+const WORKER: Token = Token(2);
+const CTL_CONN_BASE: usize = 1 << 16;
+
+/// Reloads kept for `ctl status`.
+const HISTORY: usize = 20;
+/// Crash-restart backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What takeoverd was told on its command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The worker binary, executed afresh at every start.
+    pub worker: PathBuf,
+    /// Its arguments.
+    pub worker_args: Vec<String>,
+    /// Deadline of each handoff step.
+    pub ack_timeout: Duration,
+    /// The control socket.
+    pub control_socket: PathBuf,
+    /// The unit's `FileDescriptorStoreMax=`.
+    pub fdstore_max: usize,
+    /// Addresses to bind when systemd passes no listener.
+    pub listen: Vec<std::net::SocketAddr>,
+    /// Listen backlog for those.
+    pub backlog: i32,
+}
+
+struct HeldListener {
+    name: String,
+    fd: OwnedFd,
+    addr: String,
+}
+
+struct HeldConn {
+    fd: OwnedFd,
+    /// What its worker reported at the last handoff (or `opened`).
+    state: Value,
+}
+
+/// The supervisor.
+pub struct Supervisor {
+    cfg: Config,
+    poll: Poll,
+    signals: SignalFd,
+    ctl: Endpoint,
+    ctl_conns: Slab<OwnedFd>,
+    listeners: Vec<HeldListener>,
+    conns: HashMap<String, HeldConn>,
+    worker: Option<WorkerProc>,
+    generation: u64,
+    store: FdStore,
+    state: StateFile,
+    reloads: VecDeque<ReloadRecord>,
+    restarts: u64,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    watchdog: Option<(Duration, Instant)>,
+    status_dirty: bool,
+    status_at: Instant,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor").field("generation", &self.generation).field("conns", &self.conns.len()).finish()
+    }
+}
+
+impl Supervisor {
+    /// Gathers the sockets (systemd's, or bound here), the control socket
+    /// and signal handling. Does not start a worker yet.
+    pub fn new(cfg: Config) -> anyhow::Result<Supervisor> {
+        let mut mask = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+            mask.add(s);
+        }
+        mask.thread_block()?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        let poll = Poll::new()?;
+        poll.registry().register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)?;
+
+        let mut listeners = Vec::new();
+        let mut conns = HashMap::new();
+        let mut state = None;
+        for inh in fdstore::inherited()? {
+            classify(inh, &mut listeners, &mut conns, &mut state);
+        }
+        let restored = conns.len();
+        let (state, saved) = match state {
+            Some(mut s) => {
+                let saved = s.load();
+                (s, saved)
+            }
+            None => (StateFile::create()?, None),
+        };
+        let mut generation = 0;
+        if let Some(saved) = saved {
+            generation = saved.generation;
+            for (name, st) in saved.conns {
+                if let Some(c) = conns.get_mut(&name) {
+                    c.state = st;
+                }
+            }
+        }
+        if listeners.is_empty() {
+            if cfg.listen.is_empty() {
+                anyhow::bail!("no listening socket: pass --listen ADDR:PORT, or start takeoverd from a .socket unit");
+            }
+            for (i, addr) in cfg.listen.iter().enumerate() {
+                let fd = bind(*addr, cfg.backlog).map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+                listeners.push(HeldListener { name: format!("l{i}"), fd, addr: addr.to_string() });
+            }
+        } else if !cfg.listen.is_empty() {
+            tracing::info!("listeners came from systemd; --listen is not used");
+        }
+        if restored > 0 {
+            tracing::info!(connections = restored, listeners = listeners.len(), "restored from the fd store");
+        }
+
+        let mut store = FdStore::new(cfg.fdstore_max);
+        for l in &listeners {
+            store.store(&l.name, l.fd.as_fd(), true);
+        }
+        store.store(STATE_NAME, state.fd(), true);
+        for (name, c) in &conns {
+            store.store(name, c.fd.as_fd(), false);
+        }
+
+        let ctl = Endpoint::bind(&cfg.control_socket, Existing::ReplaceStale)?;
+        poll.registry().register(&mut SourceFd(&ctl.as_fd().as_raw_fd()), CTL, Interest::READABLE)?;
+        let watchdog = sd_notify::watchdog_enabled().map(|d| (d / 2, Instant::now()));
+        Ok(Supervisor {
+            cfg,
+            poll,
+            signals,
+            ctl,
+            ctl_conns: Slab::new(),
+            listeners,
+            conns,
+            worker: None,
+            generation,
+            store,
+            state,
+            reloads: VecDeque::new(),
+            restarts: 0,
+            restart_at: None,
+            backoff: BACKOFF_MIN,
+            watchdog,
+            status_dirty: true,
+            status_at: Instant::now(),
+        })
+    }
+
+    /// Starts the first worker, tells systemd we are ready, and serves until
+    /// stopped. Returns the exit status.
+    pub fn run(&mut self) -> i32 {
+        for l in &self.listeners {
+            tracing::info!(name = %l.name, addr = %l.addr, "holding listener");
+        }
+        tracing::info!(path = %self.cfg.control_socket.display(), fdstore = self.store.enabled(), "control socket ready");
+        // Connections restored from the store were served by a process that
+        // is gone: their states may be stale.
+        let recovered = !self.conns.is_empty();
+        if let Err(e) = self.start_worker(recovered) {
+            tracing::error!("the first worker did not start: {e}");
+            self.schedule_restart();
+        }
+        notify(&[NotifyState::Ready, NotifyState::Status(&self.status().line())]);
+        self.status_dirty = false;
+
+        let mut events = Events::with_capacity(256);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, self.next_timeout()) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!("epoll failed: {e}");
+                    return 1;
+                }
+            }
+            let tokens: Vec<Token> = events.iter().map(|e| e.token()).collect();
+            for token in tokens {
+                match token {
+                    SIGNALS => {
+                        if let Some(code) = self.on_signals() {
+                            return code;
+                        }
+                    }
+                    CTL => self.on_ctl_accept(),
+                    WORKER => self.on_worker(),
+                    Token(t) => self.on_ctl_request(t - CTL_CONN_BASE),
+                }
+            }
+            self.on_timers();
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let mut soonest: Option<Instant> = self.restart_at;
+        if let Some((every, last)) = self.watchdog {
+            soonest = Some(soonest.map_or(last + every, |s| s.min(last + every)));
+        }
+        if self.status_dirty {
+            let at = self.status_at + Duration::from_secs(1);
+            soonest = Some(soonest.map_or(at, |s| s.min(at)));
+        }
+        soonest.map(|s| s.saturating_duration_since(Instant::now()))
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        if let Some((every, last)) = self.watchdog {
+            if now >= last + every {
+                notify(&[NotifyState::Watchdog]);
+                self.watchdog = Some((every, now));
+            }
+        }
+        if self.restart_at.is_some_and(|t| now >= t) {
+            self.restart_at = None;
+            self.restarts += 1;
+            if let Err(e) = self.start_worker(true) {
+                tracing::error!("restarting the worker failed: {e}");
+                self.schedule_restart();
+            }
+        }
+        if self.status_dirty && now >= self.status_at + Duration::from_secs(1) {
+            self.publish_status();
+        }
+    }
+
+    fn publish_status(&mut self) {
+        notify(&[NotifyState::Status(&self.status().line())]);
+        self.status_dirty = false;
+        self.status_at = Instant::now();
+    }
+
+    /// The status as `ctl status` reports it.
+    pub fn status(&self) -> Status {
+        Status {
+            generation: self.generation,
+            worker_pid: self.worker.as_ref().map(|w| w.pid()),
+            connections: self.conns.len(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| ListenerInfo { name: l.name.clone(), addr: l.addr.clone() })
+                .collect(),
+            fdstore: self.store.enabled(),
+            fdstore_fds: self.store.len(),
+            fdstore_refused: self.store.refused_total(),
+            worker_restarts: self.restarts,
+            reloads: self.reloads.iter().cloned().collect(),
+        }
+    }
+
+    // ---- workers ----
+
+    /// Starts a worker and waits for its hello.
+    fn spawn_ready(&self) -> Result<WorkerProc, String> {
+        let mut w = WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args).map_err(|e| format!("{e:#}"))?;
+        let deadline = Some(Instant::now() + self.cfg.ack_timeout);
+        match takeover::read_hello(w.chan(), deadline) {
+            Ok(_) => Ok(w),
+            Err(e) => {
+                let status = w.exited().map(|s| format!(" ({s})")).unwrap_or_default();
+                w.kill();
+                Err(format!("new worker {} failed before taking over{status}: {e}", self.cfg.worker.display()))
+            }
+        }
+    }
+
+    /// Offers every socket to `w` and waits for its ack.
+    fn hand(&self, w: &WorkerProc, recovered: bool) -> takeover::Result<()> {
+        let deadline = Some(Instant::now() + self.cfg.ack_timeout);
+        let mut items = Vec::with_capacity(self.listeners.len() + self.conns.len());
+        for l in &self.listeners {
+            items.push(Item { name: &l.name, kind: Kind::TcpListener, fd: l.fd.as_fd(), state: Value::Null });
+        }
+        for (name, c) in &self.conns {
+            items.push(Item { name, kind: Kind::TcpStream, fd: c.fd.as_fd(), state: c.state.clone() });
+        }
+        takeover::offer(
+            w.chan(),
+            &items,
+            &serde_json::json!({ "generation": self.generation + 1 }),
+            recovered,
+            deadline,
+        )?;
+        takeover::await_ack(w.chan(), deadline)
+    }
+
+    /// Starts a worker with no predecessor to quiesce (first start, or after
+    /// a crash).
+    fn start_worker(&mut self, recovered: bool) -> Result<(), String> {
+        let t0 = Instant::now();
+        let mut w = self.spawn_ready()?;
+        if let Err(e) = self.hand(&w, recovered) {
+            w.kill();
+            return Err(format!("worker {} refused the sockets: {e}", w.pid()));
+        }
+        self.generation += 1;
+        tracing::info!(
+            pid = w.pid(),
+            generation = self.generation,
+            connections = self.conns.len(),
+            elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "worker serving"
+        );
+        self.adopt_worker(w);
+        self.save_state();
+        Ok(())
+    }
+
+    fn adopt_worker(&mut self, w: WorkerProc) {
+        if let Err(e) = self.poll.registry().register(&mut SourceFd(&w.chan().as_raw_fd()), WORKER, Interest::READABLE)
+        {
+            tracing::error!("watching the worker's channel: {e}");
+        }
+        self.worker = Some(w);
+        self.status_dirty = true;
+    }
+
+    fn drop_worker(&mut self) -> Option<WorkerProc> {
+        let w = self.worker.take()?;
+        let _ = self.poll.registry().deregister(&mut SourceFd(&w.chan().as_raw_fd()));
+        self.status_dirty = true;
+        Some(w)
+    }
+
+    fn schedule_restart(&mut self) {
+        self.restart_at = Some(Instant::now() + self.backoff);
+        tracing::warn!(in_ms = self.backoff.as_millis() as u64, "restarting the worker");
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    fn on_worker(&mut self) {
+        loop {
+            let Some(w) = &self.worker else { return };
+            match takeover::manifest::try_recv(w.chan()) {
+                Ok(None) => return,
+                Ok(Some(Some((msg, fds)))) => on_worker_msg(&mut self.conns, &mut self.store, msg, fds),
+                Ok(Some(None)) => return self.on_worker_gone("closed its control channel"),
+                Err(e) => {
+                    tracing::error!("worker channel: {e}");
+                    return self.on_worker_gone("broke the control protocol");
+                }
+            }
+            self.status_dirty = true;
+        }
+    }
+
+    fn on_worker_gone(&mut self, why: &str) {
+        let Some(w) = self.drop_worker() else { return };
+        let pid = w.pid();
+        let ran = w.uptime();
+        let _ = w.finish(Duration::from_millis(500));
+        tracing::error!(pid, "worker {why}; its connections are held here and go to a new worker");
+        if ran > Duration::from_secs(10) {
+            self.backoff = BACKOFF_MIN;
+        }
+        self.schedule_restart();
+    }
+
+    // ---- reload ----
+
+    /// Replaces the worker. Never interleaves: it runs to the end before
+    /// anything else is looked at.
+    fn reload(&mut self) -> ReloadRecord {
+        let t0 = Instant::now();
+        let at = unix_now();
+        notify(&[NotifyState::Reloading, NotifyState::Status("reloading: starting a new worker")]);
+        tracing::info!(generation = self.generation + 1, "reload: starting a new worker");
+        let outcome = self.reload_inner(t0);
+        let (ok, error, handoff, old_exit) = match outcome {
+            Ok((h, o)) => (true, None, h, o),
+            Err(e) => {
+                tracing::error!("reload failed: {e}");
+                (false, Some(e), t0.elapsed(), Duration::ZERO)
+            }
+        };
+        let rec = ReloadRecord {
+            generation: if ok { self.generation } else { self.generation + 1 },
+            at,
+            ok,
+            error,
+            handoff_ms: handoff.as_secs_f64() * 1e3,
+            old_exit_ms: old_exit.as_secs_f64() * 1e3,
+            worker_pid: self.worker.as_ref().map(|w| w.pid()),
+            connections: self.conns.len(),
+        };
+        if self.reloads.len() == HISTORY {
+            self.reloads.pop_front();
+        }
+        self.reloads.push_back(rec.clone());
+        let line = self.status().line();
+        notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+        self.status_dirty = false;
+        self.status_at = Instant::now();
+        rec
+    }
+
+    /// Returns (request → new worker's ack, request → old worker's exit).
+    fn reload_inner(&mut self, t0: Instant) -> Result<(Duration, Duration), String> {
+        let new = self.spawn_ready()?;
+        // The new worker is up; only now does the old one stop serving.
+        let deadline = Some(Instant::now() + self.cfg.ack_timeout);
+        let mut old = self.drop_worker();
+        let mut recovered = old.is_none();
+        if let Some(w) = &old {
+            let quiesced = takeover::manifest::send(w.chan(), &Message::Quiesce, &[], deadline).and_then(|()| {
+                let (conns, store) = (&mut self.conns, &mut self.store);
+                takeover::control::collect_quiesced(w.chan(), deadline, |m, fds| on_worker_msg(conns, store, m, fds))
+            });
+            match quiesced {
+                Ok(states) => {
+                    for s in states {
+                        if let Some(c) = self.conns.get_mut(&s.name) {
+                            c.state = s.state;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        pid = w.pid(),
+                        "old worker failed to quiesce ({e}); killing it, the new one recovers"
+                    );
+                    if let Some(mut w) = old.take() {
+                        w.kill();
+                    }
+                    recovered = true;
+                }
+            }
+        }
+        match self.hand(&new, recovered) {
+            Ok(()) => {
+                let handoff = t0.elapsed();
+                self.generation += 1;
+                let new_pid = new.pid();
+                self.adopt_worker(new);
+                let mut old_exit = handoff;
+                if let Some(w) = old {
+                    let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], deadline);
+                    w.finish(self.cfg.ack_timeout);
+                    old_exit = t0.elapsed();
+                }
+                self.save_state();
+                tracing::info!(
+                    pid = new_pid,
+                    generation = self.generation,
+                    connections = self.conns.len(),
+                    handoff_ms = handoff.as_secs_f64() * 1e3,
+                    old_exit_ms = old_exit.as_secs_f64() * 1e3,
+                    "reload complete"
+                );
+                Ok((handoff, old_exit))
+            }
+            Err(e) => {
+                let mut new = new;
+                let pid = new.pid();
+                new.kill();
+                match old {
+                    Some(w) => {
+                        let _ = takeover::manifest::send(w.chan(), &Message::Resume, &[], deadline);
+                        self.adopt_worker(w);
+                    }
+                    None => self.schedule_restart(),
+                }
+                Err(format!("new worker {pid} did not take over: {e}; the old worker resumed"))
+            }
+        }
+    }
+
+    fn save_state(&mut self) {
+        let saved = Saved {
+            version: 1,
+            generation: self.generation,
+            conns: self.conns.iter().map(|(n, c)| (n.clone(), c.state.clone())).collect(),
+        };
+        if let Err(e) = self.state.save(&saved) {
+            tracing::warn!("writing the state memfd: {e}");
+        }
+    }
+
+    // ---- signals, control socket ----
+
+    fn on_signals(&mut self) -> Option<i32> {
+        let mut reload = false;
+        loop {
+            match self.signals.read_signal() {
+                Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGHUP) => reload = true,
+                    Ok(Signal::SIGCHLD) => {
+                        if self.worker.as_mut().is_some_and(|w| w.exited().is_some()) {
+                            self.on_worker_gone("exited");
+                        }
+                    }
+                    Ok(s @ (Signal::SIGTERM | Signal::SIGINT)) => return Some(self.stop(s)),
+                    _ => {}
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("reading signals: {e}");
+                    break;
+                }
+            }
+        }
+        if reload {
+            tracing::info!("SIGHUP: reloading");
+            let rec = self.reload();
+            self.answer_waiting(&rec);
+        }
+        None
+    }
+
+    fn stop(&mut self, sig: Signal) -> i32 {
+        tracing::info!(signal = sig.as_str(), connections = self.conns.len(), "stopping");
+        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+        if let Some(w) = self.drop_worker() {
+            let deadline = Some(Instant::now() + self.cfg.ack_timeout.min(Duration::from_secs(2)));
+            let quiesced = takeover::manifest::send(w.chan(), &Message::Quiesce, &[], deadline).and_then(|()| {
+                let (conns, store) = (&mut self.conns, &mut self.store);
+                takeover::control::collect_quiesced(w.chan(), deadline, |m, fds| on_worker_msg(conns, store, m, fds))
+            });
+            if let Ok(states) = quiesced {
+                for s in states {
+                    if let Some(c) = self.conns.get_mut(&s.name) {
+                        c.state = s.state;
+                    }
+                }
+            }
+            let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], deadline);
+            w.finish(Duration::from_secs(2));
+        }
+        self.save_state();
+        self.ctl.unlink_if_ours();
+        0
+    }
+
+    fn on_ctl_accept(&mut self) {
+        loop {
+            match self.ctl.accept() {
+                Ok(Some(conn)) => {
+                    let entry = self.ctl_conns.vacant_entry();
+                    let token = Token(CTL_CONN_BASE + entry.key());
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut SourceFd(&conn.as_raw_fd()), token, Interest::READABLE)
+                        .is_ok()
+                    {
+                        entry.insert(conn);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => tracing::warn!("control socket: {e}"),
+            }
+        }
+    }
+
+    fn on_ctl_request(&mut self, key: usize) {
+        let Some(conn) = self.ctl_conns.try_remove(key) else { return };
+        let _ = self.poll.registry().deregister(&mut SourceFd(&conn.as_raw_fd()));
+        let req = match read_request(&conn) {
+            Some(r) => r,
+            None => return,
+        };
+        match req {
+            Request::Status => reply(&conn, &self.status()),
+            Request::Reload => {
+                tracing::info!("reload requested on the control socket");
+                let rec = self.reload();
+                reply(&conn, &rec);
+                self.answer_waiting(&rec);
+            }
+        }
+    }
+
+    /// After a reload: requests that arrived while it ran are answered now;
+    /// a reload request among them gets the outcome of the reload it waited
+    /// for rather than starting another.
+    fn answer_waiting(&mut self, rec: &ReloadRecord) {
+        self.on_ctl_accept();
+        let keys: Vec<usize> = self.ctl_conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(conn) = self.ctl_conns.get(key) else { continue };
+            match takeover::wire::try_recv(conn.as_fd()) {
+                Ok(None) => continue, // nothing asked yet
+                Ok(Some(Some(msg))) => {
+                    let conn = self.ctl_conns.remove(key);
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&conn.as_raw_fd()));
+                    match serde_json::from_slice::<Request>(&msg.bytes) {
+                        Ok(Request::Reload) => reply(&conn, rec),
+                        Ok(Request::Status) => reply(&conn, &self.status()),
+                        Err(e) => tracing::warn!("bad control request: {e}"),
+                    }
+                }
+                _ => {
+                    let conn = self.ctl_conns.remove(key);
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&conn.as_raw_fd()));
+                }
+            }
+        }
+    }
+}
+
+/// Handles `opened`/`closed` from a worker.
+fn on_worker_msg(conns: &mut HashMap<String, HeldConn>, store: &mut FdStore, msg: Message, mut fds: Vec<OwnedFd>) {
+    match msg {
+        Message::Opened { entry } => {
+            if fds.len() != 1 || entry.kind != Kind::TcpStream {
+                tracing::warn!(name = %entry.name, fds = fds.len(), "worker sent a malformed 'opened'; ignored");
+                return;
+            }
+            let fd = fds.pop().expect("one fd");
+            if let Err(problem) = takeover::validate(fd.as_fd(), Kind::TcpStream) {
+                tracing::warn!(name = %entry.name, "worker sent a bad fd: {problem}");
+                return;
+            }
+            if let Err(problem) = takeover::check_name(&entry.name) {
+                tracing::warn!("worker sent a bad name: {problem}");
+                return;
+            }
+            store.store(&entry.name, fd.as_fd(), false);
+            conns.insert(entry.name, HeldConn { fd, state: entry.state });
+        }
+        Message::Closed { name } => {
+            if conns.remove(&name).is_some() {
+                store.remove(&name);
+            }
+        }
+        other => tracing::warn!("unexpected {} from the worker; ignored", other.name()),
+    }
+}
+
+fn read_request(conn: &OwnedFd) -> Option<Request> {
+    let deadline = Some(Instant::now() + Duration::from_millis(100));
+    match takeover::wire::recv(conn.as_fd(), deadline) {
+        Ok(Some(msg)) => match serde_json::from_slice::<Request>(&msg.bytes) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("bad control request: {e}");
+                reply(conn, &serde_json::json!({ "error": format!("bad request: {e}") }));
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("control request: {e}");
+            None
+        }
+    }
+}
+
+fn reply(conn: &OwnedFd, body: &impl serde::Serialize) {
+    let bytes = serde_json::to_vec(body).expect("replies serialise");
+    if let Err(e) = takeover::wire::send(conn.as_fd(), &bytes, &[], Some(Instant::now() + Duration::from_secs(1))) {
+        tracing::warn!("answering on the control socket: {e}");
+    }
+}
+
+/// Sorts an fd systemd handed us by what it is, never by its position.
+fn classify(
+    inh: fdstore::Inherited,
+    listeners: &mut Vec<HeldListener>,
+    conns: &mut HashMap<String, HeldConn>,
+    state: &mut Option<StateFile>,
+) {
+    let fdstore::Inherited { name, fd } = inh;
+    if name == STATE_NAME && takeover::validate(fd.as_fd(), Kind::File).is_ok() {
+        *state = Some(StateFile::from_fd(fd));
+    } else if takeover::validate(fd.as_fd(), Kind::TcpListener).is_ok() {
+        let addr = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let name = if takeover::check_name(&name).is_ok() { name } else { format!("l{}", listeners.len()) };
+        listeners.push(HeldListener { name, fd, addr });
+    } else if takeover::validate(fd.as_fd(), Kind::TcpStream).is_ok() && takeover::check_name(&name).is_ok() {
+        conns.insert(name, HeldConn { fd, state: Value::Null });
+    } else {
+        tracing::warn!(%name, "ignoring an inherited fd that is neither a TCP socket nor our state (closed)");
+    }
+}
+
+fn bind(addr: std::net::SocketAddr, backlog: i32) -> nix::Result<OwnedFd> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    socket::listen(&fd, Backlog::new(backlog)?)?;
+    Ok(fd)
+}
