@@ -95,13 +95,16 @@ pub(crate) fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
 }
 
 /// Arranges for `fd` to be fd number `target` in the child that `cmd`
-/// spawns, without the close-on-exec flag, and closed in the parent once the
-/// `Command` is dropped.
+/// spawns, without the close-on-exec flag, and for every fd above `target`
+/// to be closed in the child, so it inherits nothing it was not given (a
+/// stray fd the parent's own parent leaked, say). `fd` is closed in the
+/// parent once the `Command` is dropped.
 pub fn pass_fd(cmd: &mut Command, fd: OwnedFd, target: RawFd) {
     let raw = fd.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed; `dup2` and `fcntl` are. `fd` is
-    // moved into the closure, so it stays open until the Command is dropped.
+    // async-signal-safe calls are allowed; `dup2`, `fcntl` and the raw
+    // `close_range` syscall are. `fd` is moved into the closure, so it stays
+    // open until the Command is dropped.
     unsafe {
         cmd.pre_exec(move || {
             let _keep = &fd;
@@ -112,6 +115,9 @@ pub fn pass_fd(cmd: &mut Command, fd: OwnedFd, target: RawFd) {
                 // dup2 clears FD_CLOEXEC on the new fd.
                 cvt(libc::dup2(raw, target))?;
             }
+            // close_range(2) exists since Linux 5.9; on older kernels the
+            // strays stay (they are close-on-exec in a well-behaved parent).
+            libc::syscall(libc::SYS_close_range, (target + 1) as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint);
             Ok(())
         });
     }

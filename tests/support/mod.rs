@@ -1,0 +1,154 @@
+//! Shared helpers of the end-to-end tests: where the binaries are, a temp
+//! dir per test, free ports, running the client, counting fds.
+#![allow(missing_docs)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's binaries (`target/debug`), found
+/// from this test executable (`target/debug/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// The path of one of the workspace's binaries; panics with advice when it
+/// was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds every binary",
+        p.display()
+    );
+    p
+}
+
+/// A fresh temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("takeover-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until something accepts on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < timeout, "nothing listens on port {port} after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `path` exists.
+pub fn wait_for_path(path: &Path, timeout: Duration) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(t0.elapsed() < timeout, "{} did not appear within {timeout:?}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts `seqnum-client --json` against `port` with extra `args`.
+pub fn client(port: u16, args: &[&str]) -> Child {
+    Command::new(bin("seqnum-client"))
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--json"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting seqnum-client")
+}
+
+/// Waits for a client and parses its JSON summary.
+pub fn client_summary(c: Child) -> (Output, serde_json::Value) {
+    let out = c.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default().to_owned();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+        panic!(
+            "client printed no JSON summary ({e}); stdout: {stdout}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, v)
+}
+
+/// Asserts a client summary shows no error of any kind.
+pub fn assert_clean(out: &Output, v: &serde_json::Value) {
+    assert_eq!(v["errors"], 0, "client saw errors: {v}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "client exited {:?}: {v}", out.status);
+    assert!(v["echoed"].as_u64().unwrap_or(0) > 0, "client got no echo at all: {v}");
+}
+
+/// Open fds of `pid`, with what they point at.
+pub fn fds_of(pid: u32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// Number of TCP sockets among the fds of `pid` (sockets of any kind, in fact:
+/// the caller subtracts the known non-TCP ones).
+pub fn socket_count(pid: u32) -> usize {
+    fds_of(pid).iter().filter(|l| l.starts_with("socket:")).count()
+}
+
+/// Whether `pid` still runs (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(s) => !matches!(s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()), Some("Z" | "X")),
+    }
+}
+
+/// Waits for a child with a deadline; kills it when the deadline passes.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Kills a child on drop, so a failing test leaves no process behind.
+pub struct Reaper(pub Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
