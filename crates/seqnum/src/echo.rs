@@ -81,13 +81,7 @@ impl EchoConn {
     pub fn accepted(stream: TcpStream, peer: SocketAddr) -> io::Result<EchoConn> {
         stream.set_nodelay(true)?;
         let cookie = takeover::socket_cookie(stream.as_fd())?;
-        Ok(EchoConn {
-            stream,
-            cookie,
-            peer: Some(peer),
-            next: None,
-            consumed: 0,
-        })
+        Ok(EchoConn { stream, cookie, peer: Some(peer), next: None, consumed: 0 })
     }
 
     /// A connection received in a handoff. When `recovered` (the previous
@@ -95,13 +89,7 @@ impl EchoConn {
     /// a stale expected seqnum is forgotten.
     pub fn adopt(stream: TcpStream, state: ConnState, recovered: bool) -> io::Result<EchoConn> {
         let cookie = takeover::socket_cookie(stream.as_fd())?;
-        let mut conn = EchoConn {
-            stream,
-            cookie,
-            peer: state.peer,
-            next: state.next,
-            consumed: state.consumed,
-        };
+        let mut conn = EchoConn { stream, cookie, peer: state.peer, next: state.next, consumed: state.consumed };
         if recovered || state.consumed == 0 {
             let at = takeover::stream_offsets(conn.stream.as_fd())?;
             if at.written > at.consumed {
@@ -122,11 +110,7 @@ impl EchoConn {
 
     /// The state to carry in a handoff.
     pub fn state(&self) -> ConnState {
-        ConnState {
-            peer: self.peer,
-            next: self.next,
-            consumed: self.consumed,
-        }
+        ConnState { peer: self.peer, next: self.next, consumed: self.consumed }
     }
 
     /// Echoes every complete message waiting, until the socket has nothing
@@ -138,11 +122,7 @@ impl EchoConn {
         loop {
             let n = match nix::sys::socket::recv(fd, scratch, peek_flags()) {
                 Ok(0) => {
-                    return Some(if self.consumed % MESSAGE_LEN as u64 == 0 {
-                        End::Eof
-                    } else {
-                        End::EofMidMessage
-                    })
+                    return Some(if self.consumed % MESSAGE_LEN as u64 == 0 { End::Eof } else { End::EofMidMessage })
                 }
                 Ok(n) => n,
                 Err(nix::errno::Errno::EAGAIN) => return None,
@@ -154,11 +134,7 @@ impl EchoConn {
             let k = n - (phase + n) % MESSAGE_LEN;
             if k == 0 {
                 // An incomplete message: leave it in the kernel.
-                return if read_closed {
-                    Some(End::EofMidMessage)
-                } else {
-                    None
-                };
+                return if read_closed { Some(End::EofMidMessage) } else { None };
             }
             let w = match nix::sys::socket::send(fd, &scratch[..k], send_flags()) {
                 Ok(w) => w,
@@ -185,11 +161,7 @@ impl EchoConn {
     fn check_seqnums(&mut self, queued: &[u8], w: usize, phase: usize) {
         let first = (MESSAGE_LEN - phase) % MESSAGE_LEN;
         for start in (first..w).step_by(MESSAGE_LEN) {
-            let got = u32::from_be_bytes(
-                queued[start..start + MESSAGE_LEN]
-                    .try_into()
-                    .expect("4 bytes"),
-            );
+            let got = u32::from_be_bytes(queued[start..start + MESSAGE_LEN].try_into().expect("4 bytes"));
             match self.next {
                 Some(want) if want != got => {
                     tracing::warn!(peer = ?self.peer, expected = want, got, "seqnum discontinuity (echoed anyway)")
@@ -216,12 +188,7 @@ fn discard(stream: &TcpStream, buf: &mut [u8]) -> io::Result<()> {
     let mut left = buf.len();
     while left > 0 {
         match nix::sys::socket::recv(stream.as_raw_fd(), &mut buf[..left], flags) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "peer closed while discarding",
-                ))
-            }
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed while discarding")),
             Ok(n) => left -= n.min(left),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -240,10 +207,7 @@ mod tests {
         let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, peer) = l.accept().unwrap();
         s.set_nonblocking(true).unwrap();
-        (
-            client,
-            EchoConn::accepted(TcpStream::from_std(s), peer).unwrap(),
-        )
+        (client, EchoConn::accepted(TcpStream::from_std(s), peer).unwrap())
     }
 
     fn settle() {
@@ -261,11 +225,7 @@ mod tests {
         client.read_exact(&mut buf).unwrap();
         assert_eq!(buf, [0, 0, 0, 0]);
         let at = takeover::stream_offsets(conn.stream.as_fd()).unwrap();
-        assert_eq!(
-            (at.consumed, at.written),
-            (4, 4),
-            "the partial message stays unread"
-        );
+        assert_eq!((at.consumed, at.written), (4, 4), "the partial message stays unread");
         client.write_all(&[0, 1]).unwrap();
         settle();
         assert_eq!(conn.serve(&mut scratch, false), None);
@@ -290,11 +250,7 @@ mod tests {
         assert_eq!(conn.serve(&mut scratch, false), None);
         let mut buf = [0u8; 8];
         client.read_exact(&mut buf).unwrap();
-        assert_eq!(
-            buf,
-            [0, 0, 0, 7, 0, 0, 0, 8],
-            "7 echoed exactly once, then 8"
-        );
+        assert_eq!(buf, [0, 0, 0, 7, 0, 0, 0, 8], "7 echoed exactly once, then 8");
     }
 
     #[test]

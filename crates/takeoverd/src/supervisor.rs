@@ -522,10 +522,8 @@ impl Supervisor {
             match self.signals.read_signal() {
                 Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGHUP) => reload = true,
-                    Ok(Signal::SIGCHLD) => {
-                        if self.worker.as_mut().is_some_and(|w| w.exited().is_some()) {
-                            self.on_worker_gone("exited");
-                        }
+                    Ok(Signal::SIGCHLD) if self.worker.as_mut().is_some_and(|w| w.exited().is_some()) => {
+                        self.on_worker_gone("exited")
                     }
                     Ok(s @ (Signal::SIGTERM | Signal::SIGINT)) => return Some(self.stop(s)),
                     _ => {}

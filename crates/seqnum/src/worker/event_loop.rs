@@ -61,10 +61,7 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker")
-            .field("listeners", &self.listeners.len())
-            .field("conns", &self.conns.len())
-            .finish()
+        f.debug_struct("Worker").field("listeners", &self.listeners.len()).field("conns", &self.conns.len()).finish()
     }
 }
 
@@ -78,11 +75,7 @@ impl Worker {
         mask.thread_block()?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
         let poll = Poll::new()?;
-        poll.registry().register(
-            &mut SourceFd(&signals.as_fd().as_raw_fd()),
-            SIGNALS,
-            Interest::READABLE,
-        )?;
+        poll.registry().register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)?;
         Ok(Worker {
             poll,
             listeners: Vec::new(),
@@ -105,9 +98,7 @@ impl Worker {
         let mut sock = TcpListener::from_std(l);
         let token = Token(LISTENER_BASE + self.listeners.len());
         assert!(token.0 < TAKER_BASE, "too many listeners");
-        self.poll
-            .registry()
-            .register(&mut sock, token, Interest::READABLE)?;
+        self.poll.registry().register(&mut sock, token, Interest::READABLE)?;
         self.listeners.push(Listener { name, sock, addr });
         Ok(())
     }
@@ -127,11 +118,7 @@ impl Worker {
 
     /// Offers takeovers on `ep`.
     pub fn set_endpoint(&mut self, ep: Endpoint) -> io::Result<()> {
-        self.poll.registry().register(
-            &mut SourceFd(&ep.as_fd().as_raw_fd()),
-            ENDPOINT,
-            Interest::READABLE,
-        )?;
+        self.poll.registry().register(&mut SourceFd(&ep.as_fd().as_raw_fd()), ENDPOINT, Interest::READABLE)?;
         tracing::info!(path = %ep.path().display(), "offering takeover");
         self.endpoint = Some(ep);
         Ok(())
@@ -139,11 +126,7 @@ impl Worker {
 
     /// Talks to takeoverd on `chan` from now on.
     pub fn set_control(&mut self, chan: OwnedFd) -> io::Result<()> {
-        self.poll.registry().register(
-            &mut SourceFd(&chan.as_raw_fd()),
-            CONTROL,
-            Interest::READABLE,
-        )?;
+        self.poll.registry().register(&mut SourceFd(&chan.as_raw_fd()), CONTROL, Interest::READABLE)?;
         self.control = Some(chan);
         Ok(())
     }
@@ -160,10 +143,7 @@ impl Worker {
 
     /// Names and addresses of the listeners.
     pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
-        self.listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.addr))
-            .collect()
+        self.listeners.iter().map(|l| (l.name.clone(), l.addr)).collect()
     }
 
     /// Runs until the worker stops; returns the exit status.
@@ -214,12 +194,7 @@ impl Worker {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        let soonest = self
-            .takers
-            .iter()
-            .map(|(_, t)| t.deadline)
-            .chain(self.accept_retry)
-            .min()?;
+        let soonest = self.takers.iter().map(|(_, t)| t.deadline).chain(self.accept_retry).min()?;
         Some(soonest.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
     }
 
@@ -263,9 +238,7 @@ impl Worker {
         drop(conn);
         if let Some(chan) = &self.control {
             let deadline = Some(Instant::now() + self.ack_timeout);
-            if let Err(e) =
-                takeover::manifest::send(chan.as_fd(), &Message::Closed { name }, &[], deadline)
-            {
+            if let Err(e) = takeover::manifest::send(chan.as_fd(), &Message::Closed { name }, &[], deadline) {
                 tracing::warn!("could not tell takeoverd about a closed connection: {e}");
             }
         }
@@ -283,10 +256,7 @@ impl Worker {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e)
-                    if e.kind() == io::ErrorKind::Interrupted
-                        || e.kind() == io::ErrorKind::ConnectionAborted =>
-                {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::ConnectionAborted => {
                     continue
                 }
                 Err(e) => {
@@ -307,18 +277,9 @@ impl Worker {
         tracing::debug!(%peer, name = %conn_name(conn.cookie), "accepted");
         if let Some(chan) = &self.control {
             // takeoverd keeps a copy of every connection, so that it outlives us.
-            let entry = Entry {
-                name: conn_name(conn.cookie),
-                kind: Kind::TcpStream,
-                state: json!({"peer": peer}),
-            };
+            let entry = Entry { name: conn_name(conn.cookie), kind: Kind::TcpStream, state: json!({"peer": peer}) };
             let deadline = Some(Instant::now() + self.ack_timeout);
-            takeover::manifest::send(
-                chan.as_fd(),
-                &Message::Opened { entry },
-                &[conn.stream.as_fd()],
-                deadline,
-            )?;
+            takeover::manifest::send(chan.as_fd(), &Message::Opened { entry }, &[conn.stream.as_fd()], deadline)?;
         }
         self.add_conn(conn)?;
         Ok(())
@@ -327,9 +288,7 @@ impl Worker {
     fn on_signal(&mut self) -> Flow {
         match self.signals.read_signal() {
             Ok(Some(info)) => {
-                let sig = Signal::try_from(info.ssi_signo as i32)
-                    .map(|s| s.as_str())
-                    .unwrap_or("?");
+                let sig = Signal::try_from(info.ssi_signo as i32).map(|s| s.as_str()).unwrap_or("?");
                 if sig == "SIGHUP" {
                     tracing::info!("SIGHUP: nothing to reload in a worker (use -T to replace it)");
                     return Flow::Continue;
@@ -361,18 +320,13 @@ impl Worker {
                     }
                     let entry = self.takers.vacant_entry();
                     let token = Token(TAKER_BASE + entry.key());
-                    if let Err(e) = self.poll.registry().register(
-                        &mut SourceFd(&chan.as_raw_fd()),
-                        token,
-                        Interest::READABLE,
-                    ) {
+                    if let Err(e) =
+                        self.poll.registry().register(&mut SourceFd(&chan.as_raw_fd()), token, Interest::READABLE)
+                    {
                         tracing::warn!("registering a takeover connection: {e}");
                         continue;
                     }
-                    entry.insert(PendingTaker {
-                        chan,
-                        deadline: Instant::now() + self.ack_timeout,
-                    });
+                    entry.insert(PendingTaker { chan, deadline: Instant::now() + self.ack_timeout });
                 }
                 Ok(None) => return Flow::Continue,
                 Err(e @ takeover::Error::PeerNotAllowed { .. }) => {
@@ -388,22 +342,11 @@ impl Worker {
 
     fn expire_takers(&mut self) {
         let now = Instant::now();
-        let late: Vec<usize> = self
-            .takers
-            .iter()
-            .filter(|(_, t)| t.deadline <= now)
-            .map(|(k, _)| k)
-            .collect();
+        let late: Vec<usize> = self.takers.iter().filter(|(_, t)| t.deadline <= now).map(|(k, _)| k).collect();
         for k in late {
             let t = self.takers.remove(k);
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&t.chan.as_raw_fd()));
-            tracing::warn!(
-                "dropped a takeover connection that said nothing for {:?}",
-                self.ack_timeout
-            );
+            let _ = self.poll.registry().deregister(&mut SourceFd(&t.chan.as_raw_fd()));
+            tracing::warn!("dropped a takeover connection that said nothing for {:?}", self.ack_timeout);
         }
     }
 
@@ -411,15 +354,9 @@ impl Worker {
         let Some(t) = self.takers.try_remove(key) else {
             return Flow::Continue;
         };
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&t.chan.as_raw_fd()));
+        let _ = self.poll.registry().deregister(&mut SourceFd(&t.chan.as_raw_fd()));
         let chan = t.chan;
-        let pid = match takeover::read_hello(
-            chan.as_fd(),
-            Some(Instant::now() + Duration::from_millis(50)),
-        ) {
+        let pid = match takeover::read_hello(chan.as_fd(), Some(Instant::now() + Duration::from_millis(50))) {
             Ok(pid) => pid,
             Err(e) => {
                 tracing::warn!("takeover request rejected: {e}");
@@ -435,11 +372,7 @@ impl Worker {
         let started = Instant::now();
         match self.give(chan.as_fd()) {
             Ok(()) => {
-                tracing::info!(
-                    pid,
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "handoff acked; exiting"
-                );
+                tracing::info!(pid, elapsed_us = started.elapsed().as_micros() as u64, "handoff acked; exiting");
                 Flow::Exit(0)
             }
             Err(e) => {
@@ -451,12 +384,7 @@ impl Worker {
     }
 
     /// Every socket with its state, for a successor.
-    fn items(
-        &self,
-    ) -> (
-        Vec<String>,
-        Vec<(Kind, std::os::fd::BorrowedFd<'_>, serde_json::Value)>,
-    ) {
+    fn items(&self) -> (Vec<String>, Vec<(Kind, std::os::fd::BorrowedFd<'_>, serde_json::Value)>) {
         let mut names = Vec::with_capacity(self.listeners.len() + self.conns.len());
         let mut rest = Vec::with_capacity(names.capacity());
         for l in &self.listeners {
@@ -465,11 +393,7 @@ impl Worker {
         }
         for (_, c) in &self.conns {
             names.push(conn_name(c.cookie));
-            rest.push((
-                Kind::TcpStream,
-                c.stream.as_fd(),
-                serde_json::to_value(c.state()).expect("state serialises"),
-            ));
+            rest.push((Kind::TcpStream, c.stream.as_fd(), serde_json::to_value(c.state()).expect("state serialises")));
         }
         (names, rest)
     }
@@ -479,16 +403,8 @@ impl Worker {
     fn give(&self, chan: std::os::fd::BorrowedFd<'_>) -> takeover::Result<()> {
         let deadline = Some(Instant::now() + self.ack_timeout);
         let (names, rest) = self.items();
-        let items: Vec<Item<'_>> = names
-            .iter()
-            .zip(rest)
-            .map(|(n, (kind, fd, state))| Item {
-                name: n,
-                kind,
-                fd,
-                state,
-            })
-            .collect();
+        let items: Vec<Item<'_>> =
+            names.iter().zip(rest).map(|(n, (kind, fd, state))| Item { name: n, kind, fd, state }).collect();
         takeover::offer(chan, &items, &serde_json::Value::Null, false, deadline)?;
         takeover::await_ack(chan, deadline)
     }
@@ -502,7 +418,9 @@ impl Worker {
                 Ok(None) => return Flow::Continue,
                 Ok(Some(Some((msg, _fds)))) => msg,
                 Ok(Some(None)) => {
-                    tracing::error!("takeoverd went away; stopping without touching the sockets (its successor will serve them)");
+                    tracing::error!(
+                        "takeoverd went away; stopping without touching the sockets (its successor will serve them)"
+                    );
                     return Flow::Exit(1);
                 }
                 Err(e) => {
@@ -516,17 +434,10 @@ impl Worker {
                     let states: Vec<(String, serde_json::Value)> = self
                         .conns
                         .iter()
-                        .map(|(_, c)| {
-                            (
-                                conn_name(c.cookie),
-                                serde_json::to_value(c.state()).expect("state serialises"),
-                            )
-                        })
+                        .map(|(_, c)| (conn_name(c.cookie), serde_json::to_value(c.state()).expect("state serialises")))
                         .collect();
                     let deadline = Some(Instant::now() + self.ack_timeout);
-                    if let Err(e) =
-                        takeover::control::report_quiesced(chan.as_fd(), &states, deadline)
-                    {
+                    if let Err(e) = takeover::control::report_quiesced(chan.as_fd(), &states, deadline) {
                         tracing::error!("reporting state to takeoverd: {e}; resuming");
                         self.quiesced = false;
                         self.poke_all();

@@ -19,28 +19,18 @@ pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
         adopt(&mut worker, handoff)?;
         takeover::ack(chan.as_fd(), deadline(args)).context("acking takeoverd's handoff")?;
         worker.set_control(chan)?;
-        tracing::info!(
-            listeners = worker.listener_count(),
-            connections = worker.conn_count(),
-            "serving for takeoverd"
-        );
+        tracing::info!(listeners = worker.listener_count(), connections = worker.conn_count(), "serving for takeoverd");
         return Ok(worker);
     }
     if let Some(path) = &args.takeover {
-        let chan = takeover::connect(path)
-            .with_context(|| format!("taking over from {}", path.display()))?;
-        let handoff =
-            take(&chan, args).with_context(|| format!("taking over from {}", path.display()))?;
+        let chan = takeover::connect(path).with_context(|| format!("taking over from {}", path.display()))?;
+        let handoff = take(&chan, args).with_context(|| format!("taking over from {}", path.display()))?;
         adopt(&mut worker, handoff)?;
         takeover::ack(chan.as_fd(), deadline(args))
             .with_context(|| format!("completing the takeover from {}", path.display()))?;
         tracing::info!(from = %path.display(), listeners = worker.listener_count(), connections = worker.conn_count(), "took over");
         let offer = args.takeover_path.as_deref().unwrap_or(path);
-        let existing = if offer == path.as_path() {
-            Existing::Succeed
-        } else {
-            Existing::ReplaceStale
-        };
+        let existing = if offer == path.as_path() { Existing::Succeed } else { Existing::ReplaceStale };
         worker.set_endpoint(Endpoint::bind(offer, existing)?)?;
     } else {
         let inherited = inherited_listeners()?;
@@ -69,11 +59,7 @@ fn deadline(args: &Args) -> Option<Instant> {
 
 fn take(chan: &OwnedFd, args: &Args) -> anyhow::Result<Handoff> {
     takeover::hello(chan.as_fd(), deadline(args))?;
-    Ok(takeover::receive(
-        chan.as_fd(),
-        &takeover::Limits::default(),
-        deadline(args),
-    )?)
+    Ok(takeover::receive(chan.as_fd(), &takeover::Limits::default(), deadline(args))?)
 }
 
 /// Puts everything received into the event loop. Pending input stays in the
@@ -89,18 +75,11 @@ fn adopt(worker: &mut Worker, handoff: Handoff) -> anyhow::Result<()> {
                 let stream = std::net::TcpStream::from(t.fd);
                 stream.set_nonblocking(true)?;
                 let state: ConnState = serde_json::from_value(t.state).unwrap_or_default();
-                let conn = EchoConn::adopt(
-                    mio::net::TcpStream::from_std(stream),
-                    state,
-                    handoff.recovered,
-                )
-                .with_context(|| format!("adopting connection {}", t.name))?;
+                let conn = EchoConn::adopt(mio::net::TcpStream::from_std(stream), state, handoff.recovered)
+                    .with_context(|| format!("adopting connection {}", t.name))?;
                 worker.add_conn(conn)?;
             }
-            other => bail!(
-                "received a {other} ({}) that a seqnum worker cannot serve",
-                t.name
-            ),
+            other => bail!("received a {other} ({}) that a seqnum worker cannot serve", t.name),
         }
     }
     Ok(())
@@ -111,10 +90,7 @@ fn inherited_listeners() -> anyhow::Result<Vec<std::net::TcpListener>> {
     let mut fds = listenfd::ListenFd::from_env();
     let mut out = Vec::new();
     for i in 0..fds.len() {
-        match fds
-            .take_tcp_listener(i)
-            .with_context(|| format!("LISTEN_FDS fd {} is not a TCP listener", 3 + i))?
-        {
+        match fds.take_tcp_listener(i).with_context(|| format!("LISTEN_FDS fd {} is not a TCP listener", 3 + i))? {
             Some(l) => out.push(l),
             None => bail!("LISTEN_FDS fd {} was already taken", 3 + i),
         }
@@ -123,25 +99,11 @@ fn inherited_listeners() -> anyhow::Result<Vec<std::net::TcpListener>> {
 }
 
 fn bind(addr: SocketAddr, backlog: i32) -> anyhow::Result<std::net::TcpListener> {
-    use nix::sys::socket::{
-        self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
-    };
-    let family = if addr.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd = socket::socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    socket::bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(addr),
-    )?;
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
     socket::listen(&fd, Backlog::new(backlog)?)?;
     Ok(std::net::TcpListener::from(fd))
 }

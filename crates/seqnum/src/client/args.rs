@@ -1,0 +1,284 @@
+//! Command-line arguments of `seqnum-client`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Exit statuses, shown at the end of `--help`.
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  every connection connected, and every echo came back, in time and equal
+     to the seqnum sent
+  1  at least one error (discontinuity, reset, EOF, timeout, connect error),
+     or the run could not be set up (e.g. the --timeline file)
+  2  bad command-line arguments
+
+Without --duration or --count the client runs until it is killed (SIGINT or
+SIGTERM end it at once, without a summary); give one of them to get a
+summary and a meaningful exit status.
+
+Logging goes to stderr, filtered by RUST_LOG (default: info).";
+
+/// Load generator and judge for the seqnum echo protocol.
+///
+/// Opens one or more TCP connections to a seqnum server and, on each, sends
+/// a 4-byte big-endian counter from 0 upward, lock-step: the next seqnum
+/// only once the echo of the previous one came back. Every echo must equal
+/// the seqnum sent; anything else (a wrong value, a reset, an early EOF, a
+/// missing echo) is an error. All connections are driven by one thread.
+#[derive(Debug, Clone, PartialEq, Parser)]
+#[command(name = "seqnum-client", version, after_help = EXIT_STATUS_HELP)]
+pub struct Args {
+    /// Server address: an IPv4 or IPv6 literal (IPv6 may be bracketed, e.g.
+    /// `[::1]`).
+    #[arg(
+        short = 'a',
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1",
+        value_parser = parse_ip
+    )]
+    pub connect_address: IpAddr,
+
+    /// Server TCP port.
+    #[arg(
+        short = 'p',
+        long,
+        value_name = "PORT",
+        default_value_t = 1234,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub connect_port: u16,
+
+    /// Number of concurrent connections, all driven by a single event loop.
+    /// Thousands need a raised open-file limit (`ulimit -n`).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub connections: u32,
+
+    /// Spread connections over N source addresses: connection i binds
+    /// 127.0.0.(1 + i % N) before connecting, to get past the ~28 000
+    /// ephemeral ports of one source address. Only for an IPv4 loopback
+    /// server.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=254)
+    )]
+    pub source_addresses: u32,
+
+    /// Milliseconds between receiving an echo and sending the next message
+    /// on the same connection; 0 sends the next one as soon as the echo is
+    /// in.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub interval_ms: u64,
+
+    /// Run for this many seconds (fractions allowed), then stop sending,
+    /// wait for the echoes in flight and close every connection cleanly.
+    #[arg(long, value_name = "S", value_parser = parse_seconds, conflicts_with = "count")]
+    pub duration: Option<Duration>,
+
+    /// Send this many messages on each connection, then close it cleanly.
+    #[arg(
+        long,
+        value_name = "K",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub count: Option<u64>,
+
+    /// Milliseconds to wait for an echo after sending (and for a connect to
+    /// complete); past it the connection records a timeout (a connect error
+    /// while connecting) and is closed.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 2000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub timeout_ms: u64,
+
+    /// Print the final summary as one line of JSON on stdout (keys:
+    /// connections, sent, echoed, discontinuities, resets, eofs, timeouts,
+    /// connect_errors, errors, latency_us{p50,p99,p999,max,mean},
+    /// echoes_per_sec, duration_s) instead of a human-readable one.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Spread the initial connects evenly over this many milliseconds
+    /// (useful with thousands of connections); 0 connects all at once.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub ramp_ms: u64,
+
+    /// Write a CSV timeline to FILE: header `t_ms,echoes,p50_us,p99_us,
+    /// max_us,errors`, then one row per 100 ms of the run, with the echoes
+    /// received in that slice, their latency percentiles (0 if none), and
+    /// the errors that happened in it. Rows are flushed as they close.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+}
+
+impl Args {
+    /// The server's socket address.
+    pub fn target(&self) -> SocketAddr {
+        SocketAddr::new(self.connect_address, self.connect_port)
+    }
+
+    /// Time between an echo and the next send on a connection.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    /// How long an echo (or a connect) may take.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Time over which the initial connects are spread.
+    pub fn ramp(&self) -> Duration {
+        Duration::from_millis(self.ramp_ms)
+    }
+}
+
+/// An IP literal, IPv6 optionally in brackets.
+fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    let inner = s.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')).unwrap_or(s);
+    inner.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IPv4 or IPv6 address literal"))
+}
+
+/// A positive, finite number of seconds, fractions allowed.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("`{s}`: the duration must be a positive number of seconds"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("seqnum-client").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.target(), "127.0.0.1:1234".parse().unwrap());
+        assert_eq!(a.connections, 1);
+        assert_eq!(a.source_addresses, 1);
+        assert_eq!(a.interval(), Duration::from_millis(100));
+        assert_eq!(a.timeout(), Duration::from_millis(2000));
+        assert_eq!(a.ramp(), Duration::ZERO);
+        assert_eq!(a.duration, None);
+        assert_eq!(a.count, None);
+        assert!(!a.json);
+        assert_eq!(a.timeline, None);
+    }
+
+    #[test]
+    fn short_options_and_ipv6() {
+        let a = parse(&["-a", "::1", "-p", "4321"]).unwrap();
+        assert_eq!(a.target(), "[::1]:4321".parse().unwrap());
+        let a = parse(&["--connect-address", "[fe80::1]"]).unwrap();
+        assert_eq!(a.connect_address, "fe80::1".parse::<IpAddr>().unwrap());
+        let a = parse(&["-a", "10.1.2.3"]).unwrap();
+        assert_eq!(a.connect_address, "10.1.2.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn bad_address_and_port() {
+        for bad in [&["-a", "localhost"][..], &["-a", "1.2.3.4.5"], &["-p", "0"], &["-p", "65536"], &["-p", "x"]] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{bad:?}");
+            assert_eq!(e.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn duration_and_count_conflict() {
+        let e = parse(&["--duration", "1", "--count", "5"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn duration_accepts_fractions_only_positive() {
+        let a = parse(&["--duration", "0.25"]).unwrap();
+        assert_eq!(a.duration, Some(Duration::from_millis(250)));
+        let a = parse(&["--duration", "3"]).unwrap();
+        assert_eq!(a.duration, Some(Duration::from_secs(3)));
+        for bad in ["0", "-1", "nan", "inf", "abc", "1e300"] {
+            assert!(parse(&["--duration", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn zero_connections_count_timeout_are_errors() {
+        for bad in [
+            &["--connections", "0"][..],
+            &["--count", "0"],
+            &["--timeout-ms", "0"],
+            &["--source-addresses", "0"],
+            &["--source-addresses", "255"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn zero_interval_and_ramp_are_fine() {
+        let a = parse(&[
+            "--interval-ms",
+            "0",
+            "--ramp-ms",
+            "0",
+            "--connections",
+            "10000",
+            "--count",
+            "3",
+            "--json",
+            "--timeline",
+            "/tmp/t.csv",
+        ])
+        .unwrap();
+        assert_eq!(a.interval(), Duration::ZERO);
+        assert_eq!(a.connections, 10_000);
+        assert_eq!(a.count, Some(3));
+        assert!(a.json);
+        assert_eq!(a.timeline, Some(PathBuf::from("/tmp/t.csv")));
+    }
+
+    #[test]
+    fn unknown_option_is_an_error() {
+        let e = parse(&["--bogus"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnknownArgument);
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn help_mentions_exit_status() {
+        let e = parse(&["--help"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DisplayHelp);
+        assert_eq!(e.exit_code(), 0);
+        let text = e.to_string();
+        assert!(text.contains("Exit status"), "{text}");
+        assert!(text.contains("--connect-address"), "{text}");
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

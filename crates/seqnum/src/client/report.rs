@@ -1,0 +1,265 @@
+//! Counters and the final summary of a `seqnum-client` run.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::histogram::Histogram;
+
+/// What can go wrong on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// An echo differs from the seqnum sent, or bytes came with nothing in
+    /// flight.
+    Discontinuity,
+    /// A read or write failed (`ECONNRESET`, `EPIPE`, ...).
+    Reset,
+    /// A read returned 0: the server closed the connection.
+    Eof,
+    /// No echo within `--timeout-ms`.
+    Timeout,
+    /// The connect failed or did not complete within `--timeout-ms`.
+    Connect,
+}
+
+impl ErrorKind {
+    /// Name used in log lines, as in the JSON keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Discontinuity => "discontinuity",
+            ErrorKind::Reset => "reset",
+            ErrorKind::Eof => "eof",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connect => "connect_error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Running totals of a run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages whose sending began.
+    pub sent: u64,
+    /// Correct echoes received.
+    pub echoed: u64,
+    /// See [`ErrorKind::Discontinuity`].
+    pub discontinuities: u64,
+    /// See [`ErrorKind::Reset`].
+    pub resets: u64,
+    /// See [`ErrorKind::Eof`].
+    pub eofs: u64,
+    /// See [`ErrorKind::Timeout`].
+    pub timeouts: u64,
+    /// See [`ErrorKind::Connect`].
+    pub connect_errors: u64,
+}
+
+impl Counters {
+    /// Counts one error of `kind`.
+    pub fn add_error(&mut self, kind: ErrorKind) {
+        *match kind {
+            ErrorKind::Discontinuity => &mut self.discontinuities,
+            ErrorKind::Reset => &mut self.resets,
+            ErrorKind::Eof => &mut self.eofs,
+            ErrorKind::Timeout => &mut self.timeouts,
+            ErrorKind::Connect => &mut self.connect_errors,
+        } += 1;
+    }
+
+    /// Sum of all errors.
+    pub fn errors(&self) -> u64 {
+        self.discontinuities + self.resets + self.eofs + self.timeouts + self.connect_errors
+    }
+}
+
+/// Latency of the echoes, in microseconds, from the send of a message to
+/// the full receipt of its echo.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Maximum (exact).
+    pub max: u64,
+    /// Mean (exact).
+    pub mean: f64,
+}
+
+impl LatencySummary {
+    /// Summarizes a histogram of microseconds.
+    pub fn from_histogram(h: &Histogram) -> Self {
+        LatencySummary {
+            p50: h.percentile(0.50),
+            p99: h.percentile(0.99),
+            p999: h.percentile(0.999),
+            max: h.max(),
+            mean: (h.mean() * 10.0).round() / 10.0,
+        }
+    }
+}
+
+/// The outcome of a run; serializes to the `--json` line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Connections requested.
+    pub connections: u64,
+    /// Messages whose sending began.
+    pub sent: u64,
+    /// Correct echoes received.
+    pub echoed: u64,
+    /// Echoes that differed from the seqnum sent.
+    pub discontinuities: u64,
+    /// Connections that failed with a read or write error.
+    pub resets: u64,
+    /// Connections the server closed early.
+    pub eofs: u64,
+    /// Echoes that did not come back in time.
+    pub timeouts: u64,
+    /// Connects that failed or timed out.
+    pub connect_errors: u64,
+    /// Sum of the five error counts.
+    pub errors: u64,
+    /// Latency of the echoes.
+    pub latency_us: LatencySummary,
+    /// Correct echoes per second of the run.
+    pub echoes_per_sec: f64,
+    /// Length of the run, in seconds.
+    pub duration_s: f64,
+}
+
+impl Summary {
+    /// Builds the summary of a run that lasted `elapsed`.
+    pub fn new(connections: u64, c: &Counters, latency: &Histogram, elapsed: Duration) -> Self {
+        let secs = elapsed.as_secs_f64();
+        Summary {
+            connections,
+            sent: c.sent,
+            echoed: c.echoed,
+            discontinuities: c.discontinuities,
+            resets: c.resets,
+            eofs: c.eofs,
+            timeouts: c.timeouts,
+            connect_errors: c.connect_errors,
+            errors: c.errors(),
+            latency_us: LatencySummary::from_histogram(latency),
+            echoes_per_sec: if secs > 0.0 { (c.echoed as f64 / secs * 10.0).round() / 10.0 } else { 0.0 },
+            duration_s: (secs * 1000.0).round() / 1000.0,
+        }
+    }
+
+    /// True when nothing went wrong: exit status 0.
+    pub fn is_success(&self) -> bool {
+        self.errors == 0
+    }
+
+    /// The summary as one line of JSON (no trailing newline).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a summary always serializes")
+    }
+}
+
+/// Human-readable latency: `850µs`, `1.23ms`, `2.50s`.
+pub fn fmt_us(us: u64) -> String {
+    if us < 1000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{:.2}ms", us as f64 / 1e3)
+    } else {
+        format!("{:.2}s", us as f64 / 1e6)
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = &self.latency_us;
+        writeln!(
+            f,
+            "connections {}, {:.3} s: sent {}, echoed {} ({:.1} echoes/s)",
+            self.connections, self.duration_s, self.sent, self.echoed, self.echoes_per_sec
+        )?;
+        writeln!(
+            f,
+            "latency: p50 {}, p99 {}, p99.9 {}, max {}, mean {}",
+            fmt_us(l.p50),
+            fmt_us(l.p99),
+            fmt_us(l.p999),
+            fmt_us(l.max),
+            fmt_us(l.mean.round() as u64)
+        )?;
+        write!(
+            f,
+            "errors: {} (discontinuities {}, resets {}, eofs {}, timeouts {}, connect errors {}): {}",
+            self.errors,
+            self.discontinuities,
+            self.resets,
+            self.eofs,
+            self.timeouts,
+            self.connect_errors,
+            if self.is_success() { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_keys() {
+        let mut c = Counters { sent: 10, echoed: 9, ..Counters::default() };
+        c.add_error(ErrorKind::Timeout);
+        let mut h = Histogram::new();
+        h.record(100);
+        h.record(300);
+        let s = Summary::new(2, &c, &h, Duration::from_secs(2));
+        assert_eq!(s.errors, 1);
+        assert!(!s.is_success());
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        for k in [
+            "connections",
+            "sent",
+            "echoed",
+            "discontinuities",
+            "resets",
+            "eofs",
+            "timeouts",
+            "connect_errors",
+            "errors",
+            "latency_us",
+            "echoes_per_sec",
+            "duration_s",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        assert_eq!(keys.len(), 12);
+        let lat = v["latency_us"].as_object().unwrap();
+        for k in ["p50", "p99", "p999", "max", "mean"] {
+            assert!(lat.contains_key(k), "{k}");
+        }
+        assert_eq!(v["latency_us"]["max"], 300);
+        assert_eq!(v["latency_us"]["mean"], 200.0);
+        assert_eq!(v["echoes_per_sec"], 4.5);
+        assert_eq!(v["timeouts"], 1);
+        let back: Summary = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(back, s);
+        assert!(s.to_string().contains("FAIL"));
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(fmt_us(999), "999µs");
+        assert_eq!(fmt_us(1500), "1.50ms");
+        assert_eq!(fmt_us(2_500_000), "2.50s");
+    }
+}

@@ -1,0 +1,314 @@
+//! End-to-end tests of the `seqnum-client` binary against tiny in-test
+//! echo servers.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How a test server treats each connection.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Echoes every message.
+    Echo,
+    /// Echoes a wrong value for message number 5 (seqnum 4).
+    WrongOnFifth,
+    /// Echoes three messages, then closes.
+    CloseAfterThree,
+    /// Reads but never echoes.
+    Silent,
+    /// Echoes every message one byte at a time (partial reads).
+    Dribble,
+}
+
+/// A test server; `clean_eofs` counts connections that ended with an EOF
+/// (not a reset) right after a whole message.
+struct Server {
+    port: u16,
+    clean_eofs: Arc<AtomicUsize>,
+}
+
+fn serve(behaviour: Behaviour) -> Server {
+    serve_on(TcpListener::bind("127.0.0.1:0").unwrap(), behaviour)
+}
+
+fn serve_on(listener: TcpListener, behaviour: Behaviour) -> Server {
+    let port = listener.local_addr().unwrap().port();
+    let clean_eofs = Arc::new(AtomicUsize::new(0));
+    let eofs = clean_eofs.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let eofs = eofs.clone();
+            thread::spawn(move || handle(stream, behaviour, &eofs));
+        }
+    });
+    Server { port, clean_eofs }
+}
+
+fn handle(mut s: TcpStream, behaviour: Behaviour, clean_eofs: &AtomicUsize) {
+    let mut n = 0u32;
+    loop {
+        let mut buf = [0u8; 4];
+        let mut fill = 0;
+        while fill < 4 {
+            match s.read(&mut buf[fill..]) {
+                Ok(0) if fill == 0 => {
+                    clean_eofs.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                Ok(0) => return,
+                Ok(k) => fill += k,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+        n += 1;
+        match behaviour {
+            Behaviour::Echo => {}
+            Behaviour::WrongOnFifth if n == 5 => buf[3] ^= 0x55,
+            Behaviour::WrongOnFifth => {}
+            Behaviour::CloseAfterThree if n > 3 => return,
+            Behaviour::CloseAfterThree => {}
+            Behaviour::Silent => continue,
+            Behaviour::Dribble => {
+                let _ = s.set_nodelay(true);
+                for b in buf {
+                    if s.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
+        }
+        if s.write_all(&buf).is_err() {
+            return;
+        }
+        if matches!(behaviour, Behaviour::CloseAfterThree) && n == 3 {
+            return;
+        }
+    }
+}
+
+fn client(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_seqnum-client"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running seqnum-client")
+}
+
+/// Runs the client against `port` with `--json` and parses the summary.
+fn run_json(port: u16, args: &[&str]) -> (i32, Value, String) {
+    let port = port.to_string();
+    let mut all = vec!["-a", "127.0.0.1", "-p", &port, "--json"];
+    all.extend_from_slice(args);
+    let out = client(&all);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line = stdout.lines().last().unwrap_or_else(|| panic!("no output; stderr: {stderr}"));
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout:?}; stderr: {stderr}"));
+    (out.status.code().expect("exit status"), v, stderr)
+}
+
+fn wait_for(what: &AtomicUsize, n: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while what.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    what.load(Ordering::SeqCst)
+}
+
+#[test]
+fn correct_server_passes_and_closes_cleanly() {
+    let server = serve(Behaviour::Echo);
+    let (code, v, stderr) = run_json(server.port, &["--connections", "50", "--count", "20", "--interval-ms", "0"]);
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["connections"], 50);
+    assert_eq!(v["sent"], 50 * 20);
+    assert_eq!(v["echoed"], 50 * 20);
+    let lat = &v["latency_us"];
+    assert!(lat["max"].as_u64().unwrap() >= lat["p50"].as_u64().unwrap(), "{v}");
+    assert!(v["echoes_per_sec"].as_f64().unwrap() > 0.0);
+    // Every connection ended with shutdown(write): the server saw EOF.
+    assert_eq!(wait_for(&server.clean_eofs, 50), 50);
+}
+
+#[test]
+fn partial_echoes_are_reassembled() {
+    let server = serve(Behaviour::Dribble);
+    let (code, v, stderr) = run_json(server.port, &["--connections", "4", "--count", "10", "--interval-ms", "0"]);
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    assert_eq!(v["echoed"], 40);
+    // Four bytes 1 ms apart: at least 3 ms each.
+    assert!(v["latency_us"]["p50"].as_u64().unwrap() >= 3000, "{v}");
+}
+
+#[test]
+fn ipv6_loopback() {
+    let Ok(listener) = TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here: skipped");
+        return;
+    };
+    let server = serve_on(listener, Behaviour::Echo);
+    let port = server.port.to_string();
+    for addr in ["::1", "[::1]"] {
+        let out = client(&["-a", addr, "-p", &port, "--count", "3", "--interval-ms", "0", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn interval_and_ramp() {
+    let server = serve(Behaviour::Echo);
+    let start = Instant::now();
+    let (code, v, stderr) =
+        run_json(server.port, &["--connections", "10", "--count", "3", "--interval-ms", "50", "--ramp-ms", "100"]);
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    assert_eq!(v["echoed"], 30);
+    // Two intervals of 50 ms between three messages.
+    assert!(start.elapsed() >= Duration::from_millis(100));
+}
+
+#[test]
+fn duration_run_drains_and_passes() {
+    let server = serve(Behaviour::Echo);
+    let (code, v, stderr) = run_json(server.port, &["--connections", "20", "--duration", "0.5", "--interval-ms", "5"]);
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    assert_eq!(v["errors"], 0);
+    assert!(v["echoed"].as_u64().unwrap() >= 20, "{v}");
+    assert_eq!(v["sent"], v["echoed"]);
+    let d = v["duration_s"].as_f64().unwrap();
+    assert!((0.5..2.0).contains(&d), "{d}");
+    assert_eq!(wait_for(&server.clean_eofs, 20), 20);
+}
+
+#[test]
+fn wrong_value_is_a_discontinuity() {
+    let server = serve(Behaviour::WrongOnFifth);
+    let (code, v, stderr) = run_json(server.port, &["--connections", "3", "--count", "10", "--interval-ms", "0"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(v["discontinuities"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["errors"], v["discontinuities"]);
+    assert_eq!(v["echoed"], 3 * 4);
+    // The log names the connection, the peer and the seqnum.
+    assert!(stderr.contains("discontinuity"), "{stderr}");
+    assert!(stderr.contains("seq=4"), "{stderr}");
+    assert!(stderr.contains(&format!("peer=127.0.0.1:{}", server.port)), "{stderr}");
+}
+
+#[test]
+fn closing_server_is_an_eof() {
+    let server = serve(Behaviour::CloseAfterThree);
+    let (code, v, _) = run_json(server.port, &["--connections", "3", "--count", "10", "--interval-ms", "20"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(v["eofs"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["echoed"], 9);
+}
+
+#[test]
+fn silent_server_times_out() {
+    let server = serve(Behaviour::Silent);
+    let start = Instant::now();
+    let (code, v, _) = run_json(server.port, &["--connections", "2", "--count", "5", "--timeout-ms", "200"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["timeouts"], 2, "{v}");
+    assert_eq!(v["echoed"], 0);
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn refused_connect_is_a_connect_error() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (code, v, _) = run_json(port, &["--connections", "4", "--count", "1"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["connect_errors"], 4, "{v}");
+    assert_eq!(v["errors"], 4);
+}
+
+#[test]
+fn many_errors_are_logged_at_most_twenty_times() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (code, v, stderr) = run_json(port, &["--connections", "100", "--count", "1"]);
+    assert_eq!(code, 1);
+    assert_eq!(v["connect_errors"], 100);
+    let logged = stderr.lines().filter(|l| l.contains("connect_error")).count();
+    assert_eq!(logged, 20, "{stderr}");
+    assert!(stderr.contains("80 errors were not logged"), "{stderr}");
+}
+
+#[test]
+fn timeline_csv() {
+    let server = serve(Behaviour::Echo);
+    let path = std::env::temp_dir().join(format!("seqnum-client-timeline-{}.csv", std::process::id()));
+    let path_s = path.to_str().unwrap();
+    let (code, v, stderr) = run_json(
+        server.port,
+        &["--connections", "5", "--duration", "0.35", "--interval-ms", "10", "--timeline", path_s],
+    );
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    let csv = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("t_ms,echoes,p50_us,p99_us,max_us,errors"));
+    let rows: Vec<Vec<u64>> = lines.map(|l| l.split(',').map(|f| f.parse().unwrap()).collect()).collect();
+    assert!(rows.len() >= 4, "{csv}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.len(), 6);
+        assert_eq!(r[0], 100 * i as u64);
+        assert!(r[2] <= r[3] && r[3] <= r[4], "{csv}");
+    }
+    let echoes: u64 = rows.iter().map(|r| r[1]).sum();
+    assert_eq!(echoes, v["echoed"].as_u64().unwrap());
+}
+
+#[test]
+fn human_summary_without_json() {
+    let server = serve(Behaviour::Echo);
+    let port = server.port.to_string();
+    let out = client(&["-p", &port, "--count", "2", "--interval-ms", "0"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("echoed 2"), "{stdout}");
+    assert!(stdout.contains("PASS"), "{stdout}");
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    for (args, names) in [
+        (&["--connections", "0"][..], "--connections"),
+        (&["--count", "3", "--duration", "1"], "--duration"),
+        (&["--connect-address", "not-an-ip"], "--connect-address"),
+        (&["--interval-ms", "soon"], "--interval-ms"),
+        (&["--frobnicate"], "--frobnicate"),
+    ] {
+        let out = client(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn help_exits_0() {
+    let out = client(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for opt in ["--connect-address", "--connect-port", "--connections", "--timeline", "Exit status"] {
+        assert!(stdout.contains(opt), "{opt}");
+    }
+}
