@@ -64,7 +64,7 @@ pub fn collect_quiesced(
                     states.len()
                 )))
             }
-            m @ (Message::Opened { .. } | Message::Closed { .. }) => other(m, fds),
+            m @ (Message::Opened { .. } | Message::Closed { .. } | Message::Pong) => other(m, fds),
             m => return Err(Error::protocol(format!("unexpected {} while quiescing", m.name()))),
         }
     }

@@ -132,6 +132,10 @@ pub enum Message {
     Resume,
     /// Supervisor → worker: the handoff succeeded; close everything and exit 0.
     Exit,
+    /// Supervisor → worker: are you alive? (answered with `pong`)
+    Ping,
+    /// Worker → supervisor: the answer to `ping`.
+    Pong,
 }
 
 impl Message {
@@ -166,6 +170,8 @@ impl Message {
             Message::Quiesced { .. } => "quiesced",
             Message::Resume => "resume",
             Message::Exit => "exit",
+            Message::Ping => "ping",
+            Message::Pong => "pong",
         }
     }
 }
@@ -281,6 +287,8 @@ mod tests {
             Message::Quiesced { count: 1 },
             Message::Resume,
             Message::Exit,
+            Message::Ping,
+            Message::Pong,
         ];
         for m in msgs {
             assert_eq!(Message::decode(&m.encode()).unwrap(), m);

@@ -2,6 +2,7 @@
 //! `takeoverd`: see `takeoverd --help` and the README.
 
 mod ctl;
+mod fault;
 mod fdstore;
 mod state;
 mod status;

@@ -26,6 +26,7 @@ use slab::Slab;
 use takeover::{Endpoint, Existing, Item, Kind, Message};
 
 use crate::ctl::Request;
+use crate::fault::{self, Step};
 use crate::fdstore::{self, notify, FdStore};
 use crate::state::{Saved, StateFile, STATE_NAME};
 use crate::status::{unix_now, ListenerInfo, ReloadRecord, Status};
@@ -38,9 +39,14 @@ const CTL_CONN_BASE: usize = 1 << 16;
 
 /// Reloads kept for `ctl status`.
 const HISTORY: usize = 20;
-/// Crash-restart backoff bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Crash-restart backoff: the first restart is immediate, a crash loop
+/// backs off from 100 ms to 5 s; a worker that ran 10 s resets it.
+const BACKOFF_STEP: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
+/// How often the serving worker is pinged; one that does not answer within
+/// the ack timeout is hung (or stopped) and is replaced.
+const PING_EVERY: Duration = Duration::from_secs(1);
 
 /// What takeoverd was told on its command line.
 #[derive(Debug, Clone)]
@@ -93,6 +99,8 @@ pub struct Supervisor {
     watchdog: Option<(Duration, Instant)>,
     status_dirty: bool,
     status_at: Instant,
+    /// When the last ping went out, and whether its pong is still due.
+    ping: (Instant, bool),
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -179,10 +187,11 @@ impl Supervisor {
             reloads: VecDeque::new(),
             restarts: 0,
             restart_at: None,
-            backoff: BACKOFF_MIN,
+            backoff: Duration::ZERO,
             watchdog,
             status_dirty: true,
             status_at: Instant::now(),
+            ping: (Instant::now(), false),
         })
     }
 
@@ -230,6 +239,11 @@ impl Supervisor {
 
     fn next_timeout(&self) -> Option<Duration> {
         let mut soonest: Option<Instant> = self.restart_at;
+        if self.worker.is_some() {
+            let (sent, due) = self.ping;
+            let at = if due { sent + self.cfg.ack_timeout } else { sent + PING_EVERY };
+            soonest = Some(soonest.map_or(at, |s| s.min(at)));
+        }
         if let Some((every, last)) = self.watchdog {
             soonest = Some(soonest.map_or(last + every, |s| s.min(last + every)));
         }
@@ -258,6 +272,27 @@ impl Supervisor {
         }
         if self.status_dirty && now >= self.status_at + Duration::from_secs(1) {
             self.publish_status();
+        }
+        self.check_ping(now);
+    }
+
+    /// Pings the worker; replaces one that stays silent past the ack timeout.
+    fn check_ping(&mut self, now: Instant) {
+        let Some(w) = &mut self.worker else { return };
+        let (sent, due) = self.ping;
+        if due && now >= sent + self.cfg.ack_timeout {
+            tracing::error!(
+                pid = w.pid(),
+                "worker did not answer a ping within {:?}; killing it",
+                self.cfg.ack_timeout
+            );
+            w.kill();
+            self.on_worker_gone("hung");
+        } else if !due && now >= sent + PING_EVERY {
+            let deadline = Some(now + self.cfg.ack_timeout);
+            if takeover::manifest::send(w.chan(), &Message::Ping, &[], deadline).is_ok() {
+                self.ping = (now, true);
+            }
         }
     }
 
@@ -302,8 +337,9 @@ impl Supervisor {
         }
     }
 
-    /// Offers every socket to `w` and waits for its ack.
-    fn hand(&self, w: &WorkerProc, recovered: bool) -> takeover::Result<()> {
+    /// Offers every socket to `w` and waits for its ack. `reloading` and
+    /// `old` (the quiesced predecessor's pid) are for fault injection.
+    fn hand(&self, w: &WorkerProc, recovered: bool, reloading: bool, old: Option<u32>) -> takeover::Result<()> {
         let deadline = Some(Instant::now() + self.cfg.ack_timeout);
         let mut items = Vec::with_capacity(self.listeners.len() + self.conns.len());
         for l in &self.listeners {
@@ -312,13 +348,11 @@ impl Supervisor {
         for (name, c) in &self.conns {
             items.push(Item { name, kind: Kind::TcpStream, fd: c.fd.as_fd(), state: c.state.clone() });
         }
-        takeover::offer(
-            w.chan(),
-            &items,
-            &serde_json::json!({ "generation": self.generation + 1 }),
-            recovered,
-            deadline,
-        )?;
+        let app = serde_json::json!({ "generation": self.generation + 1 });
+        takeover::offer(w.chan(), &items, &app, recovered, deadline)?;
+        if reloading {
+            fault::at(Step::SocketsSent, Some(w.pid()), old);
+        }
         takeover::await_ack(w.chan(), deadline)
     }
 
@@ -327,7 +361,7 @@ impl Supervisor {
     fn start_worker(&mut self, recovered: bool) -> Result<(), String> {
         let t0 = Instant::now();
         let mut w = self.spawn_ready()?;
-        if let Err(e) = self.hand(&w, recovered) {
+        if let Err(e) = self.hand(&w, recovered, false, None) {
             w.kill();
             return Err(format!("worker {} refused the sockets: {e}", w.pid()));
         }
@@ -351,6 +385,7 @@ impl Supervisor {
         }
         self.worker = Some(w);
         self.status_dirty = true;
+        self.ping = (Instant::now(), false);
     }
 
     fn drop_worker(&mut self) -> Option<WorkerProc> {
@@ -363,7 +398,7 @@ impl Supervisor {
     fn schedule_restart(&mut self) {
         self.restart_at = Some(Instant::now() + self.backoff);
         tracing::warn!(in_ms = self.backoff.as_millis() as u64, "restarting the worker");
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.backoff = (self.backoff * 2).clamp(BACKOFF_STEP, BACKOFF_MAX);
     }
 
     fn on_worker(&mut self) {
@@ -371,6 +406,7 @@ impl Supervisor {
             let Some(w) = &self.worker else { return };
             match takeover::manifest::try_recv(w.chan()) {
                 Ok(None) => return,
+                Ok(Some(Some((Message::Pong, _)))) => self.ping.1 = false,
                 Ok(Some(Some((msg, fds)))) => on_worker_msg(&mut self.conns, &mut self.store, msg, fds),
                 Ok(Some(None)) => return self.on_worker_gone("closed its control channel"),
                 Err(e) => {
@@ -386,10 +422,10 @@ impl Supervisor {
         let Some(w) = self.drop_worker() else { return };
         let pid = w.pid();
         let ran = w.uptime();
-        let _ = w.finish(Duration::from_millis(500));
-        tracing::error!(pid, "worker {why}; its connections are held here and go to a new worker");
-        if ran > Duration::from_secs(10) {
-            self.backoff = BACKOFF_MIN;
+        let status = w.finish(Duration::from_millis(500));
+        tracing::error!(pid, %status, "worker {why}; its connections are held here and go to a new worker");
+        if ran > BACKOFF_RESET_AFTER {
+            self.backoff = Duration::ZERO;
         }
         self.schedule_restart();
     }
@@ -438,6 +474,8 @@ impl Supervisor {
         // The new worker is up; only now does the old one stop serving.
         let deadline = Some(Instant::now() + self.cfg.ack_timeout);
         let mut old = self.drop_worker();
+        let old_pid = old.as_ref().map(|w| w.pid());
+        fault::at(Step::NewStarted, Some(new.pid()), old_pid);
         let mut recovered = old.is_none();
         if let Some(w) = &old {
             let quiesced = takeover::manifest::send(w.chan(), &Message::Quiesce, &[], deadline).and_then(|()| {
@@ -451,6 +489,7 @@ impl Supervisor {
                             c.state = s.state;
                         }
                     }
+                    fault::at(Step::OldQuiesced, Some(new.pid()), old_pid);
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -464,17 +503,22 @@ impl Supervisor {
                 }
             }
         }
-        match self.hand(&new, recovered) {
+        match self.hand(&new, recovered, true, old_pid) {
             Ok(()) => {
                 let handoff = t0.elapsed();
+                fault::at(Step::NewAcked, Some(new.pid()), old_pid);
                 self.generation += 1;
                 let new_pid = new.pid();
                 self.adopt_worker(new);
                 let mut old_exit = handoff;
                 if let Some(w) = old {
                     let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], deadline);
-                    w.finish(self.cfg.ack_timeout);
+                    fault::at(Step::OldExiting, Some(new_pid), old_pid);
+                    let status = w.finish(self.cfg.ack_timeout);
                     old_exit = t0.elapsed();
+                    if !status.success() {
+                        tracing::warn!(%status, "the old worker did not exit cleanly after the handoff");
+                    }
                 }
                 self.save_state();
                 tracing::info!(
@@ -659,6 +703,7 @@ fn on_worker_msg(conns: &mut HashMap<String, HeldConn>, store: &mut FdStore, msg
                 store.remove(&name);
             }
         }
+        Message::Pong => {}
         other => tracing::warn!("unexpected {} from the worker; ignored", other.name()),
     }
 }

@@ -61,19 +61,19 @@ impl WorkerProc {
         self.child.try_wait().ok().flatten()
     }
 
-    /// Waits up to `grace` for it to exit, then kills it. Returns how long
-    /// it took to go.
-    pub fn finish(mut self, grace: Duration) -> Duration {
+    /// Waits up to `grace` for it to exit, then kills it. Returns how it
+    /// ended.
+    pub fn finish(mut self, grace: Duration) -> std::process::ExitStatus {
         let t0 = Instant::now();
         while t0.elapsed() < grace {
-            if self.exited().is_some() {
-                return t0.elapsed();
+            if let Some(status) = self.exited() {
+                return status;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_micros(200));
         }
         tracing::warn!(pid = self.pid(), "worker did not exit within {grace:?}; killing it");
-        self.kill();
-        t0.elapsed()
+        let _ = self.child.kill();
+        self.child.wait().unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(9))
     }
 
     /// SIGKILL and reap.

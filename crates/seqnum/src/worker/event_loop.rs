@@ -450,6 +450,12 @@ impl Worker {
                     self.quiesced = false;
                     self.poke_all();
                 }
+                Message::Ping => {
+                    let deadline = Some(Instant::now() + self.ack_timeout);
+                    if let Err(e) = takeover::manifest::send(chan.as_fd(), &Message::Pong, &[], deadline) {
+                        tracing::warn!("answering takeoverd's ping: {e}");
+                    }
+                }
                 Message::Exit => {
                     tracing::info!(connections = self.conns.len(), "handed over; exiting");
                     return Flow::Exit(0);

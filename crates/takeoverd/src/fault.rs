@@ -1,0 +1,68 @@
+//! Deterministic fault injection for the reliability tests.
+//!
+//! `TAKEOVERD_FAULT=STEP:ACTION:MARKER` makes takeoverd, on reaching STEP of
+//! a reload, do ACTION, once: it first creates the file MARKER and skips the
+//! fault if MARKER exists already, so the fault fires once even across
+//! restarts of takeoverd. Unset (always, in production), it costs one branch.
+//!
+//! Steps, in the order a reload passes them: `new-started` (the new worker
+//! said hello), `old-quiesced`, `sockets-sent`, `new-acked`, `old-exiting`.
+//! Actions: `kill-new`, `kill-old` (SIGKILL), `stop-new` (SIGSTOP, so the
+//! step's deadline runs out), `kill-self` (SIGKILL takeoverd).
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Points in a reload where a fault can be injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    NewStarted,
+    OldQuiesced,
+    SocketsSent,
+    NewAcked,
+    OldExiting,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::NewStarted => "new-started",
+            Step::OldQuiesced => "old-quiesced",
+            Step::SocketsSent => "sockets-sent",
+            Step::NewAcked => "new-acked",
+            Step::OldExiting => "old-exiting",
+        }
+    }
+}
+
+/// Injects the configured fault if `step` is its step. `new`/`old` are the
+/// workers' pids.
+pub fn at(step: Step, new: Option<u32>, old: Option<u32>) {
+    let Ok(spec) = std::env::var("TAKEOVERD_FAULT") else { return };
+    let mut parts = spec.splitn(3, ':');
+    let (Some(s), Some(action), Some(marker)) = (parts.next(), parts.next(), parts.next()) else {
+        tracing::warn!(%spec, "TAKEOVERD_FAULT must be STEP:ACTION:MARKER; ignored");
+        return;
+    };
+    if s != step.name() {
+        return;
+    }
+    if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
+        return; // fired already
+    }
+    let (target, signal) = match action {
+        "kill-new" => (new, Signal::SIGKILL),
+        "kill-old" => (old, Signal::SIGKILL),
+        "stop-new" => (new, Signal::SIGSTOP),
+        "kill-self" => (Some(std::process::id()), Signal::SIGKILL),
+        _ => {
+            tracing::warn!(%action, "unknown TAKEOVERD_FAULT action; ignored");
+            return;
+        }
+    };
+    let Some(pid) = target else { return };
+    tracing::warn!(step = step.name(), action, pid, "injecting a fault (TAKEOVERD_FAULT)");
+    let _ = kill(Pid::from_raw(pid as i32), signal);
+    // Let the kernel deliver it before the next step runs.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+}

@@ -1,0 +1,118 @@
+//! Faults at every step of a reload (no systemd): SIGKILL of the new worker,
+//! SIGKILL of the old one, SIGSTOP of the new one until the deadline. The
+//! fault is injected deterministically by takeoverd itself
+//! (`TAKEOVERD_FAULT=STEP:ACTION:MARKER`, see crates/takeoverd/src/fault.rs).
+//! After each: the clients connected before the fault got every echo in
+//! order, a second reload succeeds, exactly one worker runs, nothing leaked,
+//! and SIGTERM stops everything.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use testkit::*;
+
+fn ctl(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("takeoverd")).arg("ctl").arg("--control-socket").arg(sock).args(args).output().unwrap()
+}
+
+fn status(sock: &std::path::Path) -> serde_json::Value {
+    let out = ctl(sock, &["status", "--json"]);
+    assert!(out.status.success(), "ctl status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Pids whose parent is `ppid`.
+fn children(ppid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first() != Some(&"Z") && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < timeout, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn case(step: &str, action: &str, reload_ok: bool) {
+    let dir = TempDir::new(&format!("fault-{step}-{action}"));
+    let port = free_port();
+    let sock = dir.path("ctl.sock");
+    let log = dir.path("takeoverd.log");
+    let d = Command::new(bin("takeoverd"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--ack-timeout-ms", "500", "--control-socket"])
+        .arg(&sock)
+        .env("TAKEOVERD_FAULT", format!("{step}:{action}:{}", dir.path("fired").display()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut d = Reaper(d);
+    let dpid = d.0.id();
+    wait_for_port(port, Duration::from_secs(10));
+    wait_for_path(&sock, Duration::from_secs(10));
+    wait_until("the first worker serves", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
+    let fds_before = fds_of(dpid).len();
+
+    let load = client(port, &["--connections", "20", "--interval-ms", "5", "--duration", "3", "--timeout-ms", "5000"]);
+    std::thread::sleep(Duration::from_millis(400));
+    let first = ctl(&sock, &["reload"]);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(first.status.success(), reload_ok, "{step}:{action}: first reload {:?}\n{}", first, log_text());
+    assert!(dir.path("fired").exists(), "{step}:{action}: the fault was not injected\n{}", log_text());
+    // A worker killed or hung after its commit is replaced by takeoverd.
+    wait_until("a worker serves again", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
+    let second = ctl(&sock, &["reload"]);
+    assert!(second.status.success(), "{step}:{action}: a reload after the fault failed: {second:?}\n{}", log_text());
+
+    let (out, v) = client_summary(load);
+    assert_clean(&out, &v);
+    eprintln!("{step}:{action}: longest pause {} us", v["latency_us"]["max"]);
+
+    // Every client connection is gone; takeoverd holds what it held before.
+    wait_until("takeoverd drops the closed connections", Duration::from_secs(5), || status(&sock)["connections"] == 0);
+    let kids = children(dpid);
+    assert_eq!(kids.len(), 1, "{step}:{action}: exactly one worker should run, found {kids:?}");
+    assert_eq!(fds_of(dpid).len(), fds_before, "{step}:{action}: takeoverd leaked fds: {:?}", fds_of(dpid));
+    let worker_sockets = fds_of(kids[0]).iter().filter(|f| f.starts_with("socket:")).count();
+    assert_eq!(worker_sockets, 2, "{step}:{action}: the worker should hold its listener and its channel only");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(dpid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_timeout(&mut d.0, Duration::from_secs(5)).expect("takeoverd did not stop on SIGTERM");
+    assert!(status.success(), "takeoverd exited {status}");
+    wait_until("the worker is gone", Duration::from_secs(2), || !alive(kids[0]));
+}
+
+macro_rules! fault_cases {
+    ($($name:ident: $step:literal, $action:literal => $ok:literal;)*) => {
+        $(#[test] fn $name() { case($step, $action, $ok); })*
+    };
+}
+
+fault_cases! {
+    kill_new_when_started: "new-started", "kill-new" => false;
+    kill_old_when_started: "new-started", "kill-old" => true;
+    stop_new_when_started: "new-started", "stop-new" => false;
+    kill_new_when_old_quiesced: "old-quiesced", "kill-new" => false;
+    kill_old_when_old_quiesced: "old-quiesced", "kill-old" => true;
+    stop_new_when_old_quiesced: "old-quiesced", "stop-new" => false;
+    kill_new_when_sockets_sent: "sockets-sent", "kill-new" => false;
+    kill_old_when_sockets_sent: "sockets-sent", "kill-old" => true;
+    stop_new_when_sockets_sent: "sockets-sent", "stop-new" => false;
+    kill_new_when_acked: "new-acked", "kill-new" => true;
+    kill_old_when_acked: "new-acked", "kill-old" => true;
+    stop_new_when_acked: "new-acked", "stop-new" => true;
+    kill_new_when_old_exiting: "old-exiting", "kill-new" => true;
+    kill_old_when_old_exiting: "old-exiting", "kill-old" => true;
+    stop_new_when_old_exiting: "old-exiting", "stop-new" => true;
+}
