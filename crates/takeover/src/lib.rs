@@ -35,6 +35,7 @@ pub mod log;
 pub mod manifest;
 mod sys;
 mod tcp;
+mod throttle;
 pub mod wire;
 
 pub use endpoint::{check_peer, connect, Endpoint, Existing};
@@ -46,3 +47,4 @@ pub use handoff::{
 pub use manifest::{check_name, Entry, Message, StateEntry, PROTOCOL_VERSION};
 pub use sys::{pass_fd, socket_cookie, take_env_fd, take_raw_inherited};
 pub use tcp::{stream_offsets, StreamOffsets};
+pub use throttle::Throttle;

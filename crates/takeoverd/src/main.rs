@@ -64,6 +64,12 @@ struct Cli {
     #[arg(long, value_name = "N")]
     fdstore_max: Option<usize>,
 
+    /// Run workers as this user (and its primary group) instead of takeoverd's
+    /// own: a compromised worker then cannot reach the control socket or the
+    /// fd store. takeoverd must be root to use it.
+    #[arg(long, value_name = "USER")]
+    worker_user: Option<String>,
+
     /// Arguments for the worker.
     #[arg(last = true, value_name = "WORKER ARGS")]
     worker_args: Vec<String>,
@@ -127,7 +133,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     let fdstore_max =
         cli.fdstore_max.or_else(|| std::env::var("FDSTORE").ok().and_then(|v| v.parse().ok())).unwrap_or(16384);
+    let worker_user = match &cli.worker_user {
+        None => None,
+        Some(name) => {
+            let user = nix::unistd::User::from_name(name)?
+                .ok_or_else(|| anyhow::anyhow!("--worker-user {name}: no such user"))?;
+            if !nix::unistd::geteuid().is_root() {
+                anyhow::bail!("--worker-user needs takeoverd to run as root");
+            }
+            Some((user.uid.as_raw(), user.gid.as_raw()))
+        }
+    };
     let cfg = supervisor::Config {
+        worker_user,
         worker,
         worker_args: cli.worker_args,
         ack_timeout: Duration::from_millis(cli.ack_timeout_ms),

@@ -47,6 +47,10 @@ const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
 /// How often the serving worker is pinged; one that does not answer within
 /// the ack timeout is hung (or stopped) and is replaced.
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// Control connections that may wait for their request at once, and for how
+/// long: a peer that connects and never speaks costs an fd for that long.
+const MAX_CTL_CONNS: usize = 64;
+const CTL_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What takeoverd was told on its command line.
 #[derive(Debug, Clone)]
@@ -55,6 +59,8 @@ pub struct Config {
     pub worker: PathBuf,
     /// Its arguments.
     pub worker_args: Vec<String>,
+    /// uid and gid to run it as.
+    pub worker_user: Option<(u32, u32)>,
     /// Deadline of each handoff step.
     pub ack_timeout: Duration,
     /// The control socket.
@@ -85,7 +91,10 @@ pub struct Supervisor {
     poll: Poll,
     signals: SignalFd,
     ctl: Endpoint,
-    ctl_conns: Slab<OwnedFd>,
+    /// Control connections waiting for their request, with a deadline.
+    ctl_conns: Slab<(OwnedFd, Instant)>,
+    /// Problems on the control socket, logged at most once a second.
+    ctl_log: takeover::Throttle,
     listeners: Vec<HeldListener>,
     conns: HashMap<String, HeldConn>,
     worker: Option<WorkerProc>,
@@ -178,6 +187,7 @@ impl Supervisor {
             signals,
             ctl,
             ctl_conns: Slab::new(),
+            ctl_log: takeover::Throttle::new(Duration::from_secs(1)),
             listeners,
             conns,
             worker: None,
@@ -251,6 +261,9 @@ impl Supervisor {
             let at = self.status_at + Duration::from_secs(1);
             soonest = Some(soonest.map_or(at, |s| s.min(at)));
         }
+        if let Some(at) = self.ctl_conns.iter().map(|(_, (_, d))| *d).min() {
+            soonest = Some(soonest.map_or(at, |s| s.min(at)));
+        }
         soonest.map(|s| s.saturating_duration_since(Instant::now()))
     }
 
@@ -274,6 +287,7 @@ impl Supervisor {
             self.publish_status();
         }
         self.check_ping(now);
+        self.expire_ctl(now);
     }
 
     /// Pings the worker; replaces one that stays silent past the ack timeout.
@@ -325,7 +339,8 @@ impl Supervisor {
 
     /// Starts a worker and waits for its hello.
     fn spawn_ready(&self) -> Result<WorkerProc, String> {
-        let mut w = WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args).map_err(|e| format!("{e:#}"))?;
+        let mut w = WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user)
+            .map_err(|e| format!("{e:#}"))?;
         let deadline = Some(Instant::now() + self.cfg.ack_timeout);
         match takeover::read_hello(w.chan(), deadline) {
             Ok(_) => Ok(w),
@@ -370,7 +385,7 @@ impl Supervisor {
             pid = w.pid(),
             generation = self.generation,
             connections = self.conns.len(),
-            elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+            elapsed_ms = %format_args!("{:.2}", t0.elapsed().as_secs_f64() * 1e3),
             "worker serving"
         );
         self.adopt_worker(w);
@@ -525,8 +540,8 @@ impl Supervisor {
                     pid = new_pid,
                     generation = self.generation,
                     connections = self.conns.len(),
-                    handoff_ms = handoff.as_secs_f64() * 1e3,
-                    old_exit_ms = old_exit.as_secs_f64() * 1e3,
+                    handoff_ms = %format_args!("{:.2}", handoff.as_secs_f64() * 1e3),
+                    old_exit_ms = %format_args!("{:.2}", old_exit.as_secs_f64() * 1e3),
                     "reload complete"
                 );
                 Ok((handoff, old_exit))
@@ -615,30 +630,44 @@ impl Supervisor {
         loop {
             match self.ctl.accept() {
                 Ok(Some(conn)) => {
+                    if self.ctl_conns.len() >= MAX_CTL_CONNS {
+                        self.ctl_log
+                            .warn(format!("refusing a control connection: {MAX_CTL_CONNS} are already waiting"));
+                        continue;
+                    }
                     let entry = self.ctl_conns.vacant_entry();
                     let token = Token(CTL_CONN_BASE + entry.key());
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut SourceFd(&conn.as_raw_fd()), token, Interest::READABLE)
-                        .is_ok()
-                    {
-                        entry.insert(conn);
+                    let registered =
+                        self.poll.registry().register(&mut SourceFd(&conn.as_raw_fd()), token, Interest::READABLE);
+                    if registered.is_ok() {
+                        entry.insert((conn, Instant::now() + CTL_REQUEST_TIMEOUT));
                     }
                 }
                 Ok(None) => return,
-                Err(e) => tracing::warn!("control socket: {e}"),
+                Err(e) => self.ctl_log.warn(format!("control socket: {e}")),
             }
         }
     }
 
-    fn on_ctl_request(&mut self, key: usize) {
-        let Some(conn) = self.ctl_conns.try_remove(key) else { return };
+    /// Forgets a control connection (closing it when the caller drops it).
+    fn take_ctl(&mut self, key: usize) -> Option<OwnedFd> {
+        let (conn, _) = self.ctl_conns.try_remove(key)?;
         let _ = self.poll.registry().deregister(&mut SourceFd(&conn.as_raw_fd()));
-        let req = match read_request(&conn) {
-            Some(r) => r,
-            None => return,
-        };
+        Some(conn)
+    }
+
+    fn expire_ctl(&mut self, now: Instant) {
+        let late: Vec<usize> = self.ctl_conns.iter().filter(|(_, (_, d))| *d <= now).map(|(k, _)| k).collect();
+        for key in late {
+            self.take_ctl(key);
+            self.ctl_log
+                .warn(format!("closed a control connection that sent no request within {CTL_REQUEST_TIMEOUT:?}"));
+        }
+    }
+
+    fn on_ctl_request(&mut self, key: usize) {
+        let Some(conn) = self.take_ctl(key) else { return };
+        let Some(req) = read_request(&conn) else { return };
         match req {
             Request::Status => reply(&conn, &self.status()),
             Request::Reload => {
@@ -657,21 +686,17 @@ impl Supervisor {
         self.on_ctl_accept();
         let keys: Vec<usize> = self.ctl_conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let Some(conn) = self.ctl_conns.get(key) else { continue };
-            match takeover::wire::try_recv(conn.as_fd()) {
-                Ok(None) => continue, // nothing asked yet
-                Ok(Some(Some(msg))) => {
-                    let conn = self.ctl_conns.remove(key);
-                    let _ = self.poll.registry().deregister(&mut SourceFd(&conn.as_raw_fd()));
-                    match serde_json::from_slice::<Request>(&msg.bytes) {
-                        Ok(Request::Reload) => reply(&conn, rec),
-                        Ok(Request::Status) => reply(&conn, &self.status()),
-                        Err(e) => tracing::warn!("bad control request: {e}"),
-                    }
-                }
-                _ => {
-                    let conn = self.ctl_conns.remove(key);
-                    let _ = self.poll.registry().deregister(&mut SourceFd(&conn.as_raw_fd()));
+            let Some((conn, _)) = self.ctl_conns.get(key) else { continue };
+            let asked = takeover::wire::try_recv(conn.as_fd());
+            if let Ok(None) = asked {
+                continue; // nothing asked yet
+            }
+            let Some(conn) = self.take_ctl(key) else { continue };
+            if let Ok(Some(Some(msg))) = asked {
+                match serde_json::from_slice::<Request>(&msg.bytes) {
+                    Ok(Request::Reload) => reply(&conn, rec),
+                    Ok(Request::Status) => reply(&conn, &self.status()),
+                    Err(e) => tracing::warn!("bad control request: {e}"),
                 }
             }
         }

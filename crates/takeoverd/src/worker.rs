@@ -24,7 +24,7 @@ pub struct WorkerProc {
 impl WorkerProc {
     /// Starts `path` with `args`, its control channel as fd 3 (named by
     /// `TAKEOVERD_FD`).
-    pub fn spawn(path: &Path, args: &[String]) -> anyhow::Result<WorkerProc> {
+    pub fn spawn(path: &Path, args: &[String], user: Option<(u32, u32)>) -> anyhow::Result<WorkerProc> {
         let (ours, theirs) = takeover::wire::seqpacket_pair()?;
         let mut cmd = Command::new(path);
         cmd.args(args).env(CONTROL_FD_ENV, "3").stdin(Stdio::null());
@@ -34,6 +34,11 @@ impl WorkerProc {
         // Keep JOURNAL_STREAM: the worker writes to the same stderr.
         if let Some(js) = std::env::var_os("JOURNAL_STREAM") {
             cmd.env("JOURNAL_STREAM", js);
+        }
+        if let Some((uid, gid)) = user {
+            // std drops supplementary groups (setgroups(0)) when it changes uid.
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, gid);
         }
         takeover::pass_fd(&mut cmd, theirs, 3);
         let child = cmd.spawn().with_context(|| format!("starting worker {}", path.display()))?;

@@ -57,6 +57,8 @@ pub struct Worker {
     quiesced: bool,
     accept_retry: Option<Instant>,
     ack_timeout: Duration,
+    /// Refused or failed takeover connections, logged at most once a second.
+    taker_log: takeover::Throttle,
 }
 
 impl std::fmt::Debug for Worker {
@@ -88,6 +90,7 @@ impl Worker {
             quiesced: false,
             accept_retry: None,
             ack_timeout,
+            taker_log: takeover::Throttle::new(Duration::from_secs(1)),
         })
     }
 
@@ -315,7 +318,8 @@ impl Worker {
             match ep.accept() {
                 Ok(Some(chan)) => {
                     if self.takers.len() >= MAX_PENDING_TAKERS {
-                        tracing::warn!("refusing a takeover connection: {MAX_PENDING_TAKERS} are already waiting");
+                        self.taker_log
+                            .warn(format!("refusing a takeover connection: {MAX_PENDING_TAKERS} are already waiting"));
                         continue;
                     }
                     let entry = self.takers.vacant_entry();
@@ -330,7 +334,7 @@ impl Worker {
                 }
                 Ok(None) => return Flow::Continue,
                 Err(e @ takeover::Error::PeerNotAllowed { .. }) => {
-                    tracing::warn!("refused a takeover: {e}")
+                    self.taker_log.warn(format!("refused a takeover: {e}"))
                 }
                 Err(e) => {
                     tracing::warn!("takeover endpoint: {e}");
@@ -346,7 +350,7 @@ impl Worker {
         for k in late {
             let t = self.takers.remove(k);
             let _ = self.poll.registry().deregister(&mut SourceFd(&t.chan.as_raw_fd()));
-            tracing::warn!("dropped a takeover connection that said nothing for {:?}", self.ack_timeout);
+            self.taker_log.warn(format!("dropped a takeover connection that said nothing for {:?}", self.ack_timeout));
         }
     }
 
@@ -359,7 +363,7 @@ impl Worker {
         let pid = match takeover::read_hello(chan.as_fd(), Some(Instant::now() + Duration::from_millis(50))) {
             Ok(pid) => pid,
             Err(e) => {
-                tracing::warn!("takeover request rejected: {e}");
+                self.taker_log.warn(format!("takeover request rejected: {e}"));
                 return Flow::Continue;
             }
         };

@@ -1,0 +1,275 @@
+//! Processes the benchmark starts, and what it reads about them in /proc.
+//!
+//! Every child is started in a process group of its own, and every group is
+//! recorded here, so that the benchmark can kill all it started (with the
+//! workers takeoverd started in turn) on any exit: normal, error, panic or
+//! SIGINT/SIGTERM/SIGHUP.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+
+/// Process groups started here and not known to be gone.
+static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+/// Single processes started on our behalf outside our groups (the services
+/// of the private systemd manager), with the name they must still have.
+static STRAYS: Mutex<Vec<(i32, String)>> = Mutex::new(Vec::new());
+
+/// Starts `cmd` in a process group of its own and records the group.
+pub fn spawn(cmd: &mut Command) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    let child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    GROUPS.lock().unwrap_or_else(|e| e.into_inner()).push(child.id() as i32);
+    Ok(child)
+}
+
+/// Kills the group of `child` (SIGKILL) and reaps it.
+pub fn kill_group(child: &mut Child) {
+    let pgid = child.id() as i32;
+    let _ = signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
+    GROUPS.lock().unwrap_or_else(|e| e.into_inner()).retain(|g| *g != pgid);
+}
+
+/// Records a process to kill at exit if it still runs under the name `comm`.
+pub fn note_stray(pid: u32, comm: &str) {
+    let mut s = STRAYS.lock().unwrap_or_else(|e| e.into_inner());
+    if !s.iter().any(|(p, _)| *p == pid as i32) {
+        s.push((pid as i32, comm.to_owned()));
+    }
+}
+
+/// Kills every process group and stray this benchmark started.
+pub fn kill_all() {
+    let groups: Vec<i32> = std::mem::take(&mut *GROUPS.lock().unwrap_or_else(|e| e.into_inner()));
+    for g in groups {
+        let _ = signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
+    }
+    let strays: Vec<(i32, String)> = std::mem::take(&mut *STRAYS.lock().unwrap_or_else(|e| e.into_inner()));
+    for (pid, comm) in strays {
+        if alive(pid as u32) && self::comm(pid as u32).as_deref() == Some(comm.as_str()) {
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Kills everything on drop: the last line of defence on error or panic.
+#[derive(Debug)]
+pub struct KillAllOnDrop;
+
+impl Drop for KillAllOnDrop {
+    fn drop(&mut self) {
+        kill_all();
+    }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this (still single) thread and
+/// starts a thread that waits for them, kills everything and exits 130.
+/// Children start with an empty signal mask (the standard library resets it).
+pub fn handle_signals() -> anyhow::Result<()> {
+    let mut set = signal::SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.thread_block()?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("\nseqnum-bench: {sig}: killing every process it started");
+            kill_all();
+            std::process::exit(130);
+        }
+    })?;
+    Ok(())
+}
+
+/// The benchmark's clock: milliseconds since it started, and the wall clock
+/// of that start (to place log timestamps).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    wall: SystemTime,
+}
+
+impl Clock {
+    /// Starts the clock now.
+    pub fn new() -> Clock {
+        Clock { start: Instant::now(), wall: SystemTime::now() }
+    }
+
+    /// Milliseconds since the start.
+    pub fn now_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// A Unix time (seconds) on this clock, in milliseconds since the start.
+    pub fn from_unix(&self, unix_s: f64) -> f64 {
+        let wall0 = self.wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        (unix_s - wall0) * 1e3
+    }
+}
+
+/// Where the three binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `takeoverd`.
+    pub takeoverd: PathBuf,
+    /// `seqnum-worker`.
+    pub worker: PathBuf,
+    /// `seqnum-client`.
+    pub client: PathBuf,
+}
+
+impl Bins {
+    /// Finds the binaries in `dir`; fails with advice when one is missing.
+    pub fn in_dir(dir: &Path) -> anyhow::Result<Bins> {
+        let b = Bins {
+            takeoverd: dir.join("takeoverd"),
+            worker: dir.join("seqnum-worker"),
+            client: dir.join("seqnum-client"),
+        };
+        let missing: Vec<String> = [&b.takeoverd, &b.worker, &b.client]
+            .iter()
+            .filter(|p| !p.is_file())
+            .map(|p| p.display().to_string())
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "missing {}: seqnum-bench builds nothing itself. Build the release binaries first:\n    \
+                 cargo build --release --workspace && cargo run --release -p seqnum-bench\n\
+                 (or point --bin-dir at a directory holding takeoverd, seqnum-worker and seqnum-client)",
+                missing.join(", ")
+            );
+        }
+        Ok(b)
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `taskset -c CPU PROGRAM` when `cpu` is given and taskset exists, else
+/// `PROGRAM`. taskset execs the program: the pid is the program's.
+pub fn command(program: &Path, cpu: Option<usize>) -> Command {
+    match cpu {
+        Some(c) if have_taskset() => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(c.to_string()).arg(program);
+            cmd
+        }
+        _ => Command::new(program),
+    }
+}
+
+/// Whether `taskset` can be run.
+pub fn have_taskset() -> bool {
+    Command::new("taskset").arg("-V").output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Number of online CPUs.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Fields of /proc/PID/stat after the command name.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = s.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime of `pid`, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    // After ')': state(3) ppid(4) ... utime(14) stime(15): indexes 11 and 12.
+    let f = stat_fields(pid)?;
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second (`CLK_TCK`).
+pub fn clk_tck() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map(|v| v as u64).unwrap_or(100)
+}
+
+/// VmRSS of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` runs (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match stat_fields(pid) {
+        None => false,
+        Some(f) => !matches!(f.first().map(String::as_str), Some("Z" | "X")),
+    }
+}
+
+/// The command name of `pid`.
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_owned())
+}
+
+/// Waits for `child` up to `timeout`; `None` if it is still running.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if t0.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sleeps until `clock` reads `at_ms` (no-op if that is past).
+pub fn sleep_until(clock: &Clock, at_ms: f64) {
+    let left = at_ms - clock.now_ms();
+    if left > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(left / 1e3));
+    }
+}
+
+/// Parses a log line's `2026-11-26T11:48:12.360511Z` timestamp into Unix
+/// seconds.
+pub fn parse_log_time(line: &str) -> Option<f64> {
+    let ts = line
+        .split_whitespace().find(|w| w.len() >= 20 && w.as_bytes().get(10) == Some(&b'T') && w.ends_with('Z'))?;
+    let (date, time) = ts.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (hh, mm) = (t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    let ss = t.next()?.parse::<f64>().ok()?;
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + hh * 3600.0 + mm * 60.0 + ss)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_time() {
+        let t = super::parse_log_time("takeoverd[1]: 1970-01-02T00:00:01.500000Z  INFO x").unwrap();
+        assert!((t - 86_401.5).abs() < 1e-6, "{t}");
+        let t = super::parse_log_time("w[2]: 2026-11-18T09:46:40.000000Z  INFO y").unwrap();
+        assert!((t - 1_795_000_000.0).abs() < 1e-6, "{t}");
+        assert!(super::parse_log_time("no time here").is_none());
+    }
+}
