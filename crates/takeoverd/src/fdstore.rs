@@ -13,6 +13,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use sd_notify::NotifyState;
 
+use crate::overflow::Overflow;
+
 /// `MAX_ARG_STRLEN`: the longest single environment string exec accepts.
 const MAX_ENV_STRING: usize = 32 * 4096;
 
@@ -28,23 +30,32 @@ pub struct FdStore {
     stored: HashMap<Box<str>, u16>,
     used: usize,
     max_fds: usize,
-    /// Connections we could not store since the last report.
-    refused: u64,
-    refused_total: u64,
+    /// Where connections go once the names budget is spent.
+    overflow: Option<Overflow>,
 }
 
 impl FdStore {
     /// Enabled when `NOTIFY_SOCKET` is set. `max_fds` mirrors the unit's
-    /// `FileDescriptorStoreMax=`.
-    pub fn new(max_fds: usize) -> FdStore {
-        FdStore {
-            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
-            stored: HashMap::new(),
-            used: 0,
-            max_fds,
-            refused: 0,
-            refused_total: 0,
+    /// `FileDescriptorStoreMax=`. `queue` is the overflow queue an earlier
+    /// takeoverd stored, if any; the connections it carried are returned.
+    pub fn new(max_fds: usize, queue: Option<(OwnedFd, OwnedFd)>) -> anyhow::Result<(FdStore, Vec<(String, OwnedFd)>)> {
+        let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
+        let (overflow, carried) = match (enabled, queue) {
+            (true, Some((r, w))) => {
+                let (q, carried) = Overflow::restore(r, w);
+                (Some(q), carried)
+            }
+            (true, None) => (Some(Overflow::create()?), Vec::new()),
+            (false, _) => (None, Vec::new()),
+        };
+        let mut store = FdStore { enabled, stored: HashMap::new(), used: 0, max_fds, overflow };
+        if let Some(q) = store.overflow.take() {
+            for (name, fd) in q.ends() {
+                store.store(name, fd, true);
+            }
+            store.overflow = Some(q);
         }
+        Ok((store, carried))
     }
 
     /// Whether a service manager is there to store fds.
@@ -52,8 +63,10 @@ impl FdStore {
         self.enabled
     }
 
-    /// Stores `fd` as `name`. `essential` entries (listeners, the state) are
-    /// stored even past the connection budget. Returns whether it is stored.
+    /// Stores `fd` as `name`. `essential` entries (listeners, the state, the
+    /// overflow queue) are stored by name even past the connection budget;
+    /// a connection past it goes to the overflow queue at the next
+    /// [`flush`](Self::flush). Returns whether it is (or will be) kept.
     pub fn store(&mut self, name: &str, fd: BorrowedFd<'_>, essential: bool) -> bool {
         if !self.enabled {
             return false;
@@ -63,23 +76,18 @@ impl FdStore {
         }
         let cost = name.len() + 1;
         if !essential && (self.used + cost > NAMES_BUDGET || self.stored.len() + 1 > self.max_fds) {
-            if self.refused == 0 {
-                tracing::warn!(
-                    stored = self.stored.len(),
-                    names_bytes = self.used,
-                    max_fds = self.max_fds,
-                    "fd store full: new connections are served but will not survive a restart of takeoverd"
-                );
-            }
-            self.refused += 1;
-            self.refused_total += 1;
-            return false;
+            return match &mut self.overflow {
+                Some(q) => {
+                    q.push(name);
+                    true
+                }
+                None => false,
+            };
         }
         match sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[fd]) {
             Ok(()) => {
                 self.stored.insert(name.into(), cost as u16);
                 self.used += cost;
-                self.refused = 0;
                 true
             }
             Err(e) => {
@@ -89,24 +97,38 @@ impl FdStore {
         }
     }
 
-    /// Removes `name` from the store (no-op if it was never stored).
+    /// Forgets `name` (no-op if it was never stored).
     pub fn remove(&mut self, name: &str) {
         if let Some(cost) = self.stored.remove(name) {
             self.used -= cost as usize;
             if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
                 tracing::warn!(%name, "removing an fd from the systemd store failed: {e}");
             }
+        } else if let Some(q) = &mut self.overflow {
+            q.remove(name);
         }
     }
 
-    /// How many fds are stored.
+    /// Sends connections waiting for the overflow queue.
+    pub fn flush<'a>(&mut self, fd_of: impl Fn(&str) -> Option<BorrowedFd<'a>>) {
+        if let Some(q) = &mut self.overflow {
+            q.flush(fd_of);
+        }
+    }
+
+    /// How many fds are stored by name.
     pub fn len(&self) -> usize {
         self.stored.len()
     }
 
-    /// Connections that could not be stored, since start.
-    pub fn refused_total(&self) -> u64 {
-        self.refused_total
+    /// How many connections ride in the overflow queue.
+    pub fn overflowed(&self) -> usize {
+        self.overflow.as_ref().map_or(0, Overflow::len)
+    }
+
+    /// Connections that could be kept neither way.
+    pub fn lost(&self) -> u64 {
+        self.overflow.as_ref().map_or(0, Overflow::lost)
     }
 }
 

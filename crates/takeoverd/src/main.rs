@@ -4,6 +4,7 @@
 mod ctl;
 mod fault;
 mod fdstore;
+mod overflow;
 mod state;
 mod status;
 mod supervisor;

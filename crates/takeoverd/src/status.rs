@@ -49,9 +49,12 @@ pub struct Status {
     pub listeners: Vec<ListenerInfo>,
     /// Whether the systemd fd store is in use.
     pub fdstore: bool,
-    /// fds in the store (listeners, connections, state).
+    /// fds in the store by name (listeners, connections, state, the
+    /// overflow queue's two ends).
     pub fdstore_fds: usize,
-    /// Connections not stored (store full): they would not survive a restart.
+    /// Connections carried in the overflow queue (past the names budget).
+    pub fdstore_overflow: usize,
+    /// Connections kept neither way: they would not survive a restart.
     pub fdstore_refused: u64,
     /// Workers restarted after a crash.
     pub worker_restarts: u64,
@@ -77,7 +80,7 @@ impl Status {
             }
         }
         if self.fdstore_refused > 0 {
-            let _ = write!(s, "; {} connections not in the fd store", self.fdstore_refused);
+            let _ = write!(s, "; {} connections would not survive a restart (fd store full)", self.fdstore_refused);
         }
         s
     }
@@ -92,8 +95,11 @@ impl Status {
             let _ = writeln!(s, "listener:     {} {}", l.name, l.addr);
         }
         if self.fdstore {
-            let _ =
-                writeln!(s, "fd store:     {} fds, {} connections not stored", self.fdstore_fds, self.fdstore_refused);
+            let _ = writeln!(
+                s,
+                "fd store:     {} fds by name, {} connections in the overflow queue, {} not kept",
+                self.fdstore_fds, self.fdstore_overflow, self.fdstore_refused
+            );
         } else {
             let _ = writeln!(s, "fd store:     not in use (not started by systemd)");
         }

@@ -28,6 +28,7 @@ use takeover::{Endpoint, Existing, Item, Kind, Message};
 use crate::ctl::Request;
 use crate::fault::{self, Step};
 use crate::fdstore::{self, notify, FdStore};
+use crate::overflow;
 use crate::state::{Saved, StateFile, STATE_NAME};
 use crate::status::{unix_now, ListenerInfo, ReloadRecord, Status};
 use crate::worker::WorkerProc;
@@ -131,12 +132,26 @@ impl Supervisor {
         let poll = Poll::new()?;
         poll.registry().register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)?;
 
-        let mut listeners = Vec::new();
-        let mut conns = HashMap::new();
-        let mut state = None;
+        let mut g = Gathered::default();
         for inh in fdstore::inherited()? {
-            classify(inh, &mut listeners, &mut conns, &mut state);
+            classify(inh, &mut g);
         }
+        let queue = match (g.queue_r.take(), g.queue_w.take()) {
+            (Some(r), Some(w)) => Some((r, w)),
+            (None, None) => None,
+            _ => {
+                tracing::warn!("only one end of the overflow queue came back from the fd store; starting a new queue");
+                None
+            }
+        };
+        let (mut store, carried) = FdStore::new(cfg.fdstore_max, queue)?;
+        if !carried.is_empty() {
+            tracing::info!(connections = carried.len(), "restored connections from the overflow queue");
+        }
+        for (name, fd) in carried {
+            g.conns.entry(name).or_insert(HeldConn { fd, state: Value::Null });
+        }
+        let Gathered { mut listeners, mut conns, state, .. } = g;
         let restored = conns.len();
         let (state, saved) = match state {
             Some(mut s) => {
@@ -169,7 +184,6 @@ impl Supervisor {
             tracing::info!(connections = restored, listeners = listeners.len(), "restored from the fd store");
         }
 
-        let mut store = FdStore::new(cfg.fdstore_max);
         for l in &listeners {
             store.store(&l.name, l.fd.as_fd(), true);
         }
@@ -177,6 +191,7 @@ impl Supervisor {
         for (name, c) in &conns {
             store.store(name, c.fd.as_fd(), false);
         }
+        store.flush(|n| conns.get(n).map(|c| c.fd.as_fd()));
 
         let ctl = Endpoint::bind(&cfg.control_socket, Existing::ReplaceStale)?;
         poll.registry().register(&mut SourceFd(&ctl.as_fd().as_raw_fd()), CTL, Interest::READABLE)?;
@@ -329,7 +344,8 @@ impl Supervisor {
                 .collect(),
             fdstore: self.store.enabled(),
             fdstore_fds: self.store.len(),
-            fdstore_refused: self.store.refused_total(),
+            fdstore_overflow: self.store.overflowed(),
+            fdstore_refused: self.store.lost(),
             worker_restarts: self.restarts,
             reloads: self.reloads.iter().cloned().collect(),
         }
@@ -420,9 +436,13 @@ impl Supervisor {
         loop {
             let Some(w) = &self.worker else { return };
             match takeover::manifest::try_recv(w.chan()) {
-                Ok(None) => return,
                 Ok(Some(Some((Message::Pong, _)))) => self.ping.1 = false,
                 Ok(Some(Some((msg, fds)))) => on_worker_msg(&mut self.conns, &mut self.store, msg, fds),
+                Ok(None) => {
+                    let conns = &self.conns;
+                    self.store.flush(|n| conns.get(n).map(|c| c.fd.as_fd()));
+                    return;
+                }
                 Ok(Some(None)) => return self.on_worker_gone("closed its control channel"),
                 Err(e) => {
                     tracing::error!("worker channel: {e}");
@@ -760,25 +780,36 @@ fn reply(conn: &OwnedFd, body: &impl serde::Serialize) {
 }
 
 /// Sorts an fd systemd handed us by what it is, never by its position.
-fn classify(
-    inh: fdstore::Inherited,
-    listeners: &mut Vec<HeldListener>,
-    conns: &mut HashMap<String, HeldConn>,
-    state: &mut Option<StateFile>,
-) {
+/// What systemd handed us at start, sorted.
+#[derive(Default)]
+struct Gathered {
+    listeners: Vec<HeldListener>,
+    conns: HashMap<String, HeldConn>,
+    state: Option<StateFile>,
+    queue_r: Option<OwnedFd>,
+    queue_w: Option<OwnedFd>,
+}
+
+/// Sorts an fd systemd handed us by what it is, never by its position.
+fn classify(inh: fdstore::Inherited, g: &mut Gathered) {
     let fdstore::Inherited { name, fd } = inh;
-    if name == STATE_NAME && takeover::validate(fd.as_fd(), Kind::File).is_ok() {
-        *state = Some(StateFile::from_fd(fd));
-    } else if takeover::validate(fd.as_fd(), Kind::TcpListener).is_ok() {
+    let is = |kind| takeover::validate(fd.as_fd(), kind).is_ok();
+    if name == STATE_NAME && is(Kind::File) {
+        g.state = Some(StateFile::from_fd(fd));
+    } else if name == overflow::READ_END && is(Kind::UnixSeqpacket) {
+        g.queue_r = Some(fd);
+    } else if name == overflow::WRITE_END && is(Kind::UnixSeqpacket) {
+        g.queue_w = Some(fd);
+    } else if is(Kind::TcpListener) {
         let addr = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
-        let name = if takeover::check_name(&name).is_ok() { name } else { format!("l{}", listeners.len()) };
-        listeners.push(HeldListener { name, fd, addr });
-    } else if takeover::validate(fd.as_fd(), Kind::TcpStream).is_ok() && takeover::check_name(&name).is_ok() {
-        conns.insert(name, HeldConn { fd, state: Value::Null });
+        let name = if takeover::check_name(&name).is_ok() { name } else { format!("l{}", g.listeners.len()) };
+        g.listeners.push(HeldListener { name, fd, addr });
+    } else if is(Kind::TcpStream) && takeover::check_name(&name).is_ok() {
+        g.conns.insert(name, HeldConn { fd, state: Value::Null });
     } else {
-        tracing::warn!(%name, "ignoring an inherited fd that is neither a TCP socket nor our state (closed)");
+        tracing::warn!(%name, "ignoring an inherited fd that is none of ours (closed)");
     }
 }
 
