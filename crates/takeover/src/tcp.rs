@@ -46,6 +46,19 @@ pub fn stream_offsets(fd: BorrowedFd<'_>) -> io::Result<StreamOffsets> {
     Err(io::Error::new(io::ErrorKind::WouldBlock, "TCP counters kept moving; could not read a consistent snapshot"))
 }
 
+/// A listening TCP socket on `addr` (IPv4 or IPv6), close-on-exec,
+/// non-blocking, with `SO_REUSEADDR` so a restarted server can bind again
+/// while old connections linger in TIME_WAIT.
+pub fn bind_tcp(addr: std::net::SocketAddr, backlog: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
+    socket::listen(&fd, Backlog::new(backlog).map_err(io::Error::from)?)?;
+    Ok(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -174,7 +174,7 @@ impl Supervisor {
                 anyhow::bail!("no listening socket: pass --listen ADDR:PORT, or start takeoverd from a .socket unit");
             }
             for (i, addr) in cfg.listen.iter().enumerate() {
-                let fd = bind(*addr, cfg.backlog).map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+                let fd = takeover::bind_tcp(*addr, cfg.backlog).map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
                 listeners.push(HeldListener { name: format!("l{i}"), fd, addr: addr.to_string() });
             }
         } else if !cfg.listen.is_empty() {
@@ -513,19 +513,8 @@ impl Supervisor {
         fault::at(Step::NewStarted, Some(new.pid()), old_pid);
         let mut recovered = old.is_none();
         if let Some(w) = &old {
-            let quiesced = takeover::manifest::send(w.chan(), &Message::Quiesce, &[], deadline).and_then(|()| {
-                let (conns, store) = (&mut self.conns, &mut self.store);
-                takeover::control::collect_quiesced(w.chan(), deadline, |m, fds| on_worker_msg(conns, store, m, fds))
-            });
-            match quiesced {
-                Ok(states) => {
-                    for s in states {
-                        if let Some(c) = self.conns.get_mut(&s.name) {
-                            c.state = s.state;
-                        }
-                    }
-                    fault::at(Step::OldQuiesced, Some(new.pid()), old_pid);
-                }
+            match self.quiesce(w, deadline) {
+                Ok(()) => fault::at(Step::OldQuiesced, Some(new.pid()), old_pid),
                 Err(e) => {
                     tracing::warn!(
                         pid = w.pid(),
@@ -582,6 +571,21 @@ impl Supervisor {
         }
     }
 
+    /// Stops `w` at message boundaries and records the state it reports of
+    /// each connection (handling what it said before the quiesce first).
+    fn quiesce(&mut self, w: &WorkerProc, deadline: Option<Instant>) -> takeover::Result<()> {
+        takeover::manifest::send(w.chan(), &Message::Quiesce, &[], deadline)?;
+        let (conns, store) = (&mut self.conns, &mut self.store);
+        let states =
+            takeover::control::collect_quiesced(w.chan(), deadline, |m, fds| on_worker_msg(conns, store, m, fds))?;
+        for s in states {
+            if let Some(c) = self.conns.get_mut(&s.name) {
+                c.state = s.state;
+            }
+        }
+        Ok(())
+    }
+
     fn save_state(&mut self) {
         let saved = Saved {
             version: 1,
@@ -627,16 +631,8 @@ impl Supervisor {
         notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
         if let Some(w) = self.drop_worker() {
             let deadline = Some(Instant::now() + self.cfg.ack_timeout.min(Duration::from_secs(2)));
-            let quiesced = takeover::manifest::send(w.chan(), &Message::Quiesce, &[], deadline).and_then(|()| {
-                let (conns, store) = (&mut self.conns, &mut self.store);
-                takeover::control::collect_quiesced(w.chan(), deadline, |m, fds| on_worker_msg(conns, store, m, fds))
-            });
-            if let Ok(states) = quiesced {
-                for s in states {
-                    if let Some(c) = self.conns.get_mut(&s.name) {
-                        c.state = s.state;
-                    }
-                }
+            if let Err(e) = self.quiesce(&w, deadline) {
+                tracing::warn!("the worker did not quiesce ({e}); the saved states may be stale");
             }
             let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], deadline);
             w.finish(Duration::from_secs(2));
@@ -811,14 +807,4 @@ fn classify(inh: fdstore::Inherited, g: &mut Gathered) {
     } else {
         tracing::warn!(%name, "ignoring an inherited fd that is none of ours (closed)");
     }
-}
-
-fn bind(addr: std::net::SocketAddr, backlog: i32) -> nix::Result<OwnedFd> {
-    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    socket::listen(&fd, Backlog::new(backlog)?)?;
-    Ok(fd)
 }

@@ -36,7 +36,9 @@ pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
         let inherited = inherited_listeners()?;
         if inherited.is_empty() {
             let addr = SocketAddr::new(args.listen_address, args.listen_port);
-            let l = bind(addr, args.listen_backlog).with_context(|| format!("binding {addr}"))?;
+            let l = std::net::TcpListener::from(
+                takeover::bind_tcp(addr, args.listen_backlog).with_context(|| format!("binding {addr}"))?,
+            );
             worker.add_listener("l0".into(), l)?;
         } else {
             for (i, l) in inherited.into_iter().enumerate() {
@@ -96,14 +98,4 @@ fn inherited_listeners() -> anyhow::Result<Vec<std::net::TcpListener>> {
         }
     }
     Ok(out)
-}
-
-fn bind(addr: SocketAddr, backlog: i32) -> anyhow::Result<std::net::TcpListener> {
-    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
-    socket::listen(&fd, Backlog::new(backlog)?)?;
-    Ok(std::net::TcpListener::from(fd))
 }

@@ -1,0 +1,181 @@
+//! takeoverd under test, and `takeoverd ctl`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::procs::{self, Bins};
+
+/// The outcome of one `takeoverd ctl reload`.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    /// Exit status 0.
+    pub ok: bool,
+    /// What it printed (stdout and stderr).
+    pub output: String,
+}
+
+/// `takeoverd ctl --control-socket PATH status --json`.
+pub fn ctl_status(bins: &Bins, ctl: &Path) -> anyhow::Result<Value> {
+    let out = Command::new(&bins.takeoverd)
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(ctl)
+        .args(["status", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running takeoverd ctl status")?;
+    if !out.status.success() {
+        bail!("takeoverd ctl status failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("unreadable status: {text}"))
+}
+
+/// `takeoverd ctl --control-socket PATH reload`.
+pub fn ctl_reload(bins: &Bins, ctl: &Path) -> anyhow::Result<ReloadOutcome> {
+    let out = Command::new(&bins.takeoverd)
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(ctl)
+        .args(["reload", "--timeout-s", "60"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running takeoverd ctl reload")?;
+    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok(ReloadOutcome { ok: out.status.success(), output: output.trim().to_owned() })
+}
+
+/// Polls the status until it shows at least `n` connections (and a worker).
+pub fn wait_connections(bins: &Bins, ctl: &Path, n: u64, timeout: Duration) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    let mut last = None;
+    loop {
+        if let Ok(s) = ctl_status(bins, ctl) {
+            let conns = s["connections"].as_u64().unwrap_or(0);
+            if conns >= n && s["worker_pid"].as_u64().is_some() {
+                return Ok(s);
+            }
+            last = Some(conns);
+        }
+        if t0.elapsed() > timeout {
+            bail!("takeoverd holds {} connections after {timeout:?}, expected {n}", last.map_or("?".into(), |c| c.to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A takeoverd started by the benchmark (with its own worker).
+#[derive(Debug)]
+pub struct Server {
+    child: Option<Child>,
+    /// takeoverd's pid.
+    pub pid: u32,
+    /// Its control socket.
+    pub ctl: PathBuf,
+    /// Its log (takeoverd's and its workers' stderr).
+    pub log: PathBuf,
+    /// The port it listens on.
+    pub port: u16,
+    bins: Bins,
+}
+
+impl Server {
+    /// Starts takeoverd on a free port (retrying on a port race), pinned to
+    /// `cpu` if given, and waits until its first worker serves.
+    pub fn start(bins: &Bins, dir: &Path, tag: &str, cpu: Option<usize>) -> anyhow::Result<Server> {
+        let mut last_err = None;
+        for attempt in 0..3 {
+            let port = procs::free_port()?;
+            let ctl = dir.join(format!("{tag}-{attempt}.ctl"));
+            let log = dir.join(format!("{tag}-{attempt}.log"));
+            let logf = std::fs::File::create(&log)?;
+            let mut cmd = procs::command(&bins.takeoverd, cpu);
+            cmd.arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--control-socket")
+                .arg(&ctl)
+                .arg("--worker")
+                .arg(&bins.worker)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(logf);
+            let mut child = procs::spawn(&mut cmd)?;
+            let pid = child.id();
+            let t0 = Instant::now();
+            let mut up = false;
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if ctl.exists() {
+                    if let Ok(s) = ctl_status(bins, &ctl) {
+                        if s["worker_pid"].as_u64().is_some() {
+                            up = true;
+                            break;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if up {
+                return Ok(Server { child: Some(child), pid, ctl, log, port, bins: bins.clone() });
+            }
+            procs::kill_group(&mut child);
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            last_err = Some(format!("takeoverd did not come up on port {port}: {}", last_lines(&text, 5)));
+        }
+        bail!("{}", last_err.unwrap_or_default())
+    }
+
+    /// `ctl status --json`.
+    pub fn status(&self) -> anyhow::Result<Value> {
+        ctl_status(&self.bins, &self.ctl)
+    }
+
+    /// `ctl reload`.
+    pub fn reload(&self) -> anyhow::Result<ReloadOutcome> {
+        ctl_reload(&self.bins, &self.ctl)
+    }
+
+    /// The serving worker's pid.
+    pub fn worker_pid(&self) -> anyhow::Result<u32> {
+        let s = self.status()?;
+        s["worker_pid"].as_u64().map(|p| p as u32).context("takeoverd reports no worker")
+    }
+
+    /// Waits for `n` connections.
+    pub fn wait_connections(&self, n: u64, timeout: Duration) -> anyhow::Result<Value> {
+        wait_connections(&self.bins, &self.ctl, n, timeout)
+    }
+
+    /// Stops takeoverd: SIGTERM (a clean stop, which also ends its worker),
+    /// then SIGKILL to its whole group after 5 s.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
+            let _ = procs::wait_timeout(&mut child, Duration::from_secs(5));
+            procs::kill_group(&mut child);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The last `n` lines of `text`, joined with " | ".
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
