@@ -62,7 +62,7 @@ fn case(step: &str, action: &str, reload_ok: bool) {
     wait_for_port(port, Duration::from_secs(10));
     wait_for_path(&sock, Duration::from_secs(10));
     wait_until("the first worker serves", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
-    let fds_before = fds_of(dpid).len();
+    let fds_before = settled_fd_count(dpid);
 
     let load = client(port, &["--connections", "20", "--interval-ms", "5", "--duration", "3", "--timeout-ms", "5000"]);
     std::thread::sleep(Duration::from_millis(400));
@@ -83,7 +83,7 @@ fn case(step: &str, action: &str, reload_ok: bool) {
     wait_until("takeoverd drops the closed connections", Duration::from_secs(5), || status(&sock)["connections"] == 0);
     let kids = children(dpid);
     assert_eq!(kids.len(), 1, "{step}:{action}: exactly one worker should run, found {kids:?}");
-    assert_eq!(fds_of(dpid).len(), fds_before, "{step}:{action}: takeoverd leaked fds: {:?}", fds_of(dpid));
+    assert_eq!(settled_fd_count(dpid), fds_before, "{step}:{action}: takeoverd leaked fds: {:?}", fds_of(dpid));
     let worker_sockets = fds_of(kids[0]).iter().filter(|f| f.starts_with("socket:")).count();
     assert_eq!(worker_sockets, 2, "{step}:{action}: the worker should hold its listener and its channel only");
 

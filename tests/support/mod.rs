@@ -152,3 +152,18 @@ impl Drop for Reaper {
         let _ = self.0.wait();
     }
 }
+
+/// The fd count of `pid` once it has stopped changing (two reads 50 ms
+/// apart agree), so a connection being closed as we look is not counted.
+pub fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fds_of(pid).len();
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = fds_of(pid).len();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
