@@ -152,6 +152,7 @@ impl Drop for Reaper {
         let _ = self.0.wait();
     }
 }
+pub mod systemd;
 
 /// The fd count of `pid` once it has stopped changing (two reads 50 ms
 /// apart agree), so a connection being closed as we look is not counted.

@@ -41,8 +41,8 @@ pub fn connect(path: &Path) -> Result<OwnedFd> {
         .map_err(|e| Error::io("creating a unix socket", e))?;
     let addr = UnixAddr::new(path).map_err(|e| Error::io("takeover path", e))?;
     socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| Error::Io {
-        context: "connecting to the takeover path",
-        source: io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", path.display())),
+        context: "connecting",
+        source: io::Error::new(io::Error::from(e).kind(), format!("{}: {}", path.display(), e.desc())),
     })?;
     nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
         .map_err(|e| Error::io("fcntl", e))?;

@@ -30,8 +30,7 @@ Listeners come from systemd (a .socket unit, or the fd store of an earlier run),
     after_help = "Examples:\n  takeoverd --listen 127.0.0.1:1234                 run with the default seqnum-worker\n  \
 takeoverd --listen [::1]:8080 --worker ./my-worker -- --flag\n  takeoverd ctl reload                               replace the worker, report the outcome\n  \
 takeoverd ctl status --json\n\n\
-Exit status: 0 after a clean stop (or a successful ctl command), 1 on a runtime error or a failed reload, 2 on bad arguments.",
-    args_conflicts_with_subcommands = true
+Exit status: 0 after a clean stop (or a successful ctl command), 1 on a runtime error or a failed reload, 2 on bad arguments."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -78,13 +77,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Talk to a running takeoverd.
+    /// Talk to a running takeoverd (`--control-socket` may go anywhere on
+    /// the line).
     Ctl {
         #[command(subcommand)]
         what: Ctl,
-        /// The control socket (as for takeoverd).
-        #[arg(long, value_name = "PATH")]
-        control_socket: Option<PathBuf>,
     },
 }
 
@@ -106,6 +103,20 @@ enum Ctl {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Ctl { what }) = cli.command {
+        let path = cli.control_socket.unwrap_or_else(ctl::default_path);
+        let result = match what {
+            Ctl::Reload { timeout_s } => ctl::reload(&path, Duration::from_secs(timeout_s)),
+            Ctl::Status { json } => ctl::status(&path, json),
+        };
+        return match result {
+            Ok(code) => ExitCode::from(code as u8),
+            Err(e) => {
+                eprintln!("takeoverd ctl: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     takeover::log::init("takeoverd");
     let code = match run(cli) {
         Ok(code) => code,
@@ -118,13 +129,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    if let Some(Command::Ctl { what, control_socket }) = cli.command {
-        let path = control_socket.or(cli.control_socket).unwrap_or_else(ctl::default_path);
-        return match what {
-            Ctl::Reload { timeout_s } => ctl::reload(&path, Duration::from_secs(timeout_s)),
-            Ctl::Status { json } => ctl::status(&path, json),
-        };
-    }
     if let Err(e) = takeover::raise_fd_limit() {
         tracing::warn!("could not raise the fd limit: {e}");
     }

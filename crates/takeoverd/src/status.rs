@@ -142,6 +142,6 @@ mod tests {
     #[test]
     fn formats_time() {
         assert_eq!(super::format_time(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(super::format_time(1_795_000_000), "2026-11-18 09:46:40 UTC");
+        assert_eq!(super::format_time(1_795_000_000), "2026-11-18 11:06:40 UTC");
     }
 }

@@ -355,15 +355,16 @@ impl Supervisor {
 
     /// Starts a worker and waits for its hello.
     fn spawn_ready(&self) -> Result<WorkerProc, String> {
-        let mut w = WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user)
+        let w = WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user)
             .map_err(|e| format!("{e:#}"))?;
         let deadline = Some(Instant::now() + self.cfg.ack_timeout);
         match takeover::read_hello(w.chan(), deadline) {
             Ok(_) => Ok(w),
             Err(e) => {
-                let status = w.exited().map(|s| format!(" ({s})")).unwrap_or_default();
-                w.kill();
-                Err(format!("new worker {} failed before taking over{status}: {e}", self.cfg.worker.display()))
+                // A worker that closed the channel is exiting: give it a
+                // moment so its exit status makes the error.
+                let status = w.finish(Duration::from_millis(200));
+                Err(format!("new worker {} failed before taking over ({status}): {e}", self.cfg.worker.display()))
             }
         }
     }

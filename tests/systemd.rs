@@ -1,0 +1,338 @@
+//! takeoverd under a real systemd: `units/seqnum.socket` and
+//! `units/seqnum.service` run in a private `systemd --user` manager (see
+//! tests/support/systemd.rs). Each test has its own manager, directory and
+//! port; the harness runs one manager at a time.
+//!
+//! Skipped (with a note) when not root or when systemd/unshare are missing;
+//! with `CI=true` those skips are failures.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use testkit::systemd::{wait_until, UserManager};
+use testkit::{assert_clean, bin, client, client_summary, fds_of, free_port, wait_for_port};
+
+const SERVICE: &str = "seqnum.service";
+const SOCKET: &str = "seqnum.socket";
+
+/// A client that is killed if the test fails before collecting it.
+struct Client(Option<Child>);
+
+impl Client {
+    fn start(port: u16, args: &[&str]) -> Client {
+        Client(Some(client(port, args)))
+    }
+    /// Waits for the summary and asserts a clean run.
+    fn finish(mut self, what: &str) -> Value {
+        let (out, v) = client_summary(self.0.take().unwrap());
+        eprintln!("{what}: {v}");
+        assert_clean(&out, &v);
+        v
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts a manager and, in it, seqnum.socket and seqnum.service on a free
+/// port. `None` when the systemd tests are skipped here.
+fn start(tag: &str, takeoverd_args: &[&str]) -> Option<(UserManager, u16)> {
+    let mut m = UserManager::start(tag)?;
+    let port = free_port();
+    m.install_seqnum(port, takeoverd_args);
+    up(&m, port);
+    Some((m, port))
+}
+
+fn up(m: &UserManager, port: u16) {
+    m.systemctl_ok(&["start", SOCKET]);
+    m.systemctl_ok(&["start", SERVICE]);
+    m.wait_running(SERVICE, 0, Duration::from_secs(30));
+    wait_for_port(port, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(10), || status(m).is_some()),
+        "takeoverd's control socket {} does not answer",
+        m.control_socket().display()
+    );
+}
+
+/// `ctl status --json`, or `None` while takeoverd is not there (restarting).
+fn status(m: &UserManager) -> Option<Value> {
+    let out = m.ctl(&["status", "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn connections(st: &Value) -> u64 {
+    st["connections"].as_u64().unwrap()
+}
+
+fn listeners(st: &Value) -> u64 {
+    st["listeners"].as_array().unwrap().len() as u64
+}
+
+fn worker_pid(st: &Value) -> Option<u32> {
+    st["worker_pid"].as_u64().map(|p| p as u32)
+}
+
+/// Waits until takeoverd reports `n` live connections.
+fn wait_connections(m: &UserManager, n: u64, timeout: Duration) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(timeout, || {
+        if let Some(st) = status(m) {
+            let done = connections(&st) == n && worker_pid(&st).is_some();
+            last = st;
+            return done;
+        }
+        false
+    });
+    assert!(ok, "takeoverd did not report {n} connections within {timeout:?}: {last}\n{}", m.service_log_tail(30));
+    last
+}
+
+/// What systemd's fd store must hold for takeoverd's status `st`: every
+/// listener, every live connection stored by name, the `state` memfd, and
+/// the two ends of the overflow queue (`overflow-r`, `overflow-w`) when
+/// this takeoverd has one (it reports `fdstore_overflow`); connections
+/// carried in that queue are not stored by name. Returns (expected, how).
+fn expected_store(st: &Value) -> (u64, String) {
+    let overflowed = st["fdstore_overflow"].as_u64().unwrap_or(0);
+    let queue_ends = if st.get("fdstore_overflow").is_some() { 2 } else { 0 };
+    let named = connections(st) - overflowed;
+    let n = listeners(st) + named + 1 + queue_ends;
+    let how = format!(
+        "{} listeners + {named} connections + 1 state + {queue_ends} overflow queue ends ({overflowed} connections \
+         in the queue)",
+        listeners(st)
+    );
+    (n, how)
+}
+
+/// NFileDescriptorStore must be exactly what takeoverd holds (see
+/// `expected_store`) with `expect_conns` live connections, and what
+/// takeoverd believes it stored; waits for it to settle, then asserts it.
+fn assert_fd_store(m: &UserManager, expect_conns: u64, timeout: Duration) {
+    let mut seen = (0, Value::Null);
+    let ok = wait_until(timeout, || {
+        let Some(st) = status(m) else { return false };
+        let n = m.show_u64(SERVICE, "NFileDescriptorStore");
+        let done = connections(&st) == expect_conns && n == expected_store(&st).0 && st["fdstore_fds"] == n;
+        seen = (n, st);
+        done
+    });
+    let (want, how) = expected_store(&seen.1);
+    assert!(
+        ok,
+        "NFileDescriptorStore={} but takeoverd holds {how} = {want} (expected {expect_conns} connections; takeoverd \
+         counts {} stored): {}",
+        seen.0, seen.1["fdstore_fds"], seen.1
+    );
+    eprintln!("fd store: NFileDescriptorStore={} = {how}", seen.0);
+}
+
+fn sigkill(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+/// 200 clients at 5 ms through 20 reloads, 3 restarts, a SIGKILL of takeoverd
+/// and a SIGKILL of the worker: not one error, and the fd store holds
+/// exactly what takeoverd holds.
+#[test]
+fn reloads_restarts_and_kills_under_systemd_drop_nothing() {
+    const CLIENT_S: u64 = 20;
+    let Some((m, port)) = start("storm", &[]) else { return };
+    let t0 = Instant::now();
+    let dur = CLIENT_S.to_string();
+    let busy = Client::start(
+        port,
+        &["--connections", "200", "--interval-ms", "5", "--duration", &dur, "--timeout-ms", "10000"],
+    );
+    // Idle connections, so that the store is checked with clients connected.
+    let idle = Client::start(
+        port,
+        &["--connections", "10", "--interval-ms", "1000", "--duration", &dur, "--timeout-ms", "10000"],
+    );
+    wait_connections(&m, 210, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let t_reloads = Instant::now();
+    for i in 0..20 {
+        let out = m.systemctl_ok(&["reload", SERVICE]);
+        let _ = (i, out);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = status(&m).expect("status after the reloads");
+    let reloads = st["reloads"].as_array().unwrap();
+    assert!(reloads.len() >= 20 && reloads.iter().all(|r| r["ok"] == true), "reload history: {st}");
+    eprintln!("20 reloads in {:?}; generation {}", t_reloads.elapsed(), st["generation"]);
+
+    for i in 0..3 {
+        let old = m.main_pid(SERVICE);
+        let t = Instant::now();
+        m.systemctl_ok(&["restart", SERVICE]);
+        let new = m.wait_running(SERVICE, old, Duration::from_secs(30));
+        // Every connection came back from the fd store.
+        let st = wait_connections(&m, 210, Duration::from_secs(10));
+        eprintln!("restart {}: takeoverd {old} -> {new} in {:?}; {}", i + 1, t.elapsed(), st["connections"]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let old = m.main_pid(SERVICE);
+    let t = Instant::now();
+    m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
+    let new = m.wait_running(SERVICE, old, Duration::from_secs(30));
+    wait_connections(&m, 210, Duration::from_secs(10));
+    eprintln!("SIGKILL of takeoverd {old}: restarted as {new} in {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let st = status(&m).unwrap();
+    let w = worker_pid(&st).expect("a worker serves");
+    let t = Instant::now();
+    sigkill(w);
+    let mut after = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            after = status(&m).unwrap_or(Value::Null);
+            worker_pid(&after).is_some_and(|p| p != w) && connections(&after) == 210
+        }),
+        "the worker was not restarted after SIGKILL: {after}"
+    );
+    assert_eq!(m.main_pid(SERVICE), new, "takeoverd itself must survive the worker's crash");
+    assert_eq!(after["worker_restarts"], 1, "{after}");
+    eprintln!("SIGKILL of worker {w}: replaced by {:?} in {:?}", worker_pid(&after), t.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+
+    // With both clients still connected.
+    assert_fd_store(&m, 210, Duration::from_secs(5));
+    let ops = t0.elapsed();
+    eprintln!("all operations done {ops:?} into a {CLIENT_S} s client run");
+    assert!(
+        ops + Duration::from_secs(2) < Duration::from_secs(CLIENT_S),
+        "the operations took {ops:?}: too long for the {CLIENT_S} s client run; the fd store check above may \
+         have raced the clients' end"
+    );
+
+    let v = busy.finish("busy client (200 connections, 5 ms)");
+    let vi = idle.finish("idle client (10 connections, 1 s)");
+    eprintln!(
+        "longest pause seen by a client: {} us (busy client), {} us (idle client)",
+        v["latency_us"]["max"], vi["latency_us"]["max"]
+    );
+    assert_eq!(v["connections"], 200);
+
+    assert_fd_store(&m, 0, Duration::from_secs(10));
+    eprintln!("test took {:?}", t0.elapsed());
+}
+
+/// `systemctl reload` to a worker binary that exits at once fails, the old
+/// worker goes on serving, `ctl status` shows the failure; with the real
+/// binary back a reload succeeds.
+#[test]
+fn failed_reload_under_systemd_keeps_serving() {
+    let Some(mut m) = UserManager::start("badworker") else { return };
+    let port = free_port();
+    let worker = m.dir.path("worker");
+    let tmp = m.dir.path("worker.new");
+    let put = |src: &[u8]| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&tmp, src).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &worker).unwrap();
+    };
+    let real = std::fs::read(bin("seqnum-worker")).unwrap();
+    put(&real);
+    let worker_arg = worker.display().to_string();
+    m.install_seqnum(port, &["--worker", &worker_arg]);
+    up(&m, port);
+
+    let c =
+        Client::start(port, &["--connections", "20", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"]);
+    wait_connections(&m, 20, Duration::from_secs(10));
+    m.systemctl_ok(&["reload", SERVICE]);
+    let before = status(&m).unwrap();
+    assert_eq!(before["reloads"].as_array().unwrap().last().unwrap()["ok"], true, "{before}");
+
+    put(b"#!/bin/sh\nexit 1\n");
+    let t = Instant::now();
+    let out = m.systemctl(&["reload", SERVICE]);
+    eprintln!("failing reload: {} in {:?}: {}", out.status, t.elapsed(), String::from_utf8_lossy(&out.stderr).trim());
+    assert!(!out.status.success(), "systemctl reload must fail when the new worker exits at once");
+    let st = status(&m).expect("takeoverd still answers");
+    let last = st["reloads"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["ok"], false, "{st}");
+    let err = last["error"].as_str().unwrap_or_default();
+    assert!(!err.is_empty(), "a failed reload must say why: {st}");
+    eprintln!("ctl status shows: {err}");
+    assert_eq!(worker_pid(&st), worker_pid(&before), "the old worker must go on serving: {st}");
+    assert_eq!(connections(&st), 20, "{st}");
+    assert_eq!(m.show(SERVICE, "ActiveState"), "active");
+
+    put(&real);
+    m.systemctl_ok(&["reload", SERVICE]);
+    let st = status(&m).unwrap();
+    let last = st["reloads"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["ok"], true, "{st}");
+    assert_ne!(worker_pid(&st), worker_pid(&before), "{st}");
+    assert_fd_store(&m, 20, Duration::from_secs(5));
+
+    c.finish("client across the failed reload");
+}
+
+/// 1 000 connect/echo/close cycles leave nothing behind: not in the fd
+/// store, not in takeoverd, not in the worker.
+#[test]
+fn connection_churn_under_systemd_leaks_no_fd() {
+    let Some((m, port)) = start("churn", &[]) else { return };
+    let d = m.main_pid(SERVICE);
+    assert_fd_store(&m, 0, Duration::from_secs(10));
+    let st = status(&m).unwrap();
+    let w = worker_pid(&st).unwrap();
+    let (base_d, base_w) = (fds_of(d), fds_of(w));
+
+    let t = Instant::now();
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for i in 0..100u32 {
+                    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    s.write_all(&0u32.to_be_bytes()).unwrap();
+                    let mut buf = [0u8; 4];
+                    s.read_exact(&mut buf).unwrap_or_else(|e| panic!("cycle {i}: no echo: {e}"));
+                    assert_eq!(buf, 0u32.to_be_bytes(), "cycle {i}: wrong echo");
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().expect("a connect/close thread failed");
+    }
+    eprintln!("1000 connect/echo/close cycles in {:?}", t.elapsed());
+
+    assert_fd_store(&m, 0, Duration::from_secs(10));
+    let settled =
+        wait_until(Duration::from_secs(10), || fds_of(d).len() == base_d.len() && fds_of(w).len() == base_w.len());
+    let (now_d, now_w) = (fds_of(d), fds_of(w));
+    assert!(
+        settled,
+        "fd leak: takeoverd {} -> {} fds, worker {} -> {} fds\ntakeoverd now: {now_d:?}\nworker now: {now_w:?}",
+        base_d.len(),
+        now_d.len(),
+        base_w.len(),
+        now_w.len()
+    );
+    assert_eq!(m.main_pid(SERVICE), d, "takeoverd restarted during the churn");
+    assert_eq!(worker_pid(&status(&m).unwrap()), Some(w), "the worker restarted during the churn");
+    eprintln!("fds: takeoverd {} (as before), worker {} (as before)", now_d.len(), now_w.len());
+}
