@@ -39,7 +39,7 @@ fn seqpacket() -> Result<OwnedFd> {
 pub fn connect(path: &Path) -> Result<OwnedFd> {
     let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| Error::io("creating a unix socket", e))?;
-    let addr = UnixAddr::new(path).map_err(|e| Error::io("takeover path", e))?;
+    let (addr, _dir) = unix_addr(path)?;
     socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| Error::Io {
         context: "connecting",
         source: io::Error::new(io::Error::from(e).kind(), format!("{}: {}", path.display(), e.desc())),
@@ -47,6 +47,32 @@ pub fn connect(path: &Path) -> Result<OwnedFd> {
     nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
         .map_err(|e| Error::io("fcntl", e))?;
     Ok(fd)
+}
+
+/// The socket address of `path`. A path too long for `sun_path` (108
+/// bytes) is reached through its directory: `/proc/self/fd/N/NAME`, with N
+/// an `O_PATH` fd of the directory, returned so it stays open until the
+/// bind or connect is done.
+fn unix_addr(path: &Path) -> Result<(UnixAddr, Option<OwnedFd>)> {
+    const SUN_PATH: usize = 107;
+    if path.as_os_str().len() <= SUN_PATH {
+        return Ok((UnixAddr::new(path).map_err(|e| Error::io("unix socket path", e))?, None));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Error::io("unix socket path", io::Error::from(io::ErrorKind::InvalidInput)));
+    };
+    let dir = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| Error::Io {
+        context: "opening the socket's directory",
+        source: io::Error::new(io::Error::from(e).kind(), format!("{}: {}", dir.display(), e.desc())),
+    })?;
+    let short = Path::new("/proc/self/fd").join(std::os::fd::AsRawFd::as_raw_fd(&dir).to_string()).join(name);
+    let addr = UnixAddr::new(&short).map_err(|e| Error::io("unix socket path (even through /proc/self/fd)", e))?;
+    Ok((addr, Some(dir)))
 }
 
 impl Endpoint {
@@ -76,7 +102,7 @@ impl Endpoint {
             std::process::id()
         ));
         let _ = std::fs::remove_file(&tmp);
-        let addr = UnixAddr::new(&tmp).map_err(|e| Error::io("takeover path", e))?;
+        let (addr, _dir) = unix_addr(&tmp)?;
         socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map_err(|e| Error::Io {
             context: "binding the takeover path",
             source: io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", tmp.display())),

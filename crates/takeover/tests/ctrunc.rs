@@ -10,9 +10,7 @@ use takeover::wire;
 #[test]
 fn truncated_control_data_is_an_error_and_leaks_nothing() {
     let (giver, taker) = wire::seqpacket_pair().unwrap();
-    let files: Vec<std::fs::File> = (0..20)
-        .map(|_| std::fs::File::open("/proc/self/status").unwrap())
-        .collect();
+    let files: Vec<std::fs::File> = (0..20).map(|_| std::fs::File::open("/proc/self/status").unwrap()).collect();
     let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
     wire::send(giver.as_fd(), br#"{"type":"end","fds":0}"#, &fds, None).unwrap();
     drop(fds);
@@ -27,9 +25,5 @@ fn truncated_control_data_is_an_error_and_leaks_nothing() {
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
     let err = r.unwrap_err().to_string();
     assert!(err.contains("MSG_CTRUNC"), "{err}");
-    assert_eq!(
-        open(),
-        before,
-        "fds received with truncated control data were not closed"
-    );
+    assert_eq!(open(), before, "fds received with truncated control data were not closed");
 }

@@ -27,15 +27,8 @@ struct Probe {
 impl Probe {
     fn new() -> Probe {
         let (r, w) = nix::unistd::pipe().unwrap();
-        nix::fcntl::fcntl(
-            &r,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .unwrap();
-        Probe {
-            read: r.into(),
-            write: Some(w),
-        }
+        nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+        Probe { read: r.into(), write: Some(w) }
     }
     /// Drops our copy and reports whether any other copy is still open.
     fn others_open(mut self) -> bool {
@@ -61,23 +54,10 @@ fn hands_over_listeners_and_connections_with_state() {
         takeover::ack(taker.as_fd(), deadline()).unwrap();
         h
     });
-    assert_eq!(
-        takeover::read_hello(giver.as_fd(), deadline()).unwrap(),
-        std::process::id()
-    );
+    assert_eq!(takeover::read_hello(giver.as_fd(), deadline()).unwrap(), std::process::id());
     let items = [
-        Item {
-            name: "l0",
-            kind: Kind::TcpListener,
-            fd: l.as_fd(),
-            state: Value::Null,
-        },
-        Item {
-            name: "c1",
-            kind: Kind::TcpStream,
-            fd: server.as_fd(),
-            state: json!({"next": 5}),
-        },
+        Item { name: "l0", kind: Kind::TcpListener, fd: l.as_fd(), state: Value::Null },
+        Item { name: "c1", kind: Kind::TcpStream, fd: server.as_fd(), state: json!({"next": 5}) },
     ];
     takeover::offer(giver.as_fd(), &items, &json!({"gen": 3}), false, deadline()).unwrap();
     takeover::await_ack(giver.as_fd(), deadline()).unwrap();
@@ -105,18 +85,11 @@ fn more_than_scm_max_fd_go_in_batches() {
         h
     });
     takeover::read_hello(giver.as_fd(), deadline()).unwrap();
-    let files: Vec<std::fs::File> = (0..600)
-        .map(|_| std::fs::File::open("/proc/self/status").unwrap())
-        .collect();
+    let files: Vec<std::fs::File> = (0..600).map(|_| std::fs::File::open("/proc/self/status").unwrap()).collect();
     let items: Vec<Item<'_>> = files
         .iter()
         .zip(&names)
-        .map(|(f, n)| Item {
-            name: n,
-            kind: Kind::File,
-            fd: f.as_fd(),
-            state: json!(n),
-        })
+        .map(|(f, n)| Item { name: n, kind: Kind::File, fd: f.as_fd(), state: json!(n) })
         .collect();
     takeover::offer(giver.as_fd(), &items, &Value::Null, false, deadline()).unwrap();
     takeover::await_ack(giver.as_fd(), deadline()).unwrap();
@@ -133,35 +106,21 @@ fn against_taker(script: impl FnOnce(BorrowedFd<'_>) + Send + 'static) -> (Error
     let (giver, taker) = wire::seqpacket_pair().unwrap();
     let t = std::thread::spawn(move || {
         takeover::hello(taker.as_fd(), deadline()).unwrap();
-        let r = takeover::receive(
-            taker.as_fd(),
-            &limits(),
-            Some(Instant::now() + Duration::from_secs(2)),
-        );
+        let r = takeover::receive(taker.as_fd(), &limits(), Some(Instant::now() + Duration::from_secs(2)));
         r.expect_err("the taker must reject this")
     });
     takeover::read_hello(giver.as_fd(), deadline()).unwrap();
     script(giver.as_fd());
     let err = t.join().unwrap();
-    let reply = takeover::manifest::recv(
-        giver.as_fd(),
-        Some(Instant::now() + Duration::from_millis(500)),
-    )
-    .ok()
-    .flatten()
-    .map(|(m, _)| m);
+    let reply = takeover::manifest::recv(giver.as_fd(), Some(Instant::now() + Duration::from_millis(500)))
+        .ok()
+        .flatten()
+        .map(|(m, _)| m);
     (err, reply)
 }
 
 fn offer(fds: usize, batches: usize) -> Vec<u8> {
-    Message::Offer {
-        version: 1,
-        fds,
-        batches,
-        recovered: false,
-        app: Value::Null,
-    }
-    .encode()
+    Message::Offer { version: 1, fds, batches, recovered: false, app: Value::Null }.encode()
 }
 
 fn send(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
@@ -170,10 +129,7 @@ fn send(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
 
 fn assert_nack(reply: Option<Message>, want: &str) {
     match reply {
-        Some(Message::Nack { reason }) => assert!(
-            reason.contains(want),
-            "nack {reason:?} should mention {want:?}"
-        ),
+        Some(Message::Nack { reason }) => assert!(reason.contains(want), "nack {reason:?} should mention {want:?}"),
         other => panic!("expected a nack, got {other:?}"),
     }
 }
@@ -184,46 +140,24 @@ fn malformed_json_is_named_and_fds_closed() {
     let w = probe.write.as_ref().unwrap().try_clone().unwrap();
     let (err, reply) = against_taker(move |g| {
         send(g, &offer(1, 1), &[]);
-        send(
-            g,
-            b"{\"type\":\"batch\",\"seq\":0,\"entries\":[{\"name\":",
-            &[w.as_fd()],
-        );
+        send(g, b"{\"type\":\"batch\",\"seq\":0,\"entries\":[{\"name\":", &[w.as_fd()]);
     });
     assert!(err.to_string().contains("malformed message"), "{err}");
     assert_nack(reply, "malformed message");
-    assert!(
-        !probe.others_open(),
-        "the fd that came with a malformed message leaked"
-    );
+    assert!(!probe.others_open(), "the fd that came with a malformed message leaked");
 }
 
 #[test]
 fn unknown_version_is_refused_both_ways() {
     let (err, reply) = against_taker(|g| {
-        send(
-            g,
-            &Message::Offer {
-                version: 99,
-                fds: 0,
-                batches: 0,
-                recovered: false,
-                app: Value::Null,
-            }
-            .encode(),
-            &[],
-        )
+        send(g, &Message::Offer { version: 99, fds: 0, batches: 0, recovered: false, app: Value::Null }.encode(), &[])
     });
     assert!(matches!(err, Error::Version { theirs: 99 }), "{err}");
     assert_nack(reply, "version 99");
 
     // And a giver refuses a taker that speaks another version.
     let (giver, taker) = wire::seqpacket_pair().unwrap();
-    send(
-        taker.as_fd(),
-        br#"{"type":"hello","version":7,"pid":1,"future":"field"}"#,
-        &[],
-    );
+    send(taker.as_fd(), br#"{"type":"hello","version":7,"pid":1,"future":"field"}"#, &[]);
     let err = takeover::read_hello(giver.as_fd(), deadline()).unwrap_err();
     assert!(err.to_string().contains("version 7"), "{err}");
     match takeover::manifest::recv(taker.as_fd(), deadline()).unwrap() {
@@ -243,10 +177,7 @@ fn more_fds_than_announced() {
         let b = br#"{"type":"batch","seq":0,"entries":[{"name":"a","kind":"file"}]}"#;
         send(g, b, &[f.as_fd(), w.as_fd()]);
     });
-    assert!(
-        err.to_string().contains("lists 1 fds but carries 2"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("lists 1 fds but carries 2"), "{err}");
     assert_nack(reply, "carries 2");
     assert!(!probe.others_open(), "the extra fd leaked");
 
@@ -255,16 +186,9 @@ fn more_fds_than_announced() {
     let w = probe.write.as_ref().unwrap().try_clone().unwrap();
     let (err, _) = against_taker(move |g| {
         send(g, &offer(0, 0), &[]);
-        send(
-            g,
-            br#"{"type":"batch","seq":0,"entries":[{"name":"a","kind":"file"}]}"#,
-            &[w.as_fd()],
-        );
+        send(g, br#"{"type":"batch","seq":0,"entries":[{"name":"a","kind":"file"}]}"#, &[w.as_fd()]);
     });
-    assert!(
-        err.to_string().contains("expected end, got batch") || err.to_string().contains("more"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("expected end, got batch") || err.to_string().contains("more"), "{err}");
     assert!(!probe.others_open(), "the unannounced fd leaked");
 }
 
@@ -295,12 +219,7 @@ fn oversized_message_is_rejected() {
     let (err, reply) = against_taker(|g| {
         let big = vec![b' '; wire::MAX_MESSAGE + 10];
         // Bypass our own sender's limit: the kernel takes it.
-        nix::sys::socket::send(
-            std::os::fd::AsRawFd::as_raw_fd(&g),
-            &big,
-            nix::sys::socket::MsgFlags::empty(),
-        )
-        .unwrap();
+        nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&g), &big, nix::sys::socket::MsgFlags::empty()).unwrap();
     });
     assert!(err.to_string().contains("larger than"), "{err}");
     assert_nack(reply, "larger than");
@@ -324,11 +243,7 @@ fn a_giver_that_vanishes_mid_offer_is_a_clear_error() {
 fn a_silent_peer_times_out() {
     let (giver, _taker) = wire::seqpacket_pair().unwrap();
     let t0 = Instant::now();
-    let err = takeover::read_hello(
-        giver.as_fd(),
-        Some(Instant::now() + Duration::from_millis(100)),
-    )
-    .unwrap_err();
+    let err = takeover::read_hello(giver.as_fd(), Some(Instant::now() + Duration::from_millis(100))).unwrap_err();
     assert!(matches!(err, Error::Timeout(_)), "{err}");
     assert!(t0.elapsed() >= Duration::from_millis(100));
 }
@@ -346,21 +261,31 @@ fn nack_rolls_back_the_giver() {
     takeover::read_hello(giver.as_fd(), deadline()).unwrap();
     takeover::offer(
         giver.as_fd(),
-        &[Item {
-            name: "f",
-            kind: Kind::File,
-            fd: f.as_fd(),
-            state: Value::Null,
-        }],
+        &[Item { name: "f", kind: Kind::File, fd: f.as_fd(), state: Value::Null }],
         &Value::Null,
         false,
         deadline(),
     )
     .unwrap();
     let err = takeover::await_ack(giver.as_fd(), deadline()).unwrap_err();
-    assert!(
-        matches!(&err, Error::Refused(r) if r == "not today"),
-        "{err}"
-    );
+    assert!(matches!(&err, Error::Refused(r) if r == "not today"), "{err}");
     t.join().unwrap();
+}
+
+#[test]
+fn endpoints_work_at_paths_longer_than_sun_path() {
+    let base = std::env::temp_dir().join(format!("takeover-long-{}", std::process::id()));
+    let deep = base.join("d".repeat(60)).join("e".repeat(60));
+    std::fs::create_dir_all(&deep).unwrap();
+    let path = deep.join("takeover.sock");
+    assert!(path.as_os_str().len() > 108);
+    let ep = takeover::Endpoint::bind(&path, takeover::Existing::ReplaceStale).unwrap();
+    let chan = takeover::connect(&path).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(ep.accept().unwrap().is_some());
+    drop(chan);
+    // A live endpoint is not stolen, even through the long path.
+    assert!(takeover::Endpoint::bind(&path, takeover::Existing::ReplaceStale).is_err());
+    drop(ep);
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -30,7 +30,9 @@ Listeners come from systemd (a .socket unit, or the fd store of an earlier run),
     after_help = "Examples:\n  takeoverd --listen 127.0.0.1:1234                 run with the default seqnum-worker\n  \
 takeoverd --listen [::1]:8080 --worker ./my-worker -- --flag\n  takeoverd ctl reload                               replace the worker, report the outcome\n  \
 takeoverd ctl status --json\n\n\
-Exit status: 0 after a clean stop (or a successful ctl command), 1 on a runtime error or a failed reload, 2 on bad arguments."
+Exit status: 0 after a clean stop (or a successful ctl command), 1 on a runtime error or a failed reload, 2 on bad arguments.",
+    // A unit's ExecStart= and a drop-in may both give an option: the last wins.
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]

@@ -1,0 +1,156 @@
+//! Under a real systemd (`Restart=on-failure`): takeoverd SIGKILLed at each
+//! step of a reload, and connections carried past the fd-store names budget
+//! in the overflow queue across a restart and a crash. See tests/systemd.rs
+//! for the harness; skipped with a note where it cannot run, failing with
+//! `CI=true`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use serde_json::Value;
+use testkit::systemd::{wait_until, UserManager};
+use testkit::{assert_clean, client, client_summary, free_port, wait_for_port};
+
+const SERVICE: &str = "seqnum.service";
+const SOCKET: &str = "seqnum.socket";
+
+/// A manager running seqnum.{socket,service} with `args` for takeoverd and
+/// `env` (KEY=VALUE lines) in a drop-in.
+fn start(tag: &str, args: &[&str], env: &[String], rw: Option<&std::path::Path>) -> Option<(UserManager, u16)> {
+    let mut m = UserManager::start(tag)?;
+    let port = free_port();
+    m.install_seqnum(port, args);
+    if !env.is_empty() || rw.is_some() {
+        let dir = m.config_dir.join("systemd/user/seqnum.service.d");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut text = String::from("[Service]\n");
+        for e in env {
+            text.push_str(&format!("Environment={e}\n"));
+        }
+        if let Some(p) = rw {
+            text.push_str(&format!("ReadWritePaths={}\n", p.display()));
+        }
+        std::fs::write(dir.join("test.conf"), text).unwrap();
+        m.systemctl_ok(&["daemon-reload"]);
+    }
+    m.systemctl_ok(&["start", SOCKET]);
+    m.systemctl_ok(&["start", SERVICE]);
+    m.wait_running(SERVICE, 0, Duration::from_secs(30));
+    wait_for_port(port, Duration::from_secs(10));
+    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some()), "takeoverd does not answer");
+    Some((m, port))
+}
+
+fn status(m: &UserManager) -> Option<Value> {
+    let out = m.ctl(&["status", "--json"]);
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+}
+
+/// Children of `pid` that are alive.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().and_then(|s| {
+                let rest = s.rsplit_once(')')?.1.to_owned();
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f[0] != "Z" && f[1].parse::<u32>().ok()? == pid)
+            }) == Some(true)
+        })
+        .collect()
+}
+
+fn kill_self_at(step: &str) {
+    // The marker lives in a directory the DynamicUser= service may write.
+    let marker_dir = testkit::bin_dir().join("systemd-tests").join(format!("fault-{step}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&marker_dir);
+    std::fs::create_dir_all(&marker_dir).unwrap();
+    std::fs::set_permissions(&marker_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let marker = marker_dir.join("fired");
+    let env = [format!("TAKEOVERD_FAULT={step}:kill-self:{}", marker.display())];
+    let Some((m, port)) = start(&format!("kill-self-{step}"), &["--ack-timeout-ms", "2000"], &env, Some(&marker_dir))
+    else {
+        return;
+    };
+    let pid0 = m.main_pid(SERVICE);
+    let c = client(port, &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"]);
+    std::thread::sleep(Duration::from_millis(700));
+    let first = m.systemctl(&["reload", SERVICE]);
+    assert!(marker.exists(), "{step}: the fault did not fire\n{}", m.service_log_tail(30));
+    let pid1 = m.wait_running(SERVICE, pid0, Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["worker_pid"].is_u64())));
+    eprintln!("{step}: first reload exited {}; takeoverd {pid0} -> {pid1}", first.status);
+    m.systemctl_ok(&["reload", SERVICE]);
+    let (out, v) = client_summary(c);
+    assert_clean(&out, &v);
+    eprintln!("{step}: longest pause {} us over {} echoes", v["latency_us"]["max"], v["echoed"]);
+
+    // Nothing lingers: one takeoverd with one worker; the store holds the
+    // listener, the state memfd and the overflow queue's two ends.
+    assert!(
+        wait_until(Duration::from_secs(10), || m.show_u64(SERVICE, "NFileDescriptorStore") == 1 + 3),
+        "{step}: NFileDescriptorStore is {} with no client connected",
+        m.show_u64(SERVICE, "NFileDescriptorStore")
+    );
+    let main = m.main_pid(SERVICE);
+    let kids = children(main);
+    assert_eq!(kids.len(), 1, "{step}: takeoverd should have one worker, has {kids:?}");
+    let _ = std::fs::remove_dir_all(&marker_dir);
+}
+
+#[test]
+fn takeoverd_killed_when_the_new_worker_started() {
+    kill_self_at("new-started");
+}
+
+#[test]
+fn takeoverd_killed_when_the_old_worker_quiesced() {
+    kill_self_at("old-quiesced");
+}
+
+#[test]
+fn takeoverd_killed_when_the_sockets_were_sent() {
+    kill_self_at("sockets-sent");
+}
+
+#[test]
+fn takeoverd_killed_when_the_new_worker_acked() {
+    kill_self_at("new-acked");
+}
+
+#[test]
+fn takeoverd_killed_when_the_old_worker_is_exiting() {
+    kill_self_at("old-exiting");
+}
+
+/// With room for only 4 connections by name, the other 56 ride in the
+/// overflow queue, and all 60 survive a restart and a SIGKILL of takeoverd.
+#[test]
+fn connections_past_the_names_budget_survive_restarts() {
+    let Some((m, port)) = start("overflow", &["--fdstore-max", "8"], &[], None) else { return };
+    let c = client(port, &["--connections", "60", "--interval-ms", "5", "--duration", "10", "--timeout-ms", "10000"]);
+    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
+    let st = status(&m).unwrap();
+    assert_eq!(st["fdstore_fds"], 8, "{st}");
+    assert_eq!(st["fdstore_overflow"], 56, "{st}");
+    assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 8);
+
+    let pid0 = m.main_pid(SERVICE);
+    m.systemctl_ok(&["restart", SERVICE]);
+    let pid1 = m.wait_running(SERVICE, pid0, Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
+    m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
+    m.wait_running(SERVICE, pid1, Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
+    let st = status(&m).unwrap();
+    assert_eq!(st["fdstore_overflow"], 56, "after two restarts: {st}");
+
+    let (out, v) = client_summary(c);
+    assert_clean(&out, &v);
+    eprintln!("overflow: 60 connections across a restart and a SIGKILL, longest pause {} us", v["latency_us"]["max"]);
+    // Once the clients are gone, the queue is emptied of them too (on the
+    // next rebuild); by name only the essentials remain.
+    assert!(wait_until(Duration::from_secs(10), || m.show_u64(SERVICE, "NFileDescriptorStore") == 4));
+}
