@@ -116,3 +116,41 @@ fault_cases! {
     kill_old_when_old_exiting: "old-exiting", "kill-old" => true;
     stop_new_when_old_exiting: "old-exiting", "stop-new" => true;
 }
+
+/// Reloads asked for while one runs wait for it and report its outcome;
+/// they never start another (nor interleave with it).
+#[test]
+fn reloads_asked_during_a_reload_share_its_outcome() {
+    let dir = TempDir::new("reload-join");
+    let port = free_port();
+    let sock = dir.path("ctl.sock");
+    let log = dir.path("takeoverd.log");
+    // The new worker is stopped at its first step, so the reload takes the
+    // whole ack timeout (1 s) and fails: a window to ask again in.
+    let d = Command::new(bin("takeoverd"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--ack-timeout-ms", "1000", "--control-socket"])
+        .arg(&sock)
+        .env("TAKEOVERD_FAULT", format!("new-started:stop-new:{}", dir.path("fired").display()))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _d = Reaper(d);
+    wait_for_path(&sock, Duration::from_secs(10));
+    wait_until("the first worker serves", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
+    let ask = |sock: std::path::PathBuf| {
+        move || Command::new(bin("takeoverd")).arg("ctl").arg("--control-socket").arg(sock).arg("reload").output()
+    };
+    let first = std::thread::spawn(ask(sock.clone()));
+    std::thread::sleep(Duration::from_millis(300));
+    let late: Vec<_> = (0..3).map(|_| std::thread::spawn(ask(sock.clone()))).collect();
+    let first = first.join().unwrap().unwrap();
+    assert!(!first.status.success(), "the first reload should fail: {first:?}");
+    for l in late {
+        let out = l.join().unwrap().unwrap();
+        assert!(!out.status.success(), "a reload that joined the failing one must report its failure: {out:?}");
+        assert_eq!(out.stderr, first.stderr, "every waiter reports the same outcome");
+    }
+    let st = status(&sock);
+    assert_eq!(st["reloads"].as_array().unwrap().len(), 1, "only one reload ran: {st}");
+    assert_eq!(st["generation"], 1);
+}
