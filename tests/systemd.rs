@@ -103,12 +103,12 @@ fn wait_connections(m: &UserManager, n: u64, timeout: Duration) -> Value {
 
 /// What systemd's fd store must hold for takeoverd's status `st`: every
 /// listener, every live connection stored by name, the `state` memfd, and
-/// the two ends of the overflow queue (`overflow-r`, `overflow-w`) when
-/// this takeoverd has one (it reports `fdstore_overflow`); connections
-/// carried in that queue are not stored by name. Returns (expected, how).
+/// the two ends of each overflow queue pair (`ovfK-r`, `ovfK-w`; takeoverd
+/// reports `fdstore_pairs`); connections carried in that queue are not
+/// stored by name. Returns (expected, how).
 fn expected_store(st: &Value) -> (u64, String) {
     let overflowed = st["fdstore_overflow"].as_u64().unwrap_or(0);
-    let queue_ends = if st.get("fdstore_overflow").is_some() { 2 } else { 0 };
+    let queue_ends = 2 * st["fdstore_pairs"].as_u64().unwrap_or(0);
     let named = connections(st) - overflowed;
     let n = listeners(st) + named + 1 + queue_ends;
     let how = format!(

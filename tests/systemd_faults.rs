@@ -88,9 +88,9 @@ fn kill_self_at(step: &str) {
     eprintln!("{step}: longest pause {} us over {} echoes", v["latency_us"]["max"], v["echoed"]);
 
     // Nothing lingers: one takeoverd with one worker; the store holds the
-    // listener, the state memfd and the overflow queue's two ends.
+    // listener and the state memfd (50 connections fit by name: no overflow).
     assert!(
-        wait_until(Duration::from_secs(10), || m.show_u64(SERVICE, "NFileDescriptorStore") == 1 + 3),
+        wait_until(Duration::from_secs(10), || m.show_u64(SERVICE, "NFileDescriptorStore") == 1 + 1),
         "{step}: NFileDescriptorStore is {} with no client connected",
         m.show_u64(SERVICE, "NFileDescriptorStore")
     );
@@ -125,17 +125,20 @@ fn takeoverd_killed_when_the_old_worker_is_exiting() {
     kill_self_at("old-exiting");
 }
 
-/// With room for only 4 connections by name, the other 56 ride in the
-/// overflow queue, and all 60 survive a restart and a SIGKILL of takeoverd.
+/// With room for only 8 fds by name (a listener, the state and 6
+/// connections; the overflow pair's two ends come on top), the other 54
+/// connections ride in the overflow queue, and all 60 survive a restart and
+/// a SIGKILL of takeoverd.
 #[test]
 fn connections_past_the_names_budget_survive_restarts() {
     let Some((m, port)) = start("overflow", &["--fdstore-max", "8"], &[], None) else { return };
     let c = client(port, &["--connections", "60", "--interval-ms", "5", "--duration", "10", "--timeout-ms", "10000"]);
     assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
     let st = status(&m).unwrap();
-    assert_eq!(st["fdstore_fds"], 8, "{st}");
-    assert_eq!(st["fdstore_overflow"], 56, "{st}");
-    assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 8);
+    assert_eq!(st["fdstore_fds"], 10, "{st}");
+    assert_eq!(st["fdstore_overflow"], 54, "{st}");
+    assert_eq!(st["fdstore_pairs"], 1, "{st}");
+    assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 10);
 
     let pid0 = m.main_pid(SERVICE);
     m.systemctl_ok(&["restart", SERVICE]);
@@ -145,12 +148,13 @@ fn connections_past_the_names_budget_survive_restarts() {
     m.wait_running(SERVICE, pid1, Duration::from_secs(30));
     assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
     let st = status(&m).unwrap();
-    assert_eq!(st["fdstore_overflow"], 56, "after two restarts: {st}");
+    assert_eq!(st["fdstore_overflow"], 54, "after two restarts: {st}");
+    assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 10, "after two restarts: {st}");
 
     let (out, v) = client_summary(c);
     assert_clean(&out, &v);
     eprintln!("overflow: 60 connections across a restart and a SIGKILL, longest pause {} us", v["latency_us"]["max"]);
-    // Once the clients are gone, the queue is emptied of them too (on the
-    // next rebuild); by name only the essentials remain.
+    // Once the clients are gone, by name only the essentials remain: the
+    // listener, the state and the pair.
     assert!(wait_until(Duration::from_secs(10), || m.show_u64(SERVICE, "NFileDescriptorStore") == 4));
 }

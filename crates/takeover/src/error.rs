@@ -36,6 +36,13 @@ pub enum Error {
         /// What is wrong with it.
         problem: String,
     },
+    /// Control data was truncated (`MSG_CTRUNC`): the peer sent more fds than
+    /// one message may carry, or this process is out of fds
+    /// (`RLIMIT_NOFILE`). The fds that did arrive were closed.
+    Truncated {
+        /// How many fds arrived (and were closed).
+        arrived: usize,
+    },
     /// The peer's credentials are not allowed to take sockets from us.
     PeerNotAllowed {
         /// The peer's pid.
@@ -72,6 +79,12 @@ impl fmt::Display for Error {
             Error::Disconnected(when) => write!(f, "peer closed the channel {when}"),
             Error::Timeout(what) => write!(f, "timed out {what}"),
             Error::BadFd { name, problem } => write!(f, "fd {name:?}: {problem}"),
+            Error::Truncated { arrived } => write!(
+                f,
+                "control data truncated (MSG_CTRUNC): more than {} fds in one message, or this process ran out of \
+                 fds (RLIMIT_NOFILE); the {arrived} fds that arrived were closed",
+                crate::wire::MAX_FDS
+            ),
             Error::PeerNotAllowed { pid, uid } => {
                 write!(f, "peer pid {pid} uid {uid} is neither root nor our uid {}", nix::unistd::geteuid())
             }

@@ -119,10 +119,7 @@ pub fn try_recv(chan: BorrowedFd<'_>) -> Result<Option<Option<Received>>> {
     };
     // Every fd in `r.fds` is owned already: any error below closes them.
     if r.ctruncated {
-        return Err(Error::protocol(format!(
-            "control data truncated (MSG_CTRUNC): more than {MAX_FDS} fds in one message, or this process ran out of fds (RLIMIT_NOFILE); the {} fds that arrived were closed",
-            r.fds.len()
-        )));
+        return Err(Error::Truncated { arrived: r.fds.len() });
     }
     if r.foreign_cmsg {
         return Err(Error::protocol("control message other than SCM_RIGHTS"));

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use sd_notify::NotifyState;
 
-use crate::overflow::Overflow;
+use crate::overflow::{self, Overflow};
 
 /// `MAX_ARG_STRLEN`: the longest single environment string exec accepts.
 const MAX_ENV_STRING: usize = 32 * 4096;
@@ -30,32 +30,30 @@ pub struct FdStore {
     stored: HashMap<Box<str>, u16>,
     used: usize,
     max_fds: usize,
-    /// Where connections go once the names budget is spent.
-    overflow: Option<Overflow>,
+    /// Where connections go once `max_fds` names are used.
+    overflow: Overflow,
 }
 
 impl FdStore {
-    /// Enabled when `NOTIFY_SOCKET` is set. `max_fds` mirrors the unit's
-    /// `FileDescriptorStoreMax=`. `queue` is the overflow queue an earlier
-    /// takeoverd stored, if any; the connections it carried are returned.
-    pub fn new(max_fds: usize, queue: Option<(OwnedFd, OwnedFd)>) -> anyhow::Result<(FdStore, Vec<(String, OwnedFd)>)> {
+    /// Enabled when `NOTIFY_SOCKET` is set. At most `max_fds` fds are stored
+    /// by name (the essentials always are); connections past that ride in
+    /// the overflow queue. `queue` holds the overflow pairs an earlier
+    /// takeoverd stored (already in the store); the connections they carried
+    /// are returned.
+    pub fn new(max_fds: usize, queue: Vec<(usize, OwnedFd, OwnedFd)>) -> (FdStore, Vec<(String, OwnedFd)>) {
         let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
-        let (overflow, carried) = match (enabled, queue) {
-            (true, Some((r, w))) => {
-                let (q, carried) = Overflow::restore(r, w);
-                (Some(q), carried)
-            }
-            (true, None) => (Some(Overflow::create()?), Vec::new()),
-            (false, _) => (None, Vec::new()),
-        };
-        let mut store = FdStore { enabled, stored: HashMap::new(), used: 0, max_fds, overflow };
-        if let Some(q) = store.overflow.take() {
-            for (name, fd) in q.ends() {
-                store.store(name, fd, true);
-            }
-            store.overflow = Some(q);
+        let mut store = FdStore { enabled, stored: HashMap::new(), used: 0, max_fds, overflow: Overflow::default() };
+        if !enabled {
+            return (store, Vec::new());
         }
-        Ok((store, carried))
+        for (k, _, _) in &queue {
+            let (r, w) = overflow::end_names(*k);
+            store.mark_stored(&r);
+            store.mark_stored(&w);
+        }
+        let (overflow, carried) = Overflow::restore(queue);
+        store.overflow = overflow;
+        (store, carried)
     }
 
     /// Whether a service manager is there to store fds.
@@ -63,9 +61,19 @@ impl FdStore {
         self.enabled
     }
 
+    /// Records `name` as stored without sending it: it came back from the
+    /// store, where it still is. (Sending it again would cost systemd a
+    /// comparison with every stored fd, for nothing.)
+    pub fn mark_stored(&mut self, name: &str) {
+        if self.enabled && !self.stored.contains_key(name) {
+            self.stored.insert(name.into(), (name.len() + 1) as u16);
+            self.used += name.len() + 1;
+        }
+    }
+
     /// Stores `fd` as `name`. `essential` entries (listeners, the state, the
-    /// overflow queue) are stored by name even past the connection budget;
-    /// a connection past it goes to the overflow queue at the next
+    /// overflow pairs) are stored by name even past the limits; a
+    /// connection past them goes to the overflow queue at the next
     /// [`flush`](Self::flush). Returns whether it is (or will be) kept.
     pub fn store(&mut self, name: &str, fd: BorrowedFd<'_>, essential: bool) -> bool {
         if !self.enabled {
@@ -76,13 +84,8 @@ impl FdStore {
         }
         let cost = name.len() + 1;
         if !essential && (self.used + cost > NAMES_BUDGET || self.stored.len() + 1 > self.max_fds) {
-            return match &mut self.overflow {
-                Some(q) => {
-                    q.push(name);
-                    true
-                }
-                None => false,
-            };
+            self.overflow.push(name);
+            return true;
         }
         match sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[fd]) {
             Ok(()) => {
@@ -104,16 +107,21 @@ impl FdStore {
             if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
                 tracing::warn!(%name, "removing an fd from the systemd store failed: {e}");
             }
-        } else if let Some(q) = &mut self.overflow {
-            q.remove(name);
+        } else if self.enabled {
+            self.overflow.remove(name);
         }
     }
 
     /// Sends connections waiting for the overflow queue.
     pub fn flush<'a>(&mut self, fd_of: impl Fn(&str) -> Option<BorrowedFd<'a>>) {
-        if let Some(q) = &mut self.overflow {
-            q.flush(fd_of);
+        if !self.enabled {
+            return;
         }
+        let mut q = std::mem::take(&mut self.overflow);
+        q.flush(fd_of, |name, fd| {
+            self.store(name, fd, true);
+        });
+        self.overflow = q;
     }
 
     /// How many fds are stored by name.
@@ -123,12 +131,17 @@ impl FdStore {
 
     /// How many connections ride in the overflow queue.
     pub fn overflowed(&self) -> usize {
-        self.overflow.as_ref().map_or(0, Overflow::len)
+        self.overflow.len()
+    }
+
+    /// Socket pairs of the overflow queue.
+    pub fn pairs(&self) -> usize {
+        self.overflow.pairs()
     }
 
     /// Connections that could be kept neither way.
     pub fn lost(&self) -> u64 {
-        self.overflow.as_ref().map_or(0, Overflow::lost)
+        self.overflow.lost()
     }
 }
 

@@ -61,8 +61,11 @@ struct Cli {
     #[arg(long, value_name = "PATH", global = true)]
     control_socket: Option<PathBuf>,
 
-    /// The unit's FileDescriptorStoreMax=; connections beyond it are served
-    /// but not stored [default: $FDSTORE (systemd 254+), else 16384].
+    /// How many fds to store in the systemd fd store by name (listeners,
+    /// state, overflow pairs, and the first connections); further
+    /// connections ride in the overflow queue, which costs systemd nothing
+    /// per connection. At most the unit's FileDescriptorStoreMax=
+    /// [default: 256, or $FDSTORE (systemd 254+) if lower].
     #[arg(long, value_name = "N")]
     fdstore_max: Option<usize>,
 
@@ -138,8 +141,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Some(w) => w,
         None => std::env::current_exe()?.with_file_name("seqnum-worker"),
     };
-    let fdstore_max =
-        cli.fdstore_max.or_else(|| std::env::var("FDSTORE").ok().and_then(|v| v.parse().ok())).unwrap_or(16384);
+    let unit_max: Option<usize> = std::env::var("FDSTORE").ok().and_then(|v| v.parse().ok());
+    let fdstore_max = cli.fdstore_max.unwrap_or(256).min(unit_max.unwrap_or(usize::MAX));
     let worker_user = match &cli.worker_user {
         None => None,
         Some(name) => {

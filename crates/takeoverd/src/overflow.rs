@@ -1,140 +1,70 @@
-//! Carrying more connections across a restart than `LISTEN_FDNAMES` can
-//! name.
+//! Carrying connections across a restart without naming each in the fd
+//! store.
 //!
 //! systemd hands stored fds back with their names in one environment
-//! string, which the kernel caps at 128 KiB: about 14 000 of our names. Past
-//! that budget, connections ride in the receive queue of a stored
-//! `SOCK_SEQPACKET` socket pair instead: takeoverd sends them to one end in
-//! batches of 253 (a `batch` message of the takeover protocol, names in the
-//! JSON, fds as `SCM_RIGHTS`), and both ends sit in the fd store under the
-//! names `overflow-r` and `overflow-w`. A datagram in flight keeps its fds
-//! open, so after a restart the new takeoverd reads every batch back from
-//! `overflow-r`. A connection that closes lingers in the queue until the
-//! queue is rebuilt (drained and refilled with the live ones), which
-//! happens once the dead outnumber the live.
+//! string, which the kernel caps at 128 KiB, and systemd 252 compares every
+//! fd it is asked to store with every fd already stored (a `kcmp` each):
+//! storing n connections by name costs the manager O(n²) — 36 s of CPU per
+//! restart at 10 000 connections on our test machine (docs/BENCHMARKS.md).
+//! So past a small number of names, connections ride in the receive queue of
+//! stored `SOCK_SEQPACKET` socket pairs instead: takeoverd sends them to one
+//! end in batches of 253 (a `batch` message of the takeover protocol: names
+//! in the JSON, fds as `SCM_RIGHTS`), and both ends of each pair sit in the
+//! fd store as `ovfK-r` and `ovfK-w`. A datagram in flight keeps its fds
+//! open, so after a restart the new takeoverd reads every batch back. A pair
+//! holds what its send buffer allows (2 × `net.core.wmem_max` unprivileged,
+//! about 6 500 connections with the kernel's default); when it is full the
+//! next pair is opened. A connection that closes lingers in its pair until
+//! the pair is rebuilt (drained and refilled with the live ones), which
+//! happens once its dead outnumber its live.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
 
 use takeover::{wire, Entry, Kind, Message};
 
-/// fd-store names of the two ends.
-pub const READ_END: &str = "overflow-r";
-/// See [`READ_END`].
-pub const WRITE_END: &str = "overflow-w";
+/// At most this many pairs (2 fds each in the store by name).
+const MAX_PAIRS: usize = 64;
 
-/// The queue's send buffer: room for about 400 batches of 253 (100 000
-/// connections). Above `net.core.wmem_max` it needs `CAP_NET_ADMIN`
-/// (`SO_SNDBUFFORCE`); without it the kernel gives 2 × `wmem_max`: about
-/// 6 500 connections with the default 212 992, about 127 000 with 4 MiB.
+/// The send buffer asked for: room for about 400 batches of 253. Above
+/// `net.core.wmem_max` it needs `CAP_NET_ADMIN` (`SO_SNDBUFFORCE`); without
+/// it the kernel gives 2 × `wmem_max`.
 const SNDBUF: usize = 8 << 20;
 
-/// The overflow queue.
-#[derive(Debug)]
-pub struct Overflow {
-    r: OwnedFd,
-    w: OwnedFd,
-    /// Connections in the queue and still open.
-    live: HashSet<Box<str>>,
-    /// Entries in the queue whose connection has closed since.
-    dead: usize,
-    /// Names to add at the next flush.
-    pending: Vec<Box<str>>,
-    /// Connections the queue had no room for (would not survive a restart).
-    lost: u64,
+/// The fd-store names of pair `k`'s two ends.
+pub fn end_names(k: usize) -> (String, String) {
+    (format!("ovf{k}-r"), format!("ovf{k}-w"))
 }
 
-impl Overflow {
-    /// A new, empty queue.
-    pub fn create() -> anyhow::Result<Overflow> {
+/// Which pair and which end `name` is, if it is one of ours.
+pub fn parse_end(name: &str) -> Option<(usize, bool)> {
+    let rest = name.strip_prefix("ovf")?;
+    let (k, end) = rest.split_once('-')?;
+    let k = k.parse().ok()?;
+    match end {
+        "r" => Some((k, true)),
+        "w" => Some((k, false)),
+        _ => None,
+    }
+}
+
+#[derive(Debug)]
+struct Pair {
+    r: OwnedFd,
+    w: OwnedFd,
+    live: usize,
+    dead: usize,
+}
+
+impl Pair {
+    fn new() -> anyhow::Result<Pair> {
         let (r, w) = wire::seqpacket_pair()?;
         grow_sndbuf(w.as_fd());
-        Ok(Overflow { r, w, live: HashSet::new(), dead: 0, pending: Vec::new(), lost: 0 })
+        Ok(Pair { r, w, live: 0, dead: 0 })
     }
 
-    /// The queue of an earlier takeoverd, from the fd store, and every
-    /// connection it carried (names and fds).
-    pub fn restore(r: OwnedFd, w: OwnedFd) -> (Overflow, Vec<(String, OwnedFd)>) {
-        grow_sndbuf(w.as_fd());
-        let mut q = Overflow { r, w, live: HashSet::new(), dead: 0, pending: Vec::new(), lost: 0 };
-        let conns = q.drain();
-        (q, conns)
-    }
-
-    /// The two ends, for the fd store.
-    pub fn ends(&self) -> [(&'static str, BorrowedFd<'_>); 2] {
-        [(READ_END, self.r.as_fd()), (WRITE_END, self.w.as_fd())]
-    }
-
-    /// Queues `name` at the next flush.
-    pub fn push(&mut self, name: &str) {
-        self.pending.push(name.into());
-    }
-
-    /// Notes that `name` closed; `true` if it was in the queue.
-    pub fn remove(&mut self, name: &str) -> bool {
-        if self.live.remove(name) {
-            self.dead += 1;
-            true
-        } else {
-            self.pending.retain(|p| &**p != name);
-            false
-        }
-    }
-
-    /// How many live connections the queue carries (or will after a flush).
-    pub fn len(&self) -> usize {
-        self.live.len() + self.pending.len()
-    }
-
-    /// Connections the queue had no room for.
-    pub fn lost(&self) -> u64 {
-        self.lost
-    }
-
-    /// Sends the pending connections. `fd_of` looks a name up (`None` once
-    /// it has closed).
-    pub fn flush<'a>(&mut self, fd_of: impl Fn(&str) -> Option<BorrowedFd<'a>>) {
-        if self.dead > 1000 && self.dead > self.live.len() {
-            self.rebuild(&fd_of);
-        }
-        if self.pending.is_empty() {
-            return;
-        }
-        let pending = std::mem::take(&mut self.pending);
-        let found: Vec<(Box<str>, BorrowedFd<'a>)> =
-            pending.into_iter().filter_map(|n| fd_of(&n).map(|fd| (n, fd))).collect();
-        for chunk in found.chunks(wire::MAX_FDS) {
-            let entries = chunk
-                .iter()
-                .map(|(n, _)| Entry { name: n.to_string(), kind: Kind::TcpStream, state: serde_json::Value::Null })
-                .collect();
-            let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| *fd).collect();
-            match takeover::manifest::send(self.w.as_fd(), &Message::Batch { seq: 0, entries }, &fds, None) {
-                Ok(()) => self.live.extend(chunk.iter().map(|(n, _)| n.clone())),
-                Err(e) => {
-                    self.lost += chunk.len() as u64;
-                    tracing::warn!(
-                        connections = chunk.len(),
-                        "the overflow queue is full ({e}): these connections would not survive a restart of takeoverd"
-                    );
-                }
-            }
-        }
-    }
-
-    /// Empties the queue and refills it with the live connections.
-    fn rebuild<'a>(&mut self, fd_of: &impl Fn(&str) -> Option<BorrowedFd<'a>>) {
-        let drained = self.drain();
-        let still: Vec<Box<str>> =
-            drained.into_iter().map(|(n, _)| n.into_boxed_str()).filter(|n| fd_of(n).is_some()).collect();
-        tracing::debug!(live = still.len(), dead = self.dead, "rebuilding the overflow queue");
-        self.live.clear();
-        self.dead = 0;
-        self.pending.extend(still);
-    }
-
-    /// Reads every batch out of the queue.
+    /// Reads every batch out of the pair.
     fn drain(&mut self) -> Vec<(String, OwnedFd)> {
         let mut out = Vec::new();
         loop {
@@ -154,14 +84,222 @@ impl Overflow {
                 }
             }
         }
+        self.live = 0;
+        self.dead = 0;
         out
+    }
+}
+
+/// The overflow queue: one or more pairs.
+#[derive(Debug, Default)]
+pub struct Overflow {
+    pairs: Vec<Pair>,
+    /// Which pair each queued, live connection is in.
+    which: HashMap<Box<str>, u16>,
+    /// Names to add at the next flush.
+    pending: Vec<Box<str>>,
+    /// Connections no pair had room for (would not survive a restart).
+    lost: u64,
+}
+
+impl Overflow {
+    /// The pairs of an earlier takeoverd, from the fd store (by index), and
+    /// every connection they carried.
+    pub fn restore(ends: Vec<(usize, OwnedFd, OwnedFd)>) -> (Overflow, Vec<(String, OwnedFd)>) {
+        let mut q = Overflow::default();
+        let mut carried = Vec::new();
+        let mut ends = ends;
+        ends.sort_by_key(|(k, _, _)| *k);
+        for (_, r, w) in ends {
+            grow_sndbuf(w.as_fd());
+            let mut pair = Pair { r, w, live: 0, dead: 0 };
+            // Read it out now: the connections are re-queued (compactly) at
+            // the first flush, and the pair reused.
+            carried.extend(pair.drain());
+            q.pairs.push(pair);
+        }
+        (q, carried)
+    }
+
+    /// Queues `name` at the next flush.
+    pub fn push(&mut self, name: &str) {
+        self.pending.push(name.into());
+    }
+
+    /// Notes that `name` closed.
+    pub fn remove(&mut self, name: &str) {
+        if let Some(i) = self.which.remove(name) {
+            let p = &mut self.pairs[i as usize];
+            p.live -= 1;
+            p.dead += 1;
+        } else {
+            self.pending.retain(|p| &**p != name);
+        }
+    }
+
+    /// How many live connections the queue carries (or will after a flush).
+    pub fn len(&self) -> usize {
+        self.which.len() + self.pending.len()
+    }
+
+    /// How many pairs are open.
+    pub fn pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Connections no pair had room for.
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+
+    /// Sends the pending connections (`fd_of` looks a name up, `None` once it
+    /// has closed), opening new pairs as needed; `store` puts a new pair's
+    /// ends in the fd store.
+    pub fn flush<'a>(
+        &mut self,
+        fd_of: impl Fn(&str) -> Option<BorrowedFd<'a>>,
+        mut store: impl FnMut(&str, BorrowedFd<'_>),
+    ) {
+        self.rebuild_if_wasteful(&fd_of);
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let found: Vec<(Box<str>, BorrowedFd<'a>)> =
+            pending.into_iter().filter_map(|n| fd_of(&n).map(|fd| (n, fd))).collect();
+        'chunks: for chunk in found.chunks(wire::MAX_FDS) {
+            let entries: Vec<Entry> = chunk
+                .iter()
+                .map(|(n, _)| Entry { name: n.to_string(), kind: Kind::TcpStream, state: serde_json::Value::Null })
+                .collect();
+            let msg = Message::Batch { seq: 0, entries };
+            let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| *fd).collect();
+            loop {
+                // Never block: a full pair answers at once and the next opens.
+                let sent = match self.pairs.last() {
+                    Some(p) => takeover::manifest::send(p.w.as_fd(), &msg, &fds, Some(Instant::now())),
+                    None => Err(takeover::Error::Timeout("no pair yet")),
+                };
+                match sent {
+                    Ok(()) => {
+                        let i = self.pairs.len() - 1;
+                        self.pairs[i].live += chunk.len();
+                        self.which.extend(chunk.iter().map(|(n, _)| (n.clone(), i as u16)));
+                        continue 'chunks;
+                    }
+                    Err(takeover::Error::Timeout(_)) if self.pairs.len() < MAX_PAIRS => match Pair::new() {
+                        Ok(p) => {
+                            let (r, w) = end_names(self.pairs.len());
+                            store(&r, p.r.as_fd());
+                            store(&w, p.w.as_fd());
+                            tracing::info!(pair = self.pairs.len(), "opened an overflow queue pair");
+                            self.pairs.push(p);
+                        }
+                        Err(e) => {
+                            self.give_up(chunk.len(), &format!("{e:#}"));
+                            continue 'chunks;
+                        }
+                    },
+                    Err(e) => {
+                        self.give_up(chunk.len(), &e.to_string());
+                        continue 'chunks;
+                    }
+                }
+            }
+        }
+    }
+
+    fn give_up(&mut self, n: usize, why: &str) {
+        self.lost += n as u64;
+        tracing::warn!(
+            connections = n,
+            lost_total = self.lost,
+            "no room in the overflow queue ({why}): these connections would not survive a restart of takeoverd"
+        );
+    }
+
+    /// Rebuilds each pair whose closed connections outnumber its live ones.
+    fn rebuild_if_wasteful<'a>(&mut self, fd_of: &impl Fn(&str) -> Option<BorrowedFd<'a>>) {
+        for i in 0..self.pairs.len() {
+            let p = &self.pairs[i];
+            if p.dead <= 256 || p.dead <= p.live {
+                continue;
+            }
+            let drained = self.pairs[i].drain();
+            let mut still = 0;
+            for (name, _fd) in drained {
+                if self.which.get(name.as_str()) == Some(&(i as u16)) {
+                    self.which.remove(name.as_str());
+                    if fd_of(&name).is_some() {
+                        self.pending.push(name.into_boxed_str());
+                        still += 1;
+                    }
+                }
+            }
+            tracing::debug!(pair = i, live = still, "rebuilt an overflow queue pair");
+        }
     }
 }
 
 fn grow_sndbuf(fd: BorrowedFd<'_>) {
     use nix::sys::socket::{setsockopt, sockopt};
     if setsockopt(&fd, sockopt::SndBufForce, &SNDBUF).is_err() {
-        // Not root: as much as net.core.wmem_max allows.
+        // Without CAP_NET_ADMIN: as much as net.core.wmem_max allows.
         let _ = setsockopt(&fd, sockopt::SndBuf, &SNDBUF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_names_round_trip() {
+        let (r, w) = end_names(12);
+        assert_eq!(parse_end(&r), Some((12, true)));
+        assert_eq!(parse_end(&w), Some((12, false)));
+        assert_eq!(parse_end("ovfx-r"), None);
+        assert_eq!(parse_end("c1z"), None);
+    }
+
+    #[test]
+    fn a_full_pair_opens_the_next_and_everything_comes_back() {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut keep = Vec::new();
+        let mut names = HashMap::new();
+        for i in 0..600 {
+            let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            names.insert(format!("c{i}"), OwnedFd::from(s));
+            keep.push(_c);
+        }
+        let mut q = Overflow::default();
+        for n in names.keys() {
+            q.push(n);
+        }
+        let mut stored = Vec::new();
+        q.flush(|n| names.get(n).map(|f| f.as_fd()), |n, _| stored.push(n.to_owned()));
+        assert_eq!(q.len(), 600);
+        assert_eq!(stored[..2], ["ovf0-r".to_owned(), "ovf0-w".to_owned()]);
+        // A restart: the pairs come back and so does every connection.
+        let pairs: Vec<_> = std::mem::take(&mut q.pairs).into_iter().enumerate().map(|(k, p)| (k, p.r, p.w)).collect();
+        let (_q2, carried) = Overflow::restore(pairs);
+        assert_eq!(carried.len(), 600);
+        // Closed ones are dropped at the next rebuild, not sent again.
+        let mut q = Overflow::default();
+        for n in names.keys() {
+            q.push(n);
+        }
+        q.flush(|n| names.get(n).map(|f| f.as_fd()), |_, _| {});
+        let closed: Vec<String> = names.keys().take(400).cloned().collect();
+        for n in &closed {
+            q.remove(n);
+            names.remove(n);
+        }
+        q.flush(|n| names.get(n).map(|f| f.as_fd()), |_, _| {});
+        assert_eq!(q.len(), 200);
+        assert_eq!(q.pairs[0].dead, 0, "the pair was rebuilt");
+        assert_eq!(q.pairs[0].live, 200);
     }
 }

@@ -54,6 +54,8 @@ pub struct Status {
     pub fdstore_fds: usize,
     /// Connections carried in the overflow queue (past the names budget).
     pub fdstore_overflow: usize,
+    /// Socket pairs of the overflow queue (two named fds each).
+    pub fdstore_pairs: usize,
     /// Connections kept neither way: they would not survive a restart.
     pub fdstore_refused: u64,
     /// Workers restarted after a crash.

@@ -96,6 +96,10 @@ pub struct Supervisor {
     ctl_conns: Slab<(OwnedFd, Instant)>,
     /// Problems on the control socket, logged at most once a second.
     ctl_log: takeover::Throttle,
+    /// When to try accepting on the control socket again after a failure.
+    ctl_retry: Option<Instant>,
+    /// Connections whose fd we could not receive, logged at most once a second.
+    hold_log: takeover::Throttle,
     listeners: Vec<HeldListener>,
     conns: HashMap<String, HeldConn>,
     worker: Option<WorkerProc>,
@@ -136,18 +140,20 @@ impl Supervisor {
         for inh in fdstore::inherited()? {
             classify(inh, &mut g);
         }
-        let queue = match (g.queue_r.take(), g.queue_w.take()) {
-            (Some(r), Some(w)) => Some((r, w)),
-            (None, None) => None,
-            _ => {
-                tracing::warn!("only one end of the overflow queue came back from the fd store; starting a new queue");
-                None
+        let mut queue = Vec::new();
+        for (k, ends) in std::mem::take(&mut g.queue) {
+            match ends {
+                (Some(r), Some(w)) => queue.push((k, r, w)),
+                _ => tracing::warn!(pair = k, "only one end of an overflow pair came back from the fd store; dropped"),
             }
-        };
-        let (mut store, carried) = FdStore::new(cfg.fdstore_max, queue)?;
+        }
+        let (mut store, carried) = FdStore::new(cfg.fdstore_max, queue);
         if !carried.is_empty() {
             tracing::info!(connections = carried.len(), "restored connections from the overflow queue");
         }
+        // Connections that came back by name (not from the overflow queue).
+        let named: std::collections::HashSet<String> = g.conns.keys().cloned().collect();
+        let restored_state = g.state.is_some();
         for (name, fd) in carried {
             g.conns.entry(name).or_insert(HeldConn { fd, state: Value::Null });
         }
@@ -184,11 +190,21 @@ impl Supervisor {
             tracing::info!(connections = restored, listeners = listeners.len(), "restored from the fd store");
         }
 
+        // Listeners may come from a .socket unit rather than the store: store
+        // them (systemd keeps one copy of an open file). Connections and the
+        // state memfd can only have come from the store, where they still are.
         for l in &listeners {
             store.store(&l.name, l.fd.as_fd(), true);
         }
-        store.store(STATE_NAME, state.fd(), true);
-        for (name, c) in &conns {
+        if restored_state {
+            store.mark_stored(STATE_NAME);
+        } else {
+            store.store(STATE_NAME, state.fd(), true);
+        }
+        for name in conns.keys().filter(|n| named.contains(n.as_str())) {
+            store.mark_stored(name);
+        }
+        for (name, c) in conns.iter().filter(|(n, _)| !named.contains(n.as_str())) {
             store.store(name, c.fd.as_fd(), false);
         }
         store.flush(|n| conns.get(n).map(|c| c.fd.as_fd()));
@@ -203,6 +219,8 @@ impl Supervisor {
             ctl,
             ctl_conns: Slab::new(),
             ctl_log: takeover::Throttle::new(Duration::from_secs(1)),
+            ctl_retry: None,
+            hold_log: takeover::Throttle::new(Duration::from_secs(1)),
             listeners,
             conns,
             worker: None,
@@ -276,7 +294,7 @@ impl Supervisor {
             let at = self.status_at + Duration::from_secs(1);
             soonest = Some(soonest.map_or(at, |s| s.min(at)));
         }
-        if let Some(at) = self.ctl_conns.iter().map(|(_, (_, d))| *d).min() {
+        if let Some(at) = self.ctl_conns.iter().map(|(_, (_, d))| *d).chain(self.ctl_retry).min() {
             soonest = Some(soonest.map_or(at, |s| s.min(at)));
         }
         soonest.map(|s| s.saturating_duration_since(Instant::now()))
@@ -303,6 +321,10 @@ impl Supervisor {
         }
         self.check_ping(now);
         self.expire_ctl(now);
+        if self.ctl_retry.is_some_and(|t| now >= t) {
+            self.ctl_retry = None;
+            self.on_ctl_accept();
+        }
     }
 
     /// Pings the worker; replaces one that stays silent past the ack timeout.
@@ -345,6 +367,7 @@ impl Supervisor {
             fdstore: self.store.enabled(),
             fdstore_fds: self.store.len(),
             fdstore_overflow: self.store.overflowed(),
+            fdstore_pairs: self.store.pairs(),
             fdstore_refused: self.store.lost(),
             worker_restarts: self.restarts,
             reloads: self.reloads.iter().cloned().collect(),
@@ -445,6 +468,14 @@ impl Supervisor {
                     return;
                 }
                 Ok(Some(None)) => return self.on_worker_gone("closed its control channel"),
+                Err(e @ takeover::Error::Truncated { .. }) => {
+                    // Out of fds: we cannot hold a copy of a connection the
+                    // worker accepted. It is served; it would not survive a
+                    // crash of the worker. Not the worker's fault.
+                    self.hold_log.warn(format!(
+                        "could not receive a new connection from the worker ({e}): it is served but not held here; raise LimitNOFILE="
+                    ));
+                }
                 Err(e) => {
                     tracing::error!("worker channel: {e}");
                     return self.on_worker_gone("broke the control protocol");
@@ -661,7 +692,14 @@ impl Supervisor {
                     }
                 }
                 Ok(None) => return,
-                Err(e) => self.ctl_log.warn(format!("control socket: {e}")),
+                Err(e @ takeover::Error::PeerNotAllowed { .. }) => self.ctl_log.warn(format!("control socket: {e}")),
+                Err(e) => {
+                    // EMFILE and the like: the connection waits in the
+                    // backlog; retry on a timer instead of spinning.
+                    self.ctl_log.warn(format!("control socket: {e}; retrying in 100 ms"));
+                    self.ctl_retry = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
             }
         }
     }
@@ -783,8 +821,8 @@ struct Gathered {
     listeners: Vec<HeldListener>,
     conns: HashMap<String, HeldConn>,
     state: Option<StateFile>,
-    queue_r: Option<OwnedFd>,
-    queue_w: Option<OwnedFd>,
+    /// Overflow pairs by index: (read end, write end).
+    queue: HashMap<usize, (Option<OwnedFd>, Option<OwnedFd>)>,
 }
 
 /// Sorts an fd systemd handed us by what it is, never by its position.
@@ -793,10 +831,13 @@ fn classify(inh: fdstore::Inherited, g: &mut Gathered) {
     let is = |kind| takeover::validate(fd.as_fd(), kind).is_ok();
     if name == STATE_NAME && is(Kind::File) {
         g.state = Some(StateFile::from_fd(fd));
-    } else if name == overflow::READ_END && is(Kind::UnixSeqpacket) {
-        g.queue_r = Some(fd);
-    } else if name == overflow::WRITE_END && is(Kind::UnixSeqpacket) {
-        g.queue_w = Some(fd);
+    } else if let Some((k, read)) = overflow::parse_end(&name).filter(|_| is(Kind::UnixSeqpacket)) {
+        let slot = g.queue.entry(k).or_default();
+        if read {
+            slot.0 = Some(fd);
+        } else {
+            slot.1 = Some(fd);
+        }
     } else if is(Kind::TcpListener) {
         let addr = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
             .map(|a| a.to_string())
