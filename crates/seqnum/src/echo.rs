@@ -76,6 +76,15 @@ pub fn conn_name(cookie: u64) -> String {
     String::from_utf8(digits).expect("ASCII")
 }
 
+/// The cookie in a name made by [`conn_name`].
+pub fn cookie_of_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix('c')?;
+    if digits.is_empty() || digits.len() > 13 {
+        return None;
+    }
+    u64::from_str_radix(digits, 36).ok().filter(|c| conn_name(*c) == name)
+}
+
 impl EchoConn {
     /// A connection we just accepted.
     pub fn accepted(stream: TcpStream, peer: SocketAddr) -> io::Result<EchoConn> {
@@ -87,8 +96,12 @@ impl EchoConn {
     /// A connection received in a handoff. When `recovered` (the previous
     /// holder died), bytes it echoed but did not consume are discarded, and
     /// a stale expected seqnum is forgotten.
-    pub fn adopt(stream: TcpStream, state: ConnState, recovered: bool) -> io::Result<EchoConn> {
-        let cookie = takeover::socket_cookie(stream.as_fd())?;
+    pub fn adopt(stream: TcpStream, name: &str, state: ConnState, recovered: bool) -> io::Result<EchoConn> {
+        // The name carries the cookie; ask the kernel only for a foreign name.
+        let cookie = match cookie_of_name(name) {
+            Some(c) => c,
+            None => takeover::socket_cookie(stream.as_fd())?,
+        };
         let mut conn = EchoConn { stream, cookie, peer: state.peer, next: state.next, consumed: state.consumed };
         if recovered || state.consumed == 0 {
             let at = takeover::stream_offsets(conn.stream.as_fd())?;
@@ -242,7 +255,8 @@ mod tests {
         // A worker that died between its write and its consume.
         nix::sys::socket::send(conn.stream.as_raw_fd(), &7u32.to_be_bytes(), send_flags()).unwrap();
         let state = conn.state();
-        let mut conn = EchoConn::adopt(conn.stream, state, true).unwrap();
+        let name = conn_name(conn.cookie);
+        let mut conn = EchoConn::adopt(conn.stream, &name, state, true).unwrap();
         let mut scratch = vec![0u8; 4096];
         assert_eq!(conn.serve(&mut scratch, false), None);
         client.write_all(&8u32.to_be_bytes()).unwrap();
@@ -268,5 +282,10 @@ mod tests {
         assert_eq!(conn_name(35), "cz");
         assert_eq!(conn_name(36), "c10");
         assert_eq!(conn_name(u64::MAX), "c3w5e11264sgsf");
+        for c in [0, 35, 36, 1 << 40, u64::MAX] {
+            assert_eq!(cookie_of_name(&conn_name(c)), Some(c));
+        }
+        assert_eq!(cookie_of_name("l0"), None);
+        assert_eq!(cookie_of_name("c00"), None, "not a name conn_name makes");
     }
 }

@@ -14,10 +14,8 @@
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Instant;
 
-use serde_json::Value;
-
 use crate::error::{Error, Result};
-use crate::manifest::{self, Message, StateEntry};
+use crate::manifest::{self, Message, RawState};
 
 /// The environment variable that names the control channel's fd in a
 /// worker started by a supervisor.
@@ -25,14 +23,9 @@ pub const CONTROL_FD_ENV: &str = "TAKEOVERD_FD";
 
 /// Worker: reports its state after a `quiesce`, in as many `state` messages
 /// as the size limits need, then `quiesced`.
-pub fn report_quiesced(chan: BorrowedFd<'_>, states: &[(String, Value)], deadline: Option<Instant>) -> Result<()> {
-    let encoded: Vec<String> = states
-        .iter()
-        .map(|(name, state)| {
-            serde_json::to_string(&StateEntry { name: name.clone(), state: state.clone() })
-                .expect("a StateEntry always serialises")
-        })
-        .collect();
+pub fn report_quiesced(chan: BorrowedFd<'_>, states: &[(String, RawState)], deadline: Option<Instant>) -> Result<()> {
+    let encoded: Vec<String> =
+        states.iter().map(|(name, state)| manifest::encode_entry(name, None, Some(state))).collect();
     for range in manifest::chunk(&encoded, manifest::WRAP_OVERHEAD)? {
         crate::wire::send(chan, &manifest::wrap("state", None, &encoded[range]), &[], deadline)?;
     }
@@ -46,17 +39,20 @@ pub fn collect_quiesced(
     chan: BorrowedFd<'_>,
     deadline: Option<Instant>,
     mut other: impl FnMut(Message, Vec<OwnedFd>),
-) -> Result<Vec<StateEntry>> {
+) -> Result<Vec<(String, Option<RawState>)>> {
     let mut states = Vec::new();
     loop {
-        let (msg, fds) = manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("while quiescing"))?;
-        match msg {
-            Message::State { entries } => {
-                if !fds.is_empty() {
-                    return Err(Error::protocol("state message came with fds"));
-                }
-                states.extend(entries);
+        let raw = crate::wire::recv(chan, deadline)?.ok_or(Error::Disconnected("while quiescing"))?;
+        if let Some((_, entries)) = manifest::decode_entries(&raw.bytes, "state") {
+            if !raw.fds.is_empty() {
+                return Err(Error::protocol("state message came with fds"));
             }
+            states.extend(entries.into_iter().map(|(name, _, state)| (name, state)));
+            continue;
+        }
+        let (msg, fds) = (Message::decode(&raw.bytes)?, raw.fds);
+        match msg {
+            Message::State { .. } => return Err(Error::protocol("malformed state message")),
             Message::Quiesced { count } if count == states.len() => return Ok(states),
             Message::Quiesced { count } => {
                 return Err(Error::protocol(format!(

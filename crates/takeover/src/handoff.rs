@@ -15,14 +15,15 @@
 //! ```
 
 use std::collections::HashSet;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::fd::{self, Kind};
-use crate::manifest::{self, check_name, Entry, Message, PROTOCOL_VERSION};
+use crate::manifest::{self, check_name, Message, RawState, PROTOCOL_VERSION};
 use crate::wire;
 
 /// One fd the giver offers.
@@ -34,8 +35,8 @@ pub struct Item<'a> {
     pub kind: Kind,
     /// The fd; the giver keeps it open until the taker acks.
     pub fd: BorrowedFd<'a>,
-    /// Its state.
-    pub state: Value,
+    /// Its state, as raw JSON (moved as bytes, never re-parsed here).
+    pub state: Option<&'a RawValue>,
 }
 
 /// One fd the taker received, validated.
@@ -47,8 +48,8 @@ pub struct Taken {
     pub kind: Kind,
     /// The fd, now ours.
     pub fd: OwnedFd,
-    /// Its state, as the giver sent it.
-    pub state: Value,
+    /// Its state as the giver sent it, raw JSON for the application to parse.
+    pub state: Option<RawState>,
 }
 
 /// Everything a taker received in one handoff.
@@ -96,8 +97,7 @@ pub fn offer(
         if !names.insert(item.name) {
             return Err(Error::protocol(format!("two fds named {:?}", item.name)));
         }
-        let e = Entry { name: item.name.to_owned(), kind: item.kind, state: item.state.clone() };
-        encoded.push(serde_json::to_string(&e).expect("an Entry always serialises"));
+        encoded.push(manifest::encode_entry(item.name, Some(item.kind), item.state));
     }
     let chunks = manifest::chunk(&encoded, manifest::WRAP_OVERHEAD)?;
     let head = Message::Offer {
@@ -198,13 +198,21 @@ fn receive_inner(chan: BorrowedFd<'_>, limits: &Limits, deadline: Option<Instant
     let mut taken = Vec::with_capacity(total);
     let mut names = HashSet::with_capacity(total);
     for seq in 0..batches {
-        let (msg, fds) = recv()?;
-        let entries = match msg {
-            Message::Batch { seq: s, entries } if s == seq => entries,
-            Message::Batch { seq: s, .. } => {
-                return Err(Error::protocol(format!("expected batch {seq}, got batch {s}")))
-            }
-            other => return Err(Error::protocol(format!("expected batch {seq} of {batches}, got {}", other.name()))),
+        let msg = wire::recv(chan, deadline)?.ok_or(Error::Disconnected("in the middle of an offer"))?;
+        let fds = msg.fds;
+        let entries = match manifest::decode_entries(&msg.bytes, "batch") {
+            Some((Some(s), entries)) if s == seq => entries,
+            Some((s, _)) => return Err(Error::protocol(format!("expected batch {seq}, got batch {s:?}"))),
+            // Not a well-formed batch: decode it in full for a precise error.
+            None => match Message::decode(&msg.bytes)? {
+                Message::Batch { seq: s, .. } if s != seq => {
+                    return Err(Error::protocol(format!("expected batch {seq}, got batch {s}")))
+                }
+                Message::Batch { .. } => return Err(Error::protocol(format!("malformed batch {seq}"))),
+                other => {
+                    return Err(Error::protocol(format!("expected batch {seq} of {batches}, got {}", other.name())))
+                }
+            },
         };
         if entries.len() != fds.len() {
             return Err(Error::protocol(format!("batch {seq} lists {} fds but carries {}", entries.len(), fds.len())));
@@ -212,14 +220,14 @@ fn receive_inner(chan: BorrowedFd<'_>, limits: &Limits, deadline: Option<Instant
         if taken.len() + fds.len() > total {
             return Err(Error::protocol(format!("more fds than the {total} announced")));
         }
-        for (entry, fd) in entries.into_iter().zip(fds) {
-            check_name(&entry.name).map_err(Error::Protocol)?;
-            fd::validate(std::os::fd::AsFd::as_fd(&fd), entry.kind)
-                .map_err(|problem| Error::BadFd { name: entry.name.clone(), problem })?;
-            if !names.insert(entry.name.clone()) {
-                return Err(Error::protocol(format!("two fds named {:?}", entry.name)));
+        for ((name, kind, state), fd) in entries.into_iter().zip(fds) {
+            let kind = kind.ok_or_else(|| Error::protocol(format!("entry {name:?} has no kind")))?;
+            check_name(&name).map_err(Error::Protocol)?;
+            fd::validate(fd.as_fd(), kind).map_err(|problem| Error::BadFd { name: name.clone(), problem })?;
+            if !names.insert(name.clone()) {
+                return Err(Error::protocol(format!("two fds named {name:?}")));
             }
-            taken.push(Taken { name: entry.name, kind: entry.kind, fd, state: entry.state });
+            taken.push(Taken { name, kind, fd, state });
         }
     }
     let (msg, fds) = recv()?;

@@ -44,7 +44,7 @@ pub use fd::{validate, Kind};
 pub use handoff::{
     ack, await_ack, fd_headroom, hello, nack, offer, raise_fd_limit, read_hello, receive, Handoff, Item, Limits, Taken,
 };
-pub use manifest::{check_name, Entry, Message, StateEntry, PROTOCOL_VERSION};
+pub use manifest::{check_name, Entry, Message, RawState, StateEntry, PROTOCOL_VERSION};
 pub use sys::{pass_fd, socket_cookie, take_env_fd, take_raw_inherited};
 pub use tcp::{bind_tcp, stream_offsets, StreamOffsets};
 pub use throttle::Throttle;

@@ -176,6 +176,72 @@ impl Message {
     }
 }
 
+/// A per-fd state kept as raw JSON text: moved and forwarded as bytes, and
+/// parsed only by the application that owns it.
+pub type RawState = Box<serde_json::value::RawValue>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry<'a> {
+    name: String,
+    #[serde(default)]
+    kind: Option<Kind>,
+    #[serde(borrow, default)]
+    state: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntries<'a> {
+    #[serde(rename = "type")]
+    ty: &'a str,
+    #[serde(default)]
+    seq: Option<usize>,
+    #[serde(borrow)]
+    entries: Vec<RawEntry<'a>>,
+}
+
+/// One decoded entry of a `batch` or `state` message, its state left raw.
+pub(crate) type DecodedEntry = (String, Option<Kind>, Option<RawState>);
+
+/// Decodes a `batch` (`ty` = "batch") or `state` message without building
+/// a JSON tree per state: the fast path of a handoff. `None` when the
+/// message is not of that type or shape; the caller then decodes it with
+/// [`Message::decode`] for a precise error.
+pub(crate) fn decode_entries(bytes: &[u8], ty: &str) -> Option<(Option<usize>, Vec<DecodedEntry>)> {
+    let raw: RawEntries<'_> = serde_json::from_slice(bytes).ok()?;
+    if raw.ty != ty {
+        return None;
+    }
+    let entries = raw
+        .entries
+        .into_iter()
+        .map(|e| {
+            let state = e.state.filter(|s| s.get() != "null").map(|s| s.to_owned());
+            (e.name, e.kind, state)
+        })
+        .collect();
+    Some((raw.seq, entries))
+}
+
+/// Encodes one entry by hand from its parts, the state as raw JSON.
+pub(crate) fn encode_entry(name: &str, kind: Option<Kind>, state: Option<&serde_json::value::RawValue>) -> String {
+    let mut out = String::with_capacity(name.len() + 40 + state.map_or(0, |s| s.get().len()));
+    out.push_str("{\"name\":");
+    out.push_str(&serde_json::to_string(name).expect("a string serialises"));
+    if let Some(kind) = kind {
+        out.push_str(",\"kind\":\"");
+        out.push_str(kind.as_str());
+        out.push('"');
+    }
+    if let Some(state) = state {
+        out.push_str(",\"state\":");
+        out.push_str(state.get());
+    }
+    out.push('}');
+    out
+}
+
 /// Checks that `name` can be an fd name (here and in systemd's fd store).
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME {

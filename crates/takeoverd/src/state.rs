@@ -10,20 +10,31 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The fd-store name of the state memfd.
 pub const STATE_NAME: &str = "state";
 
-/// The document in the memfd.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// The document in the memfd, as read back.
+#[derive(Debug, Default, Deserialize)]
 pub struct Saved {
     /// Format version.
     pub version: u32,
     /// The generation of the last worker.
     pub generation: u64,
     /// Per connection name, the state its worker reported at the last handoff.
-    pub conns: HashMap<String, Value>,
+    pub conns: HashMap<String, Box<RawValue>>,
+}
+
+/// The document in the memfd, as written (borrowing, so nothing is copied).
+#[derive(Debug, Serialize)]
+pub struct SavedRef<'a> {
+    /// Format version.
+    pub version: u32,
+    /// The generation of the last worker.
+    pub generation: u64,
+    /// Per connection name, its state.
+    pub conns: HashMap<&'a str, &'a RawValue>,
 }
 
 /// The state memfd.
@@ -53,7 +64,14 @@ impl StateFile {
             return None;
         }
         match serde_json::from_slice::<Saved>(&buf) {
-            Ok(s) => Some(s),
+            Ok(s) if s.version == 1 => Some(s),
+            Ok(s) => {
+                tracing::warn!(
+                    version = s.version,
+                    "the state memfd has a format this takeoverd does not know; ignored"
+                );
+                None
+            }
             Err(e) => {
                 tracing::warn!(
                     "the state memfd is unreadable ({e}); connections are restored without their saved state"
@@ -64,7 +82,7 @@ impl StateFile {
     }
 
     /// Replaces the content with `saved`.
-    pub fn save(&mut self, saved: &Saved) -> std::io::Result<()> {
+    pub fn save(&mut self, saved: &SavedRef<'_>) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(saved).expect("state serialises");
         self.file.seek(SeekFrom::Start(0))?;
         self.file.write_all(&bytes)?;

@@ -21,15 +21,15 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use sd_notify::NotifyState;
-use serde_json::Value;
+use serde_json::value::to_raw_value;
 use slab::Slab;
-use takeover::{Endpoint, Existing, Item, Kind, Message};
+use takeover::{Endpoint, Existing, Item, Kind, Message, RawState};
 
 use crate::ctl::Request;
 use crate::fault::{self, Step};
 use crate::fdstore::{self, notify, FdStore};
 use crate::overflow;
-use crate::state::{Saved, StateFile, STATE_NAME};
+use crate::state::{SavedRef, StateFile, STATE_NAME};
 use crate::status::{unix_now, ListenerInfo, ReloadRecord, Status};
 use crate::worker::WorkerProc;
 
@@ -82,8 +82,9 @@ struct HeldListener {
 
 struct HeldConn {
     fd: OwnedFd,
-    /// What its worker reported at the last handoff (or `opened`).
-    state: Value,
+    /// What its worker reported at the last handoff (or `opened`), as raw
+    /// JSON: takeoverd moves it, never parses it.
+    state: Option<RawState>,
 }
 
 /// The supervisor.
@@ -155,7 +156,7 @@ impl Supervisor {
         let named: std::collections::HashSet<String> = g.conns.keys().cloned().collect();
         let restored_state = g.state.is_some();
         for (name, fd) in carried {
-            g.conns.entry(name).or_insert(HeldConn { fd, state: Value::Null });
+            g.conns.entry(name).or_insert(HeldConn { fd, state: None });
         }
         let Gathered { mut listeners, mut conns, state, .. } = g;
         let restored = conns.len();
@@ -171,7 +172,7 @@ impl Supervisor {
             generation = saved.generation;
             for (name, st) in saved.conns {
                 if let Some(c) = conns.get_mut(&name) {
-                    c.state = st;
+                    c.state = Some(st);
                 }
             }
         }
@@ -398,10 +399,10 @@ impl Supervisor {
         let deadline = Some(Instant::now() + self.cfg.ack_timeout);
         let mut items = Vec::with_capacity(self.listeners.len() + self.conns.len());
         for l in &self.listeners {
-            items.push(Item { name: &l.name, kind: Kind::TcpListener, fd: l.fd.as_fd(), state: Value::Null });
+            items.push(Item { name: &l.name, kind: Kind::TcpListener, fd: l.fd.as_fd(), state: None });
         }
         for (name, c) in &self.conns {
-            items.push(Item { name, kind: Kind::TcpStream, fd: c.fd.as_fd(), state: c.state.clone() });
+            items.push(Item { name, kind: Kind::TcpStream, fd: c.fd.as_fd(), state: c.state.as_deref() });
         }
         let app = serde_json::json!({ "generation": self.generation + 1 });
         takeover::offer(w.chan(), &items, &app, recovered, deadline)?;
@@ -538,6 +539,7 @@ impl Supervisor {
     /// Returns (request → new worker's ack, request → old worker's exit).
     fn reload_inner(&mut self, t0: Instant) -> Result<(Duration, Duration), String> {
         let new = self.spawn_ready()?;
+        let started = t0.elapsed();
         // The new worker is up; only now does the old one stop serving.
         let deadline = Some(Instant::now() + self.cfg.ack_timeout);
         let mut old = self.drop_worker();
@@ -559,6 +561,7 @@ impl Supervisor {
                 }
             }
         }
+        let quiesced = t0.elapsed();
         match self.hand(&new, recovered, true, old_pid) {
             Ok(()) => {
                 let handoff = t0.elapsed();
@@ -583,6 +586,8 @@ impl Supervisor {
                     connections = self.conns.len(),
                     handoff_ms = %format_args!("{:.2}", handoff.as_secs_f64() * 1e3),
                     old_exit_ms = %format_args!("{:.2}", old_exit.as_secs_f64() * 1e3),
+                    new_ready_ms = %format_args!("{:.2}", started.as_secs_f64() * 1e3),
+                    quiesced_ms = %format_args!("{:.2}", quiesced.as_secs_f64() * 1e3),
                     "reload complete"
                 );
                 Ok((handoff, old_exit))
@@ -610,21 +615,22 @@ impl Supervisor {
         let (conns, store) = (&mut self.conns, &mut self.store);
         let states =
             takeover::control::collect_quiesced(w.chan(), deadline, |m, fds| on_worker_msg(conns, store, m, fds))?;
-        for s in states {
-            if let Some(c) = self.conns.get_mut(&s.name) {
-                c.state = s.state;
+        for (name, state) in states {
+            if let Some(c) = self.conns.get_mut(&name) {
+                c.state = state;
             }
         }
         Ok(())
     }
 
+    /// Rewrites the state memfd. Only a later takeoverd reads it, through
+    /// the fd store: without one there is nothing to save.
     fn save_state(&mut self) {
-        let saved = Saved {
-            version: 1,
-            generation: self.generation,
-            conns: self.conns.iter().map(|(n, c)| (n.clone(), c.state.clone())).collect(),
-        };
-        if let Err(e) = self.state.save(&saved) {
+        if !self.store.enabled() {
+            return;
+        }
+        let conns = self.conns.iter().filter_map(|(n, c)| Some((n.as_str(), c.state.as_deref()?))).collect();
+        if let Err(e) = self.state.save(&SavedRef { version: 1, generation: self.generation, conns }) {
             tracing::warn!("writing the state memfd: {e}");
         }
     }
@@ -776,7 +782,8 @@ fn on_worker_msg(conns: &mut HashMap<String, HeldConn>, store: &mut FdStore, msg
                 return;
             }
             store.store(&entry.name, fd.as_fd(), false);
-            conns.insert(entry.name, HeldConn { fd, state: entry.state });
+            let state = Some(&entry.state).filter(|s| !s.is_null()).and_then(|s| to_raw_value(s).ok());
+            conns.insert(entry.name, HeldConn { fd, state });
         }
         Message::Closed { name } => {
             if conns.remove(&name).is_some() {
@@ -845,7 +852,7 @@ fn classify(inh: fdstore::Inherited, g: &mut Gathered) {
         let name = if takeover::check_name(&name).is_ok() { name } else { format!("l{}", g.listeners.len()) };
         g.listeners.push(HeldListener { name, fd, addr });
     } else if is(Kind::TcpStream) && takeover::check_name(&name).is_ok() {
-        g.conns.insert(name, HeldConn { fd, state: Value::Null });
+        g.conns.insert(name, HeldConn { fd, state: None });
     } else {
         tracing::warn!(%name, "ignoring an inherited fd that is none of ours (closed)");
     }

@@ -12,8 +12,9 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::json;
+use serde_json::value::to_raw_value;
 use slab::Slab;
-use takeover::{Endpoint, Entry, Item, Kind, Message};
+use takeover::{Endpoint, Entry, Item, Kind, Message, RawState};
 
 use crate::echo::{conn_name, EchoConn, End};
 
@@ -151,8 +152,9 @@ impl Worker {
 
     /// Runs until the worker stops; returns the exit status.
     pub fn run(&mut self) -> i32 {
-        // Sockets adopted at start may have input queued already.
-        self.poke_all();
+        // Sockets adopted at start may have input queued already; epoll
+        // reports a socket that is ready when it is registered (even
+        // edge-triggered), so the first poll finds them.
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.next_timeout();
@@ -387,28 +389,27 @@ impl Worker {
         }
     }
 
-    /// Every socket with its state, for a successor.
-    fn items(&self) -> (Vec<String>, Vec<(Kind, std::os::fd::BorrowedFd<'_>, serde_json::Value)>) {
-        let mut names = Vec::with_capacity(self.listeners.len() + self.conns.len());
-        let mut rest = Vec::with_capacity(names.capacity());
+    /// Every socket's name, kind, fd and state (raw JSON), for a successor.
+    fn items(&self) -> Vec<(String, Kind, std::os::fd::BorrowedFd<'_>, RawState)> {
+        let mut out = Vec::with_capacity(self.listeners.len() + self.conns.len());
         for l in &self.listeners {
-            names.push(l.name.clone());
-            rest.push((Kind::TcpListener, l.sock.as_fd(), json!({"addr": l.addr})));
+            let state = to_raw_value(&json!({"addr": l.addr})).expect("state serialises");
+            out.push((l.name.clone(), Kind::TcpListener, l.sock.as_fd(), state));
         }
         for (_, c) in &self.conns {
-            names.push(conn_name(c.cookie));
-            rest.push((Kind::TcpStream, c.stream.as_fd(), serde_json::to_value(c.state()).expect("state serialises")));
+            let state = to_raw_value(&c.state()).expect("state serialises");
+            out.push((conn_name(c.cookie), Kind::TcpStream, c.stream.as_fd(), state));
         }
-        (names, rest)
+        out
     }
 
     /// Offers everything on `chan` and waits for the ack. We are stopped at
     /// message boundaries: nothing is read or accepted until this returns.
     fn give(&self, chan: std::os::fd::BorrowedFd<'_>) -> takeover::Result<()> {
         let deadline = Some(Instant::now() + self.ack_timeout);
-        let (names, rest) = self.items();
+        let all = self.items();
         let items: Vec<Item<'_>> =
-            names.iter().zip(rest).map(|(n, (kind, fd, state))| Item { name: n, kind, fd, state }).collect();
+            all.iter().map(|(name, kind, fd, state)| Item { name, kind: *kind, fd: *fd, state: Some(state) }).collect();
         takeover::offer(chan, &items, &serde_json::Value::Null, false, deadline)?;
         takeover::await_ack(chan, deadline)
     }
@@ -435,10 +436,10 @@ impl Worker {
             match msg {
                 Message::Quiesce => {
                     self.quiesced = true;
-                    let states: Vec<(String, serde_json::Value)> = self
+                    let states: Vec<(String, RawState)> = self
                         .conns
                         .iter()
-                        .map(|(_, c)| (conn_name(c.cookie), serde_json::to_value(c.state()).expect("state serialises")))
+                        .map(|(_, c)| (conn_name(c.cookie), to_raw_value(&c.state()).expect("state serialises")))
                         .collect();
                     let deadline = Some(Instant::now() + self.ack_timeout);
                     if let Err(e) = takeover::control::report_quiesced(chan.as_fd(), &states, deadline) {

@@ -76,8 +76,8 @@ fn adopt(worker: &mut Worker, handoff: Handoff) -> anyhow::Result<()> {
             Kind::TcpStream => {
                 let stream = std::net::TcpStream::from(t.fd);
                 stream.set_nonblocking(true)?;
-                let state: ConnState = serde_json::from_value(t.state).unwrap_or_default();
-                let conn = EchoConn::adopt(mio::net::TcpStream::from_std(stream), state, handoff.recovered)
+                let state: ConnState = t.state.and_then(|s| serde_json::from_str(s.get()).ok()).unwrap_or_default();
+                let conn = EchoConn::adopt(mio::net::TcpStream::from_std(stream), &t.name, state, handoff.recovered)
                     .with_context(|| format!("adopting connection {}", t.name))?;
                 worker.add_conn(conn)?;
             }
