@@ -242,3 +242,14 @@ pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize
     }
     Ok(out)
 }
+
+/// `SO_MEMINFO`: (bytes charged to the receive queue, receive buffer size).
+pub(crate) fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    const SO_MEMINFO: libc::c_int = 55;
+    let mut info = [0u32; 9]; // SK_MEMINFO_VARS
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is valid for `len` bytes of writes; the kernel writes at
+    // most `len` bytes.
+    cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_MEMINFO, info.as_mut_ptr().cast(), &mut len) })?;
+    Ok((info[0], info[1]))
+}

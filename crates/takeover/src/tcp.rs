@@ -46,6 +46,17 @@ pub fn stream_offsets(fd: BorrowedFd<'_>) -> io::Result<StreamOffsets> {
     Err(io::Error::new(io::ErrorKind::WouldBlock, "TCP counters kept moving; could not read a consistent snapshot"))
 }
 
+/// True when more than half of the socket's receive buffer is charged to
+/// data already queued. A reader that leaves a few bytes unread (a partial
+/// message) can then keep the receive window shut: the kernel frees a
+/// buffer only when all of it is read, and coalesced buffers can be large.
+pub fn receive_memory_pinned(fd: BorrowedFd<'_>) -> bool {
+    match sys::receive_memory(fd) {
+        Ok((queued, rcvbuf)) => u64::from(queued) * 2 > u64::from(rcvbuf),
+        Err(_) => false,
+    }
+}
+
 /// A listening TCP socket on `addr` (IPv4 or IPv6), close-on-exec,
 /// non-blocking, with `SO_REUSEADDR` so a restarted server can bind again
 /// while old connections linger in TIME_WAIT.

@@ -311,10 +311,14 @@ impl Supervisor {
         }
         if self.restart_at.is_some_and(|t| now >= t) {
             self.restart_at = None;
-            self.restarts += 1;
-            if let Err(e) = self.start_worker(true) {
-                tracing::error!("restarting the worker failed: {e}");
-                self.schedule_restart();
+            // A reload may have started a worker meanwhile: never start a
+            // second one over it.
+            if self.worker.is_none() {
+                self.restarts += 1;
+                if let Err(e) = self.start_worker(true) {
+                    tracing::error!("restarting the worker failed: {e}");
+                    self.schedule_restart();
+                }
             }
         }
         if self.status_dirty && now >= self.status_at + Duration::from_secs(1) {
@@ -435,6 +439,11 @@ impl Supervisor {
     }
 
     fn adopt_worker(&mut self, w: WorkerProc) {
+        if let Some(mut stale) = self.drop_worker() {
+            // Two workers must never serve the same sockets.
+            tracing::error!(pid = stale.pid(), "a worker was still registered when another took over; killing it");
+            stale.kill();
+        }
         if let Err(e) = self.poll.registry().register(&mut SourceFd(&w.chan().as_raw_fd()), WORKER, Interest::READABLE)
         {
             tracing::error!("watching the worker's channel: {e}");
@@ -568,6 +577,8 @@ impl Supervisor {
                 fault::at(Step::NewAcked, Some(new.pid()), old_pid);
                 self.generation += 1;
                 let new_pid = new.pid();
+                // This worker replaces any crash restart still pending.
+                self.restart_at = None;
                 self.adopt_worker(new);
                 let mut old_exit = handoff;
                 if let Some(w) = old {

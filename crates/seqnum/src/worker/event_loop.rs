@@ -28,6 +28,11 @@ const CONN_BASE: usize = 1 << 20;
 /// Takers that connected but have not said hello yet; more are refused.
 const MAX_PENDING_TAKERS: usize = 16;
 
+/// Bytes echoed per loop iteration before the loop polls again, so that the
+/// control channel (pings), new connections and every other connection get
+/// their turn however much a few clients pipeline.
+const LOOP_BUDGET: u64 = 1024 * 1024;
+
 struct Listener {
     name: String,
     sock: TcpListener,
@@ -57,6 +62,12 @@ pub struct Worker {
     control: Option<OwnedFd>,
     quiesced: bool,
     accept_retry: Option<Instant>,
+    /// accept() is failing (EMFILE...): warn once per burst, not per retry.
+    accept_failing: bool,
+    /// Connections with input left after their budget, served round-robin.
+    ready: std::collections::VecDeque<usize>,
+    /// Bytes echoed in this loop iteration.
+    spent: u64,
     ack_timeout: Duration,
     /// Refused or failed takeover connections, logged at most once a second.
     taker_log: takeover::Throttle,
@@ -90,6 +101,9 @@ impl Worker {
             control: None,
             quiesced: false,
             accept_retry: None,
+            accept_failing: false,
+            ready: std::collections::VecDeque::new(),
+            spent: 0,
             ack_timeout,
             taker_log: takeover::Throttle::new(Duration::from_secs(1)),
         })
@@ -157,7 +171,9 @@ impl Worker {
         // edge-triggered), so the first poll finds them.
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.next_timeout();
+            let timeout =
+                if self.ready.is_empty() || self.quiesced { self.next_timeout() } else { Some(Duration::ZERO) };
+            self.spent = 0;
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -186,6 +202,18 @@ impl Worker {
                 };
                 if let Flow::Exit(code) = flow {
                     return code;
+                }
+            }
+            if !self.quiesced {
+                for _ in 0..self.ready.len() {
+                    if self.spent >= LOOP_BUDGET {
+                        break;
+                    }
+                    let Some(k) = self.ready.pop_front() else { break };
+                    if let Some(c) = self.conns.get_mut(k) {
+                        c.queued = false;
+                    }
+                    self.serve(k, false);
                 }
             }
             self.expire_takers();
@@ -219,8 +247,21 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if let Some(end) = conn.serve(&mut self.scratch, read_closed) {
+        if self.spent >= LOOP_BUDGET && !read_closed {
+            if !conn.queued {
+                conn.queued = true;
+                self.ready.push_back(key);
+            }
+            return;
+        }
+        let before = conn.consumed();
+        let end = conn.serve(&mut self.scratch, read_closed);
+        self.spent += conn.consumed() - before;
+        if let Some(end) = end {
             self.close(key, end);
+        } else if conn.more && !conn.queued {
+            conn.queued = true;
+            self.ready.push_back(key);
         }
     }
 
@@ -256,6 +297,7 @@ impl Worker {
             };
             match l.sock.accept() {
                 Ok((stream, peer)) => {
+                    self.accept_failing = false;
                     if let Err(e) = self.on_accepted(stream, peer) {
                         tracing::warn!(%peer, "dropping a new connection: {e}");
                     }
@@ -267,7 +309,8 @@ impl Worker {
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: the connection stays in the
                     // backlog. Retry shortly rather than spin; log once per burst.
-                    if self.accept_retry.is_none() {
+                    if !self.accept_failing {
+                        self.accept_failing = true;
                         tracing::warn!(listener = %l.name, "accept failed: {e}; existing connections are served, retrying every 100 ms");
                     }
                     self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
