@@ -97,14 +97,6 @@ fn warnings(log: &Path) -> usize {
     std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains(WARNING)).count()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < timeout, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Polls every connection whose message 0 is not echoed yet until `want`
 /// more are, then for 300 ms more to make sure no more than that are.
 /// Returns the indexes that were newly accepted.

@@ -11,39 +11,6 @@ use std::time::Duration;
 
 use testkit::*;
 
-fn ctl(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin("takeoverd")).arg("ctl").arg("--control-socket").arg(sock).args(args).output().unwrap()
-}
-
-fn status(sock: &std::path::Path) -> serde_json::Value {
-    let out = ctl(sock, &["status", "--json"]);
-    assert!(out.status.success(), "ctl status failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Pids whose parent is `ppid`.
-fn children(ppid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.first() != Some(&"Z") && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = std::time::Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < timeout, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn case(step: &str, action: &str, reload_ok: bool) {
     let dir = TempDir::new(&format!("fault-{step}-{action}"));
     let port = free_port();
@@ -61,7 +28,7 @@ fn case(step: &str, action: &str, reload_ok: bool) {
     let dpid = d.0.id();
     wait_for_port(port, Duration::from_secs(10));
     wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
+    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
     let fds_before = settled_fd_count(dpid);
 
     let load = client(port, &["--connections", "20", "--interval-ms", "5", "--duration", "3", "--timeout-ms", "5000"]);
@@ -71,7 +38,7 @@ fn case(step: &str, action: &str, reload_ok: bool) {
     assert_eq!(first.status.success(), reload_ok, "{step}:{action}: first reload {:?}\n{}", first, log_text());
     assert!(dir.path("fired").exists(), "{step}:{action}: the fault was not injected\n{}", log_text());
     // A worker killed or hung after its commit is replaced by takeoverd.
-    wait_until("a worker serves again", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
+    wait_until("a worker serves again", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
     let second = ctl(&sock, &["reload"]);
     assert!(second.status.success(), "{step}:{action}: a reload after the fault failed: {second:?}\n{}", log_text());
 
@@ -80,8 +47,10 @@ fn case(step: &str, action: &str, reload_ok: bool) {
     eprintln!("{step}:{action}: longest pause {} us", v["latency_us"]["max"]);
 
     // Every client connection is gone; takeoverd holds what it held before.
-    wait_until("takeoverd drops the closed connections", Duration::from_secs(5), || status(&sock)["connections"] == 0);
-    let kids = children(dpid);
+    wait_until("takeoverd drops the closed connections", Duration::from_secs(5), || {
+        ctl_status(&sock)["connections"] == 0
+    });
+    let kids = live_children(dpid);
     assert_eq!(kids.len(), 1, "{step}:{action}: exactly one worker should run, found {kids:?}");
     assert_eq!(settled_fd_count(dpid), fds_before, "{step}:{action}: takeoverd leaked fds: {:?}", fds_of(dpid));
     let worker_sockets = fds_of(kids[0]).iter().filter(|f| f.starts_with("socket:")).count();
@@ -136,7 +105,7 @@ fn reloads_asked_during_a_reload_share_its_outcome() {
         .unwrap();
     let _d = Reaper(d);
     wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
+    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
     let ask = |sock: std::path::PathBuf| {
         move || Command::new(bin("takeoverd")).arg("ctl").arg("--control-socket").arg(sock).arg("reload").output()
     };
@@ -150,7 +119,7 @@ fn reloads_asked_during_a_reload_share_its_outcome() {
         assert!(!out.status.success(), "a reload that joined the failing one must report its failure: {out:?}");
         assert_eq!(out.stderr, first.stderr, "every waiter reports the same outcome");
     }
-    let st = status(&sock);
+    let st = ctl_status(&sock);
     assert_eq!(st["reloads"].as_array().unwrap().len(), 1, "only one reload ran: {st}");
     assert_eq!(st["generation"], 1);
 }

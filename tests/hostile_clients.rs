@@ -18,7 +18,6 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,30 +33,8 @@ const HEAVY_EVERY: usize = 25;
 const HEAVY_CAP: usize = 32 * 1024 * 1024;
 
 fn raise_nofile() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-    }
+    let hard = raise_fd_limit();
     assert!(hard >= 2000, "this test needs RLIMIT_NOFILE of at least 2000, the hard limit is {hard}");
-}
-
-fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin("takeoverd")).arg("ctl").arg("--control-socket").arg(sock).args(args).output().unwrap()
-}
-
-fn status(sock: &Path) -> serde_json::Value {
-    let out = ctl(sock, &["status", "--json"]);
-    assert!(out.status.success(), "ctl status failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < timeout, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The byte stream of a seqnum client: 0, 1, 2, ... as 4-byte big-endian.
@@ -86,14 +63,6 @@ impl NeverReader {
         }
         self.sent - before
     }
-}
-
-/// utime + stime of `pid`, in clock ticks; `None` once it is gone.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Nothing more than what was read is waiting on `s`.
@@ -126,8 +95,8 @@ fn hostile_clients_hurt_nobody_and_keep_their_state_across_a_reload() {
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for_port(port, Duration::from_secs(10));
     wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
-    wait_until("the probe connection is gone", Duration::from_secs(5), || status(&sock)["connections"] == 0);
+    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
+    wait_until("the probe connection is gone", Duration::from_secs(5), || ctl_status(&sock)["connections"] == 0);
     // The least of a few reads: takeoverd may not have closed the last ctl
     // connection yet.
     let fds_before = (0..10)
@@ -165,7 +134,7 @@ fn hostile_clients_hurt_nobody_and_keep_their_state_across_a_reload() {
         .collect();
     // Push until nothing moves any more: everything sent, or every buffer
     // on the way full, and the worker done with what it could echo (idle).
-    let worker = || status(&sock)["worker_pid"].as_u64().map(|p| p as u32);
+    let worker = || ctl_status(&sock)["worker_pid"].as_u64().map(|p| p as u32);
     let first_worker = worker();
     let mut quiet_rounds = 0;
     let mut cpu = None;
@@ -213,7 +182,7 @@ fn hostile_clients_hurt_nobody_and_keep_their_state_across_a_reload() {
     );
     assert!(heavy_blocked > 0, "no never-reader filled its buffers: the worker was never kept from writing");
     wait_until("takeoverd holds every hostile connection", Duration::from_secs(10), || {
-        status(&sock)["connections"] == HALF + NEVER_READERS
+        ctl_status(&sock)["connections"] == HALF + NEVER_READERS
     });
 
     // The well-behaved load beside them, with a reload in the middle.
@@ -234,7 +203,7 @@ fn hostile_clients_hurt_nobody_and_keep_their_state_across_a_reload() {
     assert!(rs.success(), "the reload failed ({rs}): {reload_out}\n{}", log_text());
     let (out, beside) = client_summary(load);
     assert_clean(&out, &beside);
-    let st = status(&sock);
+    let st = ctl_status(&sock);
     let rec = st["reloads"].as_array().and_then(|r| r.last()).cloned().unwrap_or_default();
     eprintln!(
         "reload with {} connections: handoff {:.1} ms, old worker gone after {:.1} ms",
@@ -252,7 +221,7 @@ fn hostile_clients_hurt_nobody_and_keep_their_state_across_a_reload() {
         beside["echoed"]
     );
     wait_until("the well-behaved connections are closed", Duration::from_secs(5), || {
-        status(&sock)["connections"] == HALF + NEVER_READERS
+        ctl_status(&sock)["connections"] == HALF + NEVER_READERS
     });
 
     // Each half message, completed now, is echoed whole by the new worker.
@@ -340,13 +309,15 @@ fn hostile_clients_hurt_nobody_and_keep_their_state_across_a_reload() {
     // listener and its channel.
     drop(halves);
     drop(readers);
-    wait_until("takeoverd drops the closed connections", Duration::from_secs(10), || status(&sock)["connections"] == 0);
+    wait_until("takeoverd drops the closed connections", Duration::from_secs(10), || {
+        ctl_status(&sock)["connections"] == 0
+    });
     let t_fd = Instant::now();
     while fds_of(dpid).len() != fds_before && t_fd.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(fds_of(dpid).len(), fds_before, "takeoverd leaked fds: {:?}", fds_of(dpid));
-    let wpid = status(&sock)["worker_pid"].as_u64().unwrap() as u32;
+    let wpid = ctl_status(&sock)["worker_pid"].as_u64().unwrap() as u32;
     wait_until("the worker closes its copies", Duration::from_secs(5), || socket_count(wpid) == 2);
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(dpid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();

@@ -12,18 +12,6 @@ use std::time::{Duration, Instant};
 
 use testkit::*;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-}
-
 /// Opens `n` connections to a SEQPACKET socket and says nothing on them.
 fn silent(path: &std::path::Path, n: usize) -> Vec<OwnedFd> {
     let mut out = Vec::with_capacity(n);

@@ -8,14 +8,8 @@ use std::time::Duration;
 
 use testkit::*;
 
-fn status(sock: &std::path::Path) -> serde_json::Value {
-    let out = Command::new(bin("takeoverd"))
-        .args(["ctl", "--control-socket"])
-        .arg(sock)
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+fn status_or_null(sock: &std::path::Path) -> serde_json::Value {
+    try_ctl_status(sock).unwrap_or(serde_json::Value::Null)
 }
 
 fn start(dir: &TempDir, extra: &[&str]) -> (Reaper, u16, std::path::PathBuf) {
@@ -35,7 +29,7 @@ fn start(dir: &TempDir, extra: &[&str]) -> (Reaper, u16, std::path::PathBuf) {
 
 fn worker_pid(sock: &std::path::Path) -> u32 {
     for _ in 0..100 {
-        if let Some(pid) = status(sock)["worker_pid"].as_u64() {
+        if let Some(pid) = status_or_null(sock)["worker_pid"].as_u64() {
             return pid as u32;
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -37,24 +37,6 @@ const CONNS: usize = 1000;
 /// The two tests each drive 1 000 connections at full speed: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin("takeoverd")).arg("ctl").arg("--control-socket").arg(sock).args(args).output().unwrap()
-}
-
-fn status(sock: &Path) -> serde_json::Value {
-    let out = ctl(sock, &["status", "--json"]);
-    assert!(out.status.success(), "ctl status failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < timeout, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The fd count of `pid` without transients: right after a `ctl` command
 /// returns, takeoverd may not have closed its end of it yet. A transient
 /// only adds, so this is the least of a few reads, unless the first read
@@ -81,27 +63,6 @@ fn fds_become(pid: u32, want: usize) -> usize {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// Children of `ppid`: (pid, is a zombie).
-fn children(ppid: u32) -> Vec<(u32, bool)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
-            out.push((pid, f.first() == Some(&"Z")));
-        }
-    }
-    out
 }
 
 /// The handoff time in `reload ok: generation G, worker pid P, handoff H ms`.
@@ -195,8 +156,8 @@ fn soak(kill_every: Option<usize>, tag: &str) {
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for_port(port, Duration::from_secs(10));
     wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || status(&sock)["worker_pid"].is_u64());
-    wait_until("the probe connection is gone", Duration::from_secs(5), || status(&sock)["connections"] == 0);
+    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
+    wait_until("the probe connection is gone", Duration::from_secs(5), || ctl_status(&sock)["connections"] == 0);
     let idle_fds = quiet_fds(dpid, None);
 
     let per_reload = if cfg!(debug_assertions) { 0.25 } else { 0.1 };
@@ -209,7 +170,7 @@ fn soak(kill_every: Option<usize>, tag: &str) {
         let t_client = Instant::now();
         let mut load = start_client(port, duration_s);
         wait_until("the client's connections are all held", Duration::from_secs(30), || {
-            status(&sock)["connections"] == CONNS
+            ctl_status(&sock)["connections"] == CONNS
         });
         let t0 = Instant::now();
         let mut samples: Vec<Sample> = Vec::with_capacity(n);
@@ -230,14 +191,14 @@ fn soak(kill_every: Option<usize>, tag: &str) {
                 reload: i,
                 t_s: t0.elapsed().as_secs_f64(),
                 fds: quiet_fds(dpid, samples.last().map(|s| s.fds)),
-                rss_kb: rss_kb(dpid),
+                rss_kb: rss_kib(dpid),
                 handoff_ms: handoff_ms(&String::from_utf8_lossy(&out.stdout)),
                 killed,
             });
             killed = false;
             if kill_every.is_some_and(|k| i % k == 0 && i < n) {
                 // Straight on to the next reload: it races the crash restart.
-                if let Some(pid) = status(&sock)["worker_pid"].as_u64() {
+                if let Some(pid) = ctl_status(&sock)["worker_pid"].as_u64() {
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
                         .unwrap();
                     kills += 1;
@@ -250,7 +211,7 @@ fn soak(kill_every: Option<usize>, tag: &str) {
             .checked_duration_since(Instant::now())
             .is_some_and(|left| left > Duration::from_millis(500));
         if samples.len() == n && margin_left && load.try_wait().unwrap().is_none() {
-            let held = status(&sock)["connections"].clone();
+            let held = ctl_status(&sock)["connections"].clone();
             if held != CONNS {
                 judge(load, &log);
                 panic!("{name}: takeoverd holds {held} connections after {n} reloads, not {CONNS}");
@@ -266,7 +227,9 @@ fn soak(kill_every: Option<usize>, tag: &str) {
         );
         judge(load, &log);
         duration_s = 5.0 + 1.5 * n as f64 / rate;
-        wait_until("the client's connections are gone", Duration::from_secs(10), || status(&sock)["connections"] == 0);
+        wait_until("the client's connections are gone", Duration::from_secs(10), || {
+            ctl_status(&sock)["connections"] == 0
+        });
     };
 
     // Every reload held the same 1 000 connections: fds back to where the
@@ -325,14 +288,16 @@ fn soak(kill_every: Option<usize>, tag: &str) {
 
     // Everything closed: takeoverd as idle as at the start, with one worker
     // and no unreaped one.
-    wait_until("takeoverd drops the closed connections", Duration::from_secs(10), || status(&sock)["connections"] == 0);
+    wait_until("takeoverd drops the closed connections", Duration::from_secs(10), || {
+        ctl_status(&sock)["connections"] == 0
+    });
     let end_fds = fds_become(dpid, idle_fds);
     assert_eq!(end_fds, idle_fds, "{name}: takeoverd leaked fds: {:?}", fds_of(dpid));
     let t_kids = Instant::now();
-    let mut kids = children(dpid);
+    let mut kids = children_of(dpid);
     while kids.len() != 1 && t_kids.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(50));
-        kids = children(dpid);
+        kids = children_of(dpid);
     }
     let text = log_text();
     assert!(

@@ -10,7 +10,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 use testkit::{
-    alive, assert_clean, bin, client, client_summary, free_port, wait_for_path, wait_for_port, wait_timeout,
+    alive, assert_clean, bin, client, client_summary, ctl, ctl_status, free_port, wait_for_path, wait_for_port,
+    wait_timeout,
 };
 use testkit::{Reaper, TempDir};
 
@@ -26,22 +27,6 @@ impl Drop for ClientGuard {
     }
 }
 
-fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin("takeoverd"))
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .expect("running takeoverd ctl")
-}
-
-fn status(sock: &Path) -> Value {
-    let out = ctl(sock, &["status", "--json"]);
-    assert!(out.status.success(), "ctl status failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("ctl status --json prints JSON")
-}
-
 fn worker_pid(st: &Value) -> Option<u32> {
     st["worker_pid"].as_u64().map(|p| p as u32)
 }
@@ -50,7 +35,7 @@ fn worker_pid(st: &Value) -> Option<u32> {
 fn wait_status(sock: &Path, timeout: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let t0 = Instant::now();
     loop {
-        let st = status(sock);
+        let st = ctl_status(sock);
         if cond(&st) {
             return st;
         }
@@ -92,7 +77,7 @@ fn reloads_crashes_and_sighup_without_systemd_drop_nothing() {
         &["--connections", "50", "--interval-ms", "5", "--duration", "10", "--timeout-ms", "10000"],
     )));
     wait_status(&sock, Duration::from_secs(10), "50 connections", |st| st["connections"] == 50);
-    let mut workers = vec![worker_pid(&status(&sock)).expect("a worker serves")];
+    let mut workers = vec![worker_pid(&ctl_status(&sock)).expect("a worker serves")];
 
     for i in 0..10 {
         let out = ctl(&sock, &["reload"]);
@@ -105,12 +90,12 @@ fn reloads_crashes_and_sighup_without_systemd_drop_nothing() {
             String::from_utf8_lossy(&out.stderr),
             log_tail()
         );
-        workers.extend(worker_pid(&status(&sock)));
+        workers.extend(worker_pid(&ctl_status(&sock)));
         std::thread::sleep(Duration::from_millis(50));
     }
 
     for i in 0..3 {
-        let st = status(&sock);
+        let st = ctl_status(&sock);
         let w = worker_pid(&st).expect("a worker serves");
         let restarts = st["worker_restarts"].as_u64().unwrap();
         kill(Pid::from_raw(w as i32), Signal::SIGKILL).unwrap();
@@ -123,8 +108,8 @@ fn reloads_crashes_and_sighup_without_systemd_drop_nothing() {
     }
 
     for i in 0..3 {
-        let before = status(&sock)["reloads"].as_array().unwrap().len();
-        let gen = status(&sock)["generation"].as_u64().unwrap();
+        let before = ctl_status(&sock)["reloads"].as_array().unwrap().len();
+        let gen = ctl_status(&sock)["generation"].as_u64().unwrap();
         kill(Pid::from_raw(dpid as i32), Signal::SIGHUP).unwrap();
         let st = wait_status(&sock, Duration::from_secs(10), "reload after SIGHUP", |st| {
             st["generation"].as_u64().unwrap() > gen && st["reloads"].as_array().unwrap().len() > before
@@ -136,7 +121,7 @@ fn reloads_crashes_and_sighup_without_systemd_drop_nothing() {
     }
     eprintln!("operations done in {:?}", t0.elapsed());
 
-    let st = status(&sock);
+    let st = ctl_status(&sock);
     let reloads = st["reloads"].as_array().unwrap();
     assert_eq!(reloads.len(), 13, "10 ctl reloads + 3 SIGHUP: {st}");
     assert!(reloads.iter().all(|r| r["ok"] == true), "{st}");

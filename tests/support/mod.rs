@@ -168,3 +168,80 @@ pub fn settled_fd_count(pid: u32) -> usize {
     }
     last
 }
+
+/// `takeoverd ctl --control-socket SOCK ARGS`.
+pub fn ctl(sock: &Path, args: &[&str]) -> Output {
+    Command::new(bin("takeoverd"))
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("running takeoverd ctl")
+}
+
+/// `takeoverd ctl status --json`, which must succeed.
+pub fn ctl_status(sock: &Path) -> serde_json::Value {
+    try_ctl_status(sock).unwrap_or_else(|| panic!("takeoverd ctl status failed on {}", sock.display()))
+}
+
+/// `takeoverd ctl status --json`, or `None` when takeoverd does not answer.
+pub fn try_ctl_status(sock: &Path) -> Option<serde_json::Value> {
+    let out = ctl(sock, &["status", "--json"]);
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+}
+
+/// Polls `ok` every 20 ms; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < timeout, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Children of `ppid`: (pid, is a zombie).
+pub fn children_of(ppid: u32) -> Vec<(u32, bool)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
+            out.push((pid, f.first() == Some(&"Z")));
+        }
+    }
+    out
+}
+
+/// Live (not zombie) children of `ppid`.
+pub fn live_children(ppid: u32) -> Vec<u32> {
+    children_of(ppid).into_iter().filter(|(_, zombie)| !zombie).map(|(pid, _)| pid).collect()
+}
+
+/// VmRSS of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// utime + stime of `pid`, in clock ticks; `None` once it is gone.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to the hard limit; returns it.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+    hard
+}
