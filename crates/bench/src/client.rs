@@ -209,7 +209,8 @@ impl ClientRun {
             if let Some(st) = early {
                 summary.failed_processes += 1;
                 let text = std::fs::read_to_string(&p.stderr).unwrap_or_default();
-                summary.failure = Some(format!("seqnum-client ended early ({st}): {}", crate::server::last_lines(&text, 3)));
+                summary.failure =
+                    Some(format!("seqnum-client ended early ({st}): {}", crate::server::last_lines(&text, 3)));
             }
             let tl = read_timeline(&p.timeline, p.t0_ms)?;
             for r in &tl {
@@ -261,7 +262,8 @@ impl ClientRun {
             }
             if status.is_some_and(|s| !s.success()) && summary.failure.is_none() {
                 let text = std::fs::read_to_string(&p.stderr).unwrap_or_default();
-                summary.failure = Some(format!("seqnum-client exited non-zero: {}", crate::server::last_lines(&text, 3)));
+                summary.failure =
+                    Some(format!("seqnum-client exited non-zero: {}", crate::server::last_lines(&text, 3)));
             }
             timelines.push(read_timeline(&p.timeline, p.t0_ms)?);
         }

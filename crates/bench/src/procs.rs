@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use nix::sys::signal::{self, Signal};
@@ -89,29 +89,21 @@ pub fn handle_signals() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The benchmark's clock: milliseconds since it started, and the wall clock
-/// of that start (to place log timestamps).
+/// The benchmark's clock: milliseconds since it started.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     start: Instant,
-    wall: SystemTime,
 }
 
 impl Clock {
     /// Starts the clock now.
     pub fn new() -> Clock {
-        Clock { start: Instant::now(), wall: SystemTime::now() }
+        Clock { start: Instant::now() }
     }
 
     /// Milliseconds since the start.
     pub fn now_ms(&self) -> f64 {
         self.start.elapsed().as_secs_f64() * 1e3
-    }
-
-    /// A Unix time (seconds) on this clock, in milliseconds since the start.
-    pub fn from_unix(&self, unix_s: f64) -> f64 {
-        let wall0 = self.wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        (unix_s - wall0) * 1e3
     }
 }
 
@@ -243,8 +235,8 @@ pub fn sleep_until(clock: &Clock, at_ms: f64) {
 /// Parses a log line's `2026-11-26T11:48:12.360511Z` timestamp into Unix
 /// seconds.
 pub fn parse_log_time(line: &str) -> Option<f64> {
-    let ts = line
-        .split_whitespace().find(|w| w.len() >= 20 && w.as_bytes().get(10) == Some(&b'T') && w.ends_with('Z'))?;
+    let ts =
+        line.split_whitespace().find(|w| w.len() >= 20 && w.as_bytes().get(10) == Some(&b'T') && w.ends_with('Z'))?;
     let (date, time) = ts.trim_end_matches('Z').split_once('T')?;
     let mut d = date.split('-').map(|x| x.parse::<i64>());
     let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
@@ -268,7 +260,7 @@ mod tests {
     fn log_time() {
         let t = super::parse_log_time("takeoverd[1]: 1970-01-02T00:00:01.500000Z  INFO x").unwrap();
         assert!((t - 86_401.5).abs() < 1e-6, "{t}");
-        let t = super::parse_log_time("w[2]: 2026-11-18T09:46:40.000000Z  INFO y").unwrap();
+        let t = super::parse_log_time("w[2]: 2026-11-18T11:06:40.000000Z  INFO y").unwrap();
         assert!((t - 1_795_000_000.0).abs() < 1e-6, "{t}");
         assert!(super::parse_log_time("no time here").is_none());
     }

@@ -68,6 +68,12 @@ pub struct Profile {
     pub hot: Vec<HotSymbol>,
     /// Share of each process's samples in the kernel, %.
     pub kernel_pct: HashMap<String, f64>,
+    /// The functions of the process's own binary with the most samples
+    /// anywhere on the stack (inclusive), per process.
+    pub top_inclusive: Vec<ProbeRow>,
+    /// The worker's syscalls (echo profile only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscalls: Option<SyscallMix>,
 }
 
 /// Whether `perf record -e cpu-clock` works here.
@@ -122,8 +128,10 @@ impl Recording {
     ) -> anyhow::Result<Profile> {
         let _ = procs::wait_timeout(&mut self.child, Duration::from_secs(120));
         procs::kill_group(&mut self.child);
+        // Only the processes of interest: resolving the inlined frames of
+        // everything else on the machine (compilers…) takes minutes.
         let out = Command::new("perf")
-            .args(["script", "-F", "comm,tid,ip,sym,dso", "-i"])
+            .args(["script", "--comms", &comms.join(","), "-F", "comm,tid,ip,sym,dso", "-i"])
             .arg(&self.data)
             .stderr(Stdio::null())
             .output()?;
@@ -147,14 +155,22 @@ fn summarise(
     let mut hits: HashMap<(String, String), u64> = HashMap::new();
     let mut leaves: HashMap<(String, String), u64> = HashMap::new();
     let mut kernel: HashMap<String, u64> = HashMap::new();
+    let mut own: HashMap<(String, String), u64> = HashMap::new();
     let mut comm: Option<String> = None;
     let mut stack: Vec<String> = Vec::new();
-    let mut flush = |comm: &Option<String>, stack: &Vec<String>| {
+    let mut own_frames: Vec<String> = Vec::new();
+    let mut flush = |comm: &Option<String>, stack: &Vec<String>, own_frames: &Vec<String>| {
         let Some(c) = comm else { return };
         if !comms.contains(&c.as_str()) {
             return;
         }
         *samples.entry(c.clone()).or_default() += 1;
+        let mut seen = std::collections::HashSet::new();
+        for f in own_frames {
+            if seen.insert(f.as_str()) {
+                *own.entry((c.clone(), f.clone())).or_default() += 1;
+            }
+        }
         for p in probes.iter().filter(|p| p.comm == c) {
             if stack.iter().any(|f| p.frames.iter().any(|x| f.contains(x))) {
                 *hits.entry((c.clone(), p.label.to_owned())).or_default() += 1;
@@ -172,9 +188,10 @@ fn summarise(
             continue;
         }
         if !line.starts_with([' ', '\t']) {
-            flush(&comm, &stack);
+            flush(&comm, &stack, &own_frames);
             comm = line.split_whitespace().next().map(str::to_owned);
             stack.clear();
+            own_frames.clear();
         } else {
             // "addr symbol+off (dso)"
             let rest = line.trim().split_once(char::is_whitespace).map_or("", |(_, r)| r).trim();
@@ -185,9 +202,14 @@ fn summarise(
             let sym = sym.split("+0x").next().unwrap_or(sym).trim();
             let k = if dso.contains("kernel") { " [k]" } else { "" };
             stack.push(format!("{sym}{k}"));
+            if let Some(c) = &comm {
+                if dso.ends_with(&format!("/{c}")) && !is_runtime_frame(sym) {
+                    own_frames.push(sym.trim_end_matches(" (inlined)").to_owned());
+                }
+            }
         }
     }
-    flush(&comm, &stack);
+    flush(&comm, &stack, &own_frames);
     let ms = |n: u64| n as f64 * 1e3 / FREQ as f64 / units.max(1e-9);
     let mut rows = Vec::new();
     for p in probes {
@@ -214,6 +236,26 @@ fn summarise(
             hot.push(HotSymbol { comm: cc.clone(), share_pct: 100.0 * *n as f64 / total as f64, symbol });
         }
     }
+    let mut top_inclusive = Vec::new();
+    for c in comms {
+        let total = samples.get(*c).copied().unwrap_or(0).max(1);
+        let mut l: Vec<(&(String, String), &u64)> = own.iter().filter(|((cc, _), _)| cc == c).collect();
+        l.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0 .1.cmp(&b.0 .1)));
+        // Frames on (nearly) every sample are the process's main loop.
+        for ((cc, sym), n) in l.into_iter().filter(|(_, n)| (**n as f64) < 0.97 * total as f64).take(15) {
+            let mut label = sym.clone();
+            if label.len() > 120 {
+                label.truncate(120);
+                label.push('…');
+            }
+            top_inclusive.push(ProbeRow {
+                comm: cc.clone(),
+                label,
+                ms_per_unit: ms(*n),
+                share_pct: 100.0 * *n as f64 / total as f64,
+            });
+        }
+    }
     let process_ms_per_unit = samples.iter().map(|(c, n)| (c.clone(), ms(*n))).collect();
     let kernel_pct = samples
         .iter()
@@ -228,13 +270,89 @@ fn summarise(
         rows,
         hot,
         kernel_pct,
+        top_inclusive,
+        syscalls: None,
     }
+}
+
+/// Frames every sample of a process has (runtime start-up, closures of
+/// `main`): not worth ranking.
+fn is_runtime_frame(sym: &str) -> bool {
+    const SKIP: &[&str] = &[
+        "main",
+        "_start",
+        "__libc_start",
+        "lang_start",
+        "__rust_begin_short_backtrace",
+        "catch_unwind",
+        "do_call",
+        "call_once",
+        "::main",
+        "::run (inlined)",
+    ];
+    sym == "main" || sym.ends_with("::run") || SKIP.iter().any(|k| *k != "main" && sym.contains(k))
+}
+
+/// The worker's syscalls per second while echoing (perf tracepoints).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyscallMix {
+    /// Seconds traced.
+    pub secs: f64,
+    /// `sendto` calls (one per echo).
+    pub sendto: u64,
+    /// `recvfrom` calls that returned data (the peek and the consume).
+    pub recvfrom_data: u64,
+    /// `recvfrom` calls that returned EAGAIN.
+    pub recvfrom_eagain: u64,
+    /// `epoll_wait` calls.
+    pub epoll_wait: u64,
+}
+
+/// Counts the syscalls of `pid` for `secs` seconds.
+pub fn syscall_mix(dir: &Path, pid: u32, secs: f64) -> anyhow::Result<SyscallMix> {
+    let data = dir.join("syscalls.perf.data");
+    let status = Command::new("perf")
+        .args(["record", "-q", "-e", "syscalls:sys_exit_recvfrom", "-e", "syscalls:sys_enter_sendto"])
+        .args(["-e", "syscalls:sys_enter_epoll_wait", "-p", &pid.to_string(), "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &format!("{secs:.1}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "perf record of syscall tracepoints failed ({status})");
+    let out =
+        Command::new("perf").args(["script", "-F", "event,trace", "-i"]).arg(&data).stderr(Stdio::null()).output()?;
+    let _ = std::fs::remove_file(&data);
+    let mut m = SyscallMix { secs, ..SyscallMix::default() };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.contains("sys_enter_sendto") {
+            m.sendto += 1;
+        } else if line.contains("sys_enter_epoll_wait") {
+            m.epoll_wait += 1;
+        } else if line.contains("sys_exit_recvfrom") {
+            // -EAGAIN (-11) as an unsigned 64-bit value.
+            if line.trim_end().ends_with("0xfffffffffffffff5") {
+                m.recvfrom_eagain += 1;
+            } else {
+                m.recvfrom_data += 1;
+            }
+        }
+    }
+    Ok(m)
 }
 
 /// What to look for in an echo profile.
 pub const ECHO_PROBES: &[Probe] = &[
-    Probe { comm: "seqnum-worker", label: "send(): write the echo (incl. loopback delivery into the client's socket)", frames: &["__send", "__x64_sys_sendto"] },
-    Probe { comm: "seqnum-worker", label: "recv(MSG_PEEK) + recv(MSG_TRUNC)", frames: &["__libc_recv", "__x64_sys_recvfrom"] },
+    Probe {
+        comm: "seqnum-worker",
+        label: "send(): write the echo (incl. loopback delivery into the client's socket)",
+        frames: &["__send", "__x64_sys_sendto"],
+    },
+    Probe {
+        comm: "seqnum-worker",
+        label: "recv(MSG_PEEK) + recv(MSG_TRUNC)",
+        frames: &["__libc_recv", "__x64_sys_recvfrom"],
+    },
     Probe { comm: "seqnum-worker", label: "epoll_wait", frames: &["epoll_wait"] },
     Probe { comm: "seqnum-worker", label: "EchoConn::check_seqnums", frames: &["check_seqnums"] },
     Probe { comm: "takeoverd", label: "takeoverd (anything)", frames: &[""] },
@@ -243,20 +361,76 @@ pub const ECHO_PROBES: &[Probe] = &[
 /// What to look for in a reload profile.
 pub const RELOAD_PROBES: &[Probe] = &[
     Probe { comm: "takeoverd", label: "Supervisor::reload (all of it)", frames: &["Supervisor::reload"] },
-    Probe { comm: "takeoverd", label: "  spawn_ready: fork/exec the new worker, read its hello", frames: &["spawn_ready"] },
-    Probe { comm: "takeoverd", label: "  collect_quiesced: read the old worker's states", frames: &["collect_quiesced"] },
-    Probe { comm: "takeoverd", label: "  hand: build the items, offer every fd, await the ack", frames: &["Supervisor::hand"] },
-    Probe { comm: "takeoverd", label: "  WorkerProc::finish: wait for the old worker's exit", frames: &["WorkerProc::finish"] },
-    Probe { comm: "takeoverd", label: "  save_state: rewrite the state memfd (after the handoff)", frames: &["save_state"] },
-    Probe { comm: "takeoverd", label: "  (across the above) serde_json::Value clone", frames: &["clone_subtree", "<serde_json::value::Value as core::clone::Clone>"] },
-    Probe { comm: "takeoverd", label: "  (across the above) serde_json::Value drop", frames: &["drop_in_place<serde_json::value::Value>", "drop_in_place<serde_json::map::Map", "btree::map::IntoIter"] },
-    Probe { comm: "takeoverd", label: "  (across the above) JSON decode (Message::decode)", frames: &["Message::decode"] },
-    Probe { comm: "takeoverd", label: "  (across the above) malloc/free", frames: &["malloc", "_int_free", "cfree", "unlink_chunk", "__libc_free"] },
+    Probe {
+        comm: "takeoverd",
+        label: "  spawn_ready: fork/exec the new worker, read its hello",
+        frames: &["spawn_ready"],
+    },
+    Probe {
+        comm: "takeoverd",
+        label: "  collect_quiesced: read the old worker's states",
+        frames: &["collect_quiesced"],
+    },
+    Probe {
+        comm: "takeoverd",
+        label: "  hand: build the items, offer every fd, await the ack",
+        frames: &["Supervisor::hand"],
+    },
+    Probe {
+        comm: "takeoverd",
+        label: "  WorkerProc::finish: wait for the old worker's exit",
+        frames: &["WorkerProc::finish"],
+    },
+    Probe {
+        comm: "takeoverd",
+        label: "  save_state: rewrite the state memfd (after the handoff)",
+        frames: &["save_state"],
+    },
+    Probe {
+        comm: "takeoverd",
+        label: "  (across the above) serde_json::Value clone",
+        frames: &["clone_subtree", "<serde_json::value::Value as core::clone::Clone>"],
+    },
+    Probe {
+        comm: "takeoverd",
+        label: "  (across the above) serde_json::Value drop",
+        frames: &[
+            "drop_in_place<serde_json::value::Value>",
+            "drop_in_place<serde_json::map::Map",
+            "btree::map::IntoIter",
+        ],
+    },
+    Probe {
+        comm: "takeoverd",
+        label: "  (across the above) JSON decode (Message::decode)",
+        frames: &["Message::decode"],
+    },
+    Probe {
+        comm: "takeoverd",
+        label: "  (across the above) malloc/free",
+        frames: &["malloc", "_int_free", "cfree", "unlink_chunk", "__libc_free"],
+    },
     Probe { comm: "takeoverd", label: "  (across the above) page faults", frames: &["exc_page_fault"] },
-    Probe { comm: "seqnum-worker", label: "new worker: takeover::receive (recvmsg, parse, validate each fd)", frames: &["handoff::receive"] },
-    Probe { comm: "seqnum-worker", label: "  of which validate (getsockopt ×3 per fd)", frames: &["takeover::fd::validate"] },
-    Probe { comm: "seqnum-worker", label: "new worker: startup::adopt (EchoConn::adopt, epoll register)", frames: &["startup::adopt"] },
-    Probe { comm: "seqnum-worker", label: "new worker: first poke_all (a recv on every connection)", frames: &["poke_all"] },
+    Probe {
+        comm: "seqnum-worker",
+        label: "new worker: takeover::receive (recvmsg, parse, validate each fd)",
+        frames: &["handoff::receive"],
+    },
+    Probe {
+        comm: "seqnum-worker",
+        label: "  of which validate (getsockopt ×3 per fd)",
+        frames: &["takeover::fd::validate"],
+    },
+    Probe {
+        comm: "seqnum-worker",
+        label: "new worker: startup::adopt (EchoConn::adopt, epoll register)",
+        frames: &["startup::adopt"],
+    },
+    Probe {
+        comm: "seqnum-worker",
+        label: "new worker: first poke_all (a recv on every connection)",
+        frames: &["poke_all"],
+    },
     Probe { comm: "seqnum-worker", label: "old worker: quiesce (states to takeoverd)", frames: &["on_control"] },
     Probe { comm: "seqnum-worker", label: "serving traffic (Worker::serve)", frames: &["Worker::serve"] },
 ];
@@ -268,14 +442,17 @@ mod tests {
     #[test]
     fn summarises_perf_script() {
         let text = "takeoverd 10\n\t     1 foo+0x1 (/bin/takeoverd)\n\t     2 Supervisor::hand (/bin/takeoverd)\n\n\
+takeoverd 10\n\t     1 bar (/bin/takeoverd)\n\n\
 seqnum-worker 11\n\t     3 tcp_sendmsg ([kernel.kallsyms])\n\t     4 __send (libc.so.6)\n\n\
 other 12\n\t     5 x (y)\n";
         let p = summarise(text, "t", "reload", 1.0, RELOAD_PROBES, &["takeoverd", "seqnum-worker"], "perf");
-        assert_eq!(p.samples["takeoverd"], 1);
+        assert_eq!(p.samples["takeoverd"], 2);
         assert_eq!(p.samples["seqnum-worker"], 1);
         let hand = p.rows.iter().find(|r| r.label.contains("hand:")).unwrap();
-        assert_eq!(hand.share_pct, 100.0);
+        assert_eq!(hand.share_pct, 50.0);
         assert_eq!(p.kernel_pct["seqnum-worker"], 100.0);
         assert!(p.hot.iter().any(|h| h.symbol == "tcp_sendmsg [k]"));
+        assert!(p.top_inclusive.iter().any(|r| r.comm == "takeoverd" && r.label == "Supervisor::hand"));
+        assert!(!p.top_inclusive.iter().any(|r| r.label.contains("__send")), "libc frames are not the binary's");
     }
 }

@@ -147,6 +147,8 @@ pub fn reload_phases(log: &std::path::Path) -> Phases {
 pub struct HandoffResult {
     /// Live connections.
     pub connections: u64,
+    /// "pinned" (server on one CPU, clients on the other) or "shared".
+    pub placement: String,
     /// Per-connection interval, ms (lock-step: next message this long after the echo).
     pub interval_ms: u64,
     /// Reloads asked for.
@@ -178,18 +180,20 @@ pub struct HandoffResult {
 
 /// Reload `reloads` times, `spacing_ms` apart, with `n` live connections;
 /// then the same run without reloads.
-pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64) -> anyhow::Result<HandoffResult> {
+pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: bool) -> anyhow::Result<HandoffResult> {
+    let placement = if pinned { "pinned" } else { "shared" };
+    let (scpu, ccpu) = if pinned { (ctx.server_cpu, ctx.client_cpu) } else { (None, None) };
     let interval = interval_for(n);
     let ramp = ramp_for(n);
-    let slack_ms = 2000.0 + n as f64 / 5.0;
+    let slack_ms = if ctx.quick { 500.0 } else { 1000.0 } + n as f64 / 5.0;
     let warm_ms = if ctx.quick { 300.0 } else { 1000.0 };
     let tail_ms = if ctx.quick { 500.0 } else { 1500.0 };
     let duration_s = (ramp as f64 + slack_ms + warm_ms + reloads as f64 * spacing_ms + tail_ms) / 1e3;
     let timeout_ms = 2000;
-    ctx.say(&format!("handoff: {n} connections, {interval} ms interval, {reloads} reloads"));
+    ctx.say(&format!("handoff: {n} connections, {placement}, {interval} ms interval, {reloads} reloads"));
 
     // The run with reloads.
-    let server = Server::start(&ctx.bins, &ctx.dir, &format!("handoff-{n}"), ctx.server_cpu)?;
+    let server = Server::start(&ctx.bins, &ctx.dir, &format!("handoff-{n}-{placement}"), scpu)?;
     let spec = ClientSpec {
         port: server.port,
         connections: n,
@@ -198,9 +202,9 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64) -> anyhow
         timeout_ms,
         ramp_ms: ramp,
         source_addresses: 1,
-        cpu: ctx.client_cpu,
+        cpu: ccpu,
     };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("handoff-{n}"), &spec)?;
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("handoff-{n}-{placement}"), &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
     let t_conn = ctx.clock.now_ms();
     procs::sleep_until(&ctx.clock, t_conn + warm_ms);
@@ -247,9 +251,9 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64) -> anyhow
 
     // The same without reloads: the same windows, relative to the moment
     // every connection was up.
-    let server = Server::start(&ctx.bins, &ctx.dir, &format!("baseline-{n}"), ctx.server_cpu)?;
+    let server = Server::start(&ctx.bins, &ctx.dir, &format!("baseline-{n}-{placement}"), scpu)?;
     let spec = ClientSpec { port: server.port, ..spec };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("baseline-{n}"), &spec)?;
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("baseline-{n}-{placement}"), &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
     let t_conn2 = ctx.clock.now_ms();
     let base = run.finish(&ctx.clock, Duration::from_secs(30))?;
@@ -262,13 +266,14 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64) -> anyhow
     let errors = result.summary.errors + base.summary.errors;
     if errors > 0 || result.summary.failed_processes + base.summary.failed_processes > 0 {
         ctx.note(format!(
-            "ERRORS in the handoff runs at {n} connections: {} with reloads, {} without ({:?} / {:?})",
+            "ERRORS in the handoff runs at {n} connections ({placement}): {} with reloads, {} without ({:?} / {:?})",
             result.summary.errors, base.summary.errors, result.summary.failure, base.summary.failure
         ));
     }
     let windows: Vec<Window> = events.iter().map(|e| e.window).collect();
     Ok(HandoffResult {
         connections: n,
+        placement: placement.into(),
         interval_ms: interval,
         reloads,
         reloads_ok: events.iter().filter(|e| e.ok).count(),
@@ -322,7 +327,7 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
     let ramp = ramp_for(n);
     let warm_ms = if ctx.quick { 300.0 } else { 1000.0 };
     let measure_ms = if ctx.quick { 1000.0 } else { 3000.0 };
-    let slack_ms = 2000.0 + n as f64 / 5.0;
+    let slack_ms = 500.0 + n as f64 / 10.0;
     let server = Server::start(&ctx.bins, &ctx.dir, &format!("echo-{n}-{placement}"), scpu)?;
     let spec = ClientSpec {
         port: server.port,
@@ -348,9 +353,9 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
     let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
     server.stop();
     // Echoes in the rows wholly inside the window.
-    let rows: Vec<&Row> =
-        result.timelines.iter().flatten().filter(|r| r.t_ms >= t1 && r.t_ms + 100.0 <= t2).collect();
-    let slices = if result.timelines.len() > 1 { rows.len() as f64 / result.timelines.len() as f64 } else { rows.len() as f64 };
+    let rows: Vec<&Row> = result.timelines.iter().flatten().filter(|r| r.t_ms >= t1 && r.t_ms + 100.0 <= t2).collect();
+    let slices =
+        if result.timelines.len() > 1 { rows.len() as f64 / result.timelines.len() as f64 } else { rows.len() as f64 };
     let echoes: u64 = rows.iter().map(|r| r.echoes).sum();
     let rate = if slices > 0.0 { echoes as f64 / (slices * 0.1) } else { 0.0 };
     let secs = (t2 - t1) / 1e3;
@@ -364,7 +369,10 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
     let total_echoes = rate * secs;
     let per = |us: f64| if total_echoes > 0.0 { us / total_echoes } else { f64::NAN };
     if result.summary.errors > 0 || result.summary.failed_processes > 0 {
-        ctx.note(format!("ERRORS in the echo run ({n}, {placement}): {} ({:?})", result.summary.errors, result.summary.failure));
+        ctx.note(format!(
+            "ERRORS in the echo run ({n}, {placement}): {} ({:?})",
+            result.summary.errors, result.summary.failure
+        ));
     }
     Ok(EchoResult {
         connections: n,
@@ -601,11 +609,8 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
     let records = &records[records.len().saturating_sub(events.len())..];
     let handoff = Spread::of(&records.iter().filter_map(|r| r["handoff_ms"].as_f64()).collect::<Vec<_>>());
     let old_exit = Spread::of(&records.iter().filter_map(|r| r["old_exit_ms"].as_f64()).collect::<Vec<_>>());
-    let worst = events
-        .iter()
-        .map(|(a, d, _)| client::window(&result.timelines, *a, d + 50.0).max_us)
-        .max()
-        .unwrap_or(0) as f64
+    let worst = events.iter().map(|(a, d, _)| client::window(&result.timelines, *a, d + 50.0).max_us).max().unwrap_or(0)
+        as f64
         / 1e3;
     let errors = result.summary.errors;
     if failure.is_none() && (errors > 0 || result.summary.failed_processes > 0) {

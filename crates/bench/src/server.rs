@@ -62,7 +62,10 @@ pub fn wait_connections(bins: &Bins, ctl: &Path, n: u64, timeout: Duration) -> a
             last = Some(conns);
         }
         if t0.elapsed() > timeout {
-            bail!("takeoverd holds {} connections after {timeout:?}, expected {n}", last.map_or("?".into(), |c| c.to_string()));
+            bail!(
+                "takeoverd holds {} connections after {timeout:?}, expected {n}",
+                last.map_or("?".into(), |c| c.to_string())
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -131,11 +131,51 @@ impl Drop for Manager {
     }
 }
 
+/// What the benchmark copies from the shipped unit (`units/seqnum.service`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ShippedUnit {
+    /// Where it was read from, if it was found.
+    pub source: Option<String>,
+    /// `--fdstore-max` on its `ExecStart=` (None: takeoverd's default).
+    pub fdstore_max: Option<usize>,
+    /// `FileDescriptorStoreMax=`.
+    pub store_max: usize,
+    /// `WatchdogSec=`.
+    pub watchdog: Option<String>,
+}
+
+impl ShippedUnit {
+    /// Reads the unit next to the workspace (this crate is crates/bench).
+    pub fn load() -> ShippedUnit {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../units/seqnum.service");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let value =
+            |key: &str| text.lines().map(str::trim).find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_owned());
+        let fdstore_max = value("ExecStart=").and_then(|cmd| {
+            let words: Vec<&str> = cmd.split_whitespace().collect();
+            words.iter().position(|w| *w == "--fdstore-max").and_then(|i| words.get(i + 1)?.parse().ok())
+        });
+        ShippedUnit {
+            source: (!text.is_empty()).then(|| path.canonicalize().unwrap_or(path).display().to_string()),
+            fdstore_max,
+            store_max: value("FileDescriptorStoreMax=").and_then(|v| v.parse().ok()).unwrap_or(1024),
+            watchdog: value("WatchdogSec="),
+        }
+    }
+}
+
 /// Systemd results at one size.
 #[derive(Debug, Clone, Serialize)]
 pub struct SystemdResult {
     /// Live connections.
     pub connections: u64,
+    /// takeoverd's `--fdstore-max` (None: its default): connections past it
+    /// ride in the overflow queue.
+    pub fdstore_max: Option<usize>,
+    /// The unit's `FileDescriptorStoreMax=`.
+    pub store_max: usize,
+    /// Connect ramp, ms.
+    pub ramp_ms: u64,
     /// Per-connection interval, ms.
     pub interval_ms: u64,
     /// Client `--timeout-ms` (long, so that a long pause is measured rather than cut short).
@@ -157,6 +197,10 @@ pub struct SystemdResult {
     pub restore_to_ready_ms: Option<Spread>,
     /// From there to its first worker serving, ms.
     pub ready_to_serving_ms: Option<Spread>,
+    /// `systemctl restart`: the old takeoverd's "stopping" to the new one's
+    /// "restored from the fd store" (old one's stop, systemd's restart, exec,
+    /// reading the store), ms.
+    pub stop_to_restored_ms: Option<Spread>,
     /// Errors in the client's timeline.
     pub errors: u64,
     /// The client's figures (from its timeline: it is killed at the end).
@@ -166,31 +210,61 @@ pub struct SystemdResult {
     pub timelines: Vec<Vec<Row>>,
 }
 
-fn unit_text(bins: &Bins, port: u16, ctl: &Path, log: &Path, cpu: Option<usize>) -> String {
+fn unit_text(bins: &Bins, port: u16, ctl: &Path, log: &Path, cpu: Option<usize>, shipped: &ShippedUnit) -> String {
     let affinity = cpu.map(|c| format!("CPUAffinity={c}\n")).unwrap_or_default();
+    let fdstore = shipped.fdstore_max.map(|m| format!(" --fdstore-max {m}")).unwrap_or_default();
+    let watchdog = shipped.watchdog.as_ref().map(|w| format!("WatchdogSec={w}\n")).unwrap_or_default();
     format!(
         "[Unit]\nDescription=seqnum-bench: takeoverd + seqnum-worker\n\n[Service]\nType=notify\nNotifyAccess=main\n\
-ExecStart={td} --listen 127.0.0.1:{port} --control-socket {ctl} --worker {w} --fdstore-max 16384\n\
+ExecStart={td} --listen 127.0.0.1:{port} --control-socket {ctl} --worker {w}{fdstore}\n\
 ExecReload={td} ctl --control-socket {ctl} reload\n\
-FileDescriptorStoreMax=16384\nLimitNOFILE=20000\nRestart=on-failure\nRestartSec=100ms\nKillMode=mixed\n\
-TimeoutStartSec=300\nTimeoutStopSec=60\n{affinity}Environment=RUST_LOG=info\n\
+FileDescriptorStoreMax={store_max}\nLimitNOFILE={nofile}\nRestart=on-failure\nRestartSec=100ms\nKillMode=mixed\n\
+TimeoutStartSec=300\nTimeoutStopSec=60\n{watchdog}{affinity}Environment=RUST_LOG=info\n\
 StandardOutput=append:{log}\nStandardError=append:{log}\n",
         td = bins.takeoverd.display(),
         w = bins.worker.display(),
         ctl = ctl.display(),
         log = log.display(),
+        store_max = shipped.store_max,
+        nofile = nofile_hard(),
     )
 }
 
+/// The hard open-file limit (a unit cannot get more than the manager has).
+fn nofile_hard() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(_, h)| h).unwrap_or(20_000)
+}
+
 /// Runs `plan` (a list of "reload", "restart", "kill") against `n` live
-/// connections of a takeoverd service under the private manager.
-pub fn run(ctx: &mut Ctx, mgr: &mut Manager, n: u64, plan: &[&str]) -> anyhow::Result<SystemdResult> {
-    ctx.say(&format!("systemd: {n} connections: {}", plan.join(", ")));
+/// connections of a takeoverd service configured as `shipped` under the
+/// private manager.
+pub fn run(
+    ctx: &mut Ctx,
+    mgr: &mut Manager,
+    n: u64,
+    shipped: &ShippedUnit,
+    plan: &[&str],
+) -> anyhow::Result<SystemdResult> {
+    let fdstore_max = shipped.fdstore_max;
+    // Each FDSTORE=1 costs the manager a scan of the whole store (about 1 µs
+    // per stored fd here): past a rate of 1 / (n × 1 µs) connects per second
+    // it falls behind, takeoverd blocks on the notify socket and the worker
+    // on takeoverd. Connect slowly enough (2 µs per stored fd) when every
+    // connection is stored by name.
+    let by_name = (fdstore_max.unwrap_or(256) as u64).min(shipped.store_max as u64).min(n);
+    let ramp = (n / 10).max(by_name * by_name / 500);
+    ctx.say(&format!(
+        "systemd: {n} connections, --fdstore-max {}, connects over {:.0} s: {}",
+        fdstore_max.map_or("(default)".into(), |m| m.to_string()),
+        ramp as f64 / 1e3,
+        plan.join(", ")
+    ));
     let port = procs::free_port()?;
+    let tag = format!("sd-{n}");
     let unit = format!("seqnum-bench-{n}.service");
-    let ctl = ctx.dir.join(format!("sd-{n}.ctl"));
-    let log = ctx.dir.join(format!("sd-{n}.log"));
-    mgr.install(&unit, &unit_text(&ctx.bins, port, &ctl, &log, ctx.server_cpu))?;
+    let ctl = ctx.dir.join(format!("{tag}.ctl"));
+    let log = ctx.dir.join(format!("{tag}.log"));
+    mgr.install(&unit, &unit_text(&ctx.bins, port, &ctl, &log, ctx.server_cpu, shipped))?;
     mgr.systemctl(&["start", &unit])?;
     let note_pids = |mgr: &Manager, bins: &Bins| {
         if let Ok(p) = mgr.show(&unit, "MainPID").parse::<u32>() {
@@ -207,10 +281,7 @@ pub fn run(ctx: &mut Ctx, mgr: &mut Manager, n: u64, plan: &[&str]) -> anyhow::R
     server::wait_connections(&ctx.bins, &ctl, 0, Duration::from_secs(10))?;
     note_pids(mgr, &ctx.bins);
 
-    // Each FDSTORE=1 costs the manager a scan of the whole store: connect
-    // slowly enough for it to keep up.
-    let ramp = (n / 10).max(n * n / 1_600_000);
-    let timeout_ms = 60_000;
+    let timeout_ms = 300_000;
     let spec = ClientSpec {
         port,
         connections: n,
@@ -221,12 +292,15 @@ pub fn run(ctx: &mut Ctx, mgr: &mut Manager, n: u64, plan: &[&str]) -> anyhow::R
         source_addresses: 1,
         cpu: ctx.client_cpu,
     };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("sd-{n}"), &spec)?;
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &tag, &spec)?;
     let up = server::wait_connections(&ctx.bins, &ctl, n, Duration::from_secs_f64(ramp as f64 / 1e3 + 60.0));
     if let Err(e) = up {
         let r = run.kill_and_collect();
         let _ = mgr.systemctl(&["stop", &unit]);
-        bail!("connections did not all come up under systemd: {e:#} (client errors so far: {:?})", r.ok().map(|r| r.summary.errors));
+        bail!(
+            "connections did not all come up under systemd: {e:#} (client errors so far: {:?})",
+            r.ok().map(|r| r.summary.errors)
+        );
     }
     let fdstore_fds = mgr.show(&unit, "NFileDescriptorStore");
     std::thread::sleep(Duration::from_millis(1500));
@@ -256,7 +330,7 @@ pub fn run(ctx: &mut Ctx, mgr: &mut Manager, n: u64, plan: &[&str]) -> anyhow::R
         // Back when a (new) main process serves every connection again.
         let t0 = Instant::now();
         let mut back = false;
-        while t0.elapsed() < Duration::from_secs(120) {
+        while t0.elapsed() < Duration::from_secs(300) {
             let main = mgr.show(&unit, "MainPID");
             let fresh = *kind == "reload" || (main != main_before && main != "0");
             if fresh && mgr.show(&unit, "ActiveState") == "active" {
@@ -311,7 +385,7 @@ pub fn run(ctx: &mut Ctx, mgr: &mut Manager, n: u64, plan: &[&str]) -> anyhow::R
     let pause = |k: &str| {
         Spread::of(&events.iter().filter(|e| e.kind == k).map(|e| e.window.max_us as f64 / 1e3).collect::<Vec<_>>())
     };
-    let (restore, serving) = restart_phases(&log);
+    let (stop, restore, serving) = restart_phases(&log);
     if result.summary.errors > 0 || result.summary.failed_processes > 0 {
         ctx.note(format!(
             "ERRORS under systemd at {n} connections: {} in the client's timeline ({:?})",
@@ -320,6 +394,9 @@ pub fn run(ctx: &mut Ctx, mgr: &mut Manager, n: u64, plan: &[&str]) -> anyhow::R
     }
     Ok(SystemdResult {
         connections: n,
+        fdstore_max,
+        store_max: shipped.store_max,
+        ramp_ms: ramp,
         interval_ms: interval_for(n),
         timeout_ms,
         fdstore_fds,
@@ -329,6 +406,7 @@ pub fn run(ctx: &mut Ctx, mgr: &mut Manager, n: u64, plan: &[&str]) -> anyhow::R
         manager_cpu_ms: Spread::of(&mgr_cpu),
         restore_to_ready_ms: restore,
         ready_to_serving_ms: serving,
+        stop_to_restored_ms: stop,
         errors: result.summary.errors,
         client: result.summary,
         events,
@@ -336,15 +414,22 @@ pub fn run(ctx: &mut Ctx, mgr: &mut Manager, n: u64, plan: &[&str]) -> anyhow::R
     })
 }
 
-/// From the service log: for each takeoverd restored from the fd store,
-/// restored → control socket ready, and ready → first worker serving.
-fn restart_phases(log: &Path) -> (Option<Spread>, Option<Spread>) {
+/// From the service log: for each `systemctl restart`, the old takeoverd's
+/// "stopping" → the new one's "restored from the fd store"; for each
+/// takeoverd restored from the fd store, restored → control socket ready,
+/// and ready → first worker serving.
+fn restart_phases(log: &Path) -> (Option<Spread>, Option<Spread>, Option<Spread>) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    let (mut restored, mut ready) = (None, None);
+    let (mut s, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut stopping, mut restored, mut ready) = (None, None, None);
     for line in text.lines() {
         let Some(t) = procs::parse_log_time(line) else { continue };
-        if line.contains("restored from the fd store") {
+        if line.contains("INFO stopping") {
+            stopping = Some(t);
+        } else if line.contains("restored from the fd store") {
+            if let Some(st) = stopping.take() {
+                s.push((t - st) * 1e3);
+            }
             (restored, ready) = (Some(t), None);
         } else if line.contains("control socket ready") && restored.is_some() && ready.is_none() {
             ready = Some(t);
@@ -356,5 +441,5 @@ fn restart_phases(log: &Path) -> (Option<Spread>, Option<Spread>) {
             (restored, ready) = (None, None);
         }
     }
-    (Spread::of(&a), Spread::of(&b))
+    (Spread::of(&s), Spread::of(&a), Spread::of(&b))
 }

@@ -1,0 +1,643 @@
+#![forbid(unsafe_code)]
+//! `seqnum-bench`: a reproducible benchmark of takeoverd + seqnum-worker.
+//! See `seqnum-bench --help` and docs/BENCHMARKS.md (which it writes).
+
+mod client;
+mod diagnosis;
+mod procs;
+mod profile;
+mod report;
+mod scenarios;
+mod server;
+mod stats;
+mod systemd;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::client::{ClientRun, ClientSpec};
+use crate::procs::{Bins, Clock};
+use crate::report::{Machine, Results, SystemdSection};
+use crate::scenarios::Ctx;
+use crate::server::Server;
+
+/// The documented way to run the full benchmark.
+const COMMAND: &str = "cargo build --release --workspace && cargo run --release -p seqnum-bench";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "seqnum-bench",
+    version,
+    about = "Benchmark takeoverd + seqnum-worker: reload handoff, restarts through the systemd fd store, echo cost, \
+memory and scale",
+    long_about = "Benchmark takeoverd + seqnum-worker on 127.0.0.1 and write docs/benchmarks.json, docs/BENCHMARKS.md \
+and docs/latency.svg.\n\n\
+seqnum-bench builds nothing itself: it runs the takeoverd, seqnum-worker and seqnum-client binaries that sit beside \
+its own executable (target/release/ for `cargo run --release`), or those in --bin-dir, and fails if one is missing. \
+Build them first:\n\n    cargo build --release --workspace && cargo run --release -p seqnum-bench\n\n\
+It measures (1) reload handoff at 100, 1 000 and 10 000 live connections, (2) `systemctl --user restart` and \
+kill -9 + automatic restart through the fd store under a private systemd --user manager (root, systemd 252+), \
+(3) echo throughput and server CPU per echo, (4) RSS per idle connection, (5) the largest number of connections \
+that survives a reload. A full run takes about 10 minutes and uses both cores; run it on an otherwise idle machine. \
+Every process it starts is killed when it ends, fails or is interrupted.",
+    after_help = "Examples:\n  cargo build --release --workspace && cargo run --release -p seqnum-bench\n  \
+seqnum-bench --quick                          a seconds-long smoke run into a temp dir\n  \
+seqnum-bench --quick --bin-dir target/debug --out-dir /tmp/b\n\n\
+Exit status: 0 when every run completed with zero client errors, 1 when a client saw errors or a measurement \
+failed (the reports are still written), 2 on bad arguments."
+)]
+struct Cli {
+    /// A seconds-long smoke run: 100 connections, 2 reloads, no systemd, nothing at 10 000; writes into a temp
+    /// dir unless --out-dir is given.
+    #[arg(long)]
+    quick: bool,
+
+    /// Where to write benchmarks.json, BENCHMARKS.md and latency.svg [default: the workspace's docs/, or a temp
+    /// dir with --quick].
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+
+    /// The directory holding takeoverd, seqnum-worker and seqnum-client [default: this executable's directory].
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+
+    /// Skip the systemd part.
+    #[arg(long)]
+    no_systemd: bool,
+
+    /// Skip the perf profiles.
+    #[arg(long)]
+    no_profile: bool,
+
+    /// Keep the scratch directory (logs, timelines) instead of removing it.
+    #[arg(long)]
+    keep_scratch: bool,
+
+    /// Run only these parts (the reports then hold only them).
+    #[arg(long, value_delimiter = ',', value_name = "PART,...")]
+    only: Vec<Part>,
+}
+
+/// A part of the benchmark, for --only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// 1. Reload handoff.
+    Handoff,
+    /// 2. Restarts under systemd.
+    Systemd,
+    /// 3. Echo cost.
+    Echo,
+    /// 4. Memory.
+    Memory,
+    /// 5. Scale.
+    Scale,
+    /// perf profiles.
+    Profile,
+}
+
+impl Cli {
+    fn wants(&self, p: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&p)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = procs::handle_signals() {
+        eprintln!("seqnum-bench: cannot handle signals: {e}");
+    }
+    let guard = procs::KillAllOnDrop;
+    let code = match run(&cli) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            eprintln!("seqnum-bench: {e:#}");
+            1
+        }
+    };
+    drop(guard);
+    ExitCode::from(code)
+}
+
+/// Runs everything; `Ok(true)` when there was no client error and no
+/// failed measurement.
+fn run(cli: &Cli) -> anyhow::Result<bool> {
+    let clock = Clock::new();
+    let bin_dir = match &cli.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?.parent().context("executable has no directory")?.to_path_buf(),
+    };
+    let bins = Bins::in_dir(&bin_dir)?;
+    let scratch = std::env::temp_dir().join(format!("seqnum-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let out_dir = match &cli.out_dir {
+        Some(d) => d.clone(),
+        None if cli.quick => scratch.join("out"),
+        None => default_docs(),
+    };
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+
+    let build = fingerprint(&bins);
+    // Run copies: others may rebuild target/release while this runs.
+    let bins = {
+        let dir = scratch.join("bin");
+        std::fs::create_dir_all(&dir)?;
+        for b in [&bins.takeoverd, &bins.worker, &bins.client] {
+            let to = dir.join(b.file_name().context("binary name")?);
+            std::fs::copy(b, &to).with_context(|| format!("copying {} to {}", b.display(), to.display()))?;
+        }
+        Bins::in_dir(&dir)?
+    };
+    let fd_limit = fd_limit();
+    let machine = machine(&fd_limit);
+    let pin = procs::cpus() >= 2 && procs::have_taskset();
+    let (server_cpu, client_cpu) = if pin { (Some(1), Some(0)) } else { (None, None) };
+    let placement = if pin {
+        "takeoverd and its workers are pinned to CPU 1 and the clients to CPU 0 (`taskset -c`, and `CPUAffinity=1` \
+         in the systemd unit) for the handoff, echo and systemd runs (*pinned*); the handoff runs at 1 000 and \
+         10 000 connections and the echo runs are repeated without pinning (*shared*); memory and scale runs are \
+         not pinned. Pinned, takeoverd, the old and the new worker share one core during a reload. The benchmark itself mostly sleeps, but `ctl` \
+         and `systemctl` calls and `perf` run unpinned."
+            .to_owned()
+    } else {
+        "no pinning (fewer than 2 CPUs, or no `taskset`): clients and servers share the CPUs.".to_owned()
+    };
+    let mut ctx = Ctx {
+        bins: bins.clone(),
+        clock,
+        dir: scratch.clone(),
+        quick: cli.quick,
+        server_cpu,
+        client_cpu,
+        notes: Vec::new(),
+    };
+    ctx.say(&format!(
+        "{} run; binaries from {}; reports to {}; scratch {}",
+        if cli.quick { "quick" } else { "full" },
+        bin_dir.display(),
+        out_dir.display(),
+        scratch.display()
+    ));
+    let load = machine.loadavg_at_start.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()).unwrap_or(0.0);
+    if load > 0.5 {
+        ctx.note(format!(
+            "the load average was {} when the benchmark started: something else was running (other people's builds \
+             and tests share this machine), figures may be noisy",
+            machine.loadavg_at_start
+        ));
+    }
+    let mut failures = 0;
+
+    // 1. Reload handoff.
+    let sizes: &[(u64, usize, f64, bool)] = if cli.quick {
+        &[(100, 2, 400.0, true)]
+    } else {
+        &[
+            (100, 10, 500.0, true),
+            (1_000, 10, 700.0, true),
+            (10_000, 10, 1500.0, true),
+            (1_000, 10, 700.0, false),
+            (10_000, 10, 1500.0, false),
+        ]
+    };
+    let mut handoff = Vec::new();
+    for &(n, reloads, spacing, pinned) in sizes.iter().filter(|_| cli.wants(Part::Handoff)) {
+        match scenarios::handoff(&mut ctx, n, reloads, spacing, pinned) {
+            Ok(h) => handoff.push(h),
+            Err(e) => {
+                failures += 1;
+                ctx.note(format!("the handoff measurement at {n} connections failed: {e:#}"));
+            }
+        }
+    }
+
+    // 3. Echo cost.
+    let mut echo = Vec::new();
+    let echo_sizes: &[u64] = if cli.quick { &[1, 100] } else { &[1, 100, 1_000, 10_000] };
+    let placements: &[bool] = if cli.quick { &[true] } else { &[true, false] };
+    for &pinned in placements.iter().filter(|_| cli.wants(Part::Echo)) {
+        for &n in echo_sizes {
+            match scenarios::echo(&mut ctx, n, pinned) {
+                Ok(e) => echo.push(e),
+                Err(e) => {
+                    failures += 1;
+                    ctx.note(format!("the echo measurement at {n} connections failed: {e:#}"));
+                }
+            }
+        }
+    }
+
+    // 4. Memory.
+    let memory = if !cli.wants(Part::Memory) {
+        None
+    } else {
+        match scenarios::memory(&mut ctx, if cli.quick { 100 } else { 10_000 }) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                failures += 1;
+                ctx.note(format!("the memory measurement failed: {e:#}"));
+                None
+            }
+        }
+    };
+
+    // 5. Scale.
+    let scale = if cli.quick || !cli.wants(Part::Scale) {
+        None
+    } else {
+        Some(scenarios::scale(&mut ctx, &[19_900, 20_000, 50_000, 100_000], &fd_limit))
+    };
+
+    // 2. systemd.
+    let systemd = if cli.quick || cli.no_systemd || !cli.wants(Part::Systemd) {
+        SystemdSection {
+            status: if cli.quick { "not run (--quick)".into() } else { "not run (--no-systemd or --only)".into() },
+            unit: None,
+            runs: Vec::new(),
+        }
+    } else {
+        run_systemd(&mut ctx)
+    };
+
+    // Profiles.
+    let (profiles, profiling) = if cli.quick || cli.no_profile || !cli.wants(Part::Profile) {
+        (Vec::new(), "Not profiled in this run (`--quick`, `--no-profile` or `--only`).".to_owned())
+    } else if !profile::available(&scratch) {
+        (Vec::new(), "Not profiled: `perf record -e cpu-clock` does not work here.".to_owned())
+    } else {
+        run_profiles(&mut ctx)
+    };
+
+    // The plot: the systemd run at 1 000 connections if there is one, else
+    // the 1 000 (or smallest) handoff run.
+    let (plot, svg) = if let Some(sd) = systemd.runs.iter().find(|s| s.connections == 1_000) {
+        (
+            format!(
+                "One run under systemd with {} connections (interval {} ms): `systemctl reload`, `systemctl restart` \
+                 and kill -9 of the main process with automatic restart, marked by dashed lines.",
+                sd.connections, sd.interval_ms
+            ),
+            report::svg(
+                &format!("echo latency per 100 ms, {} connections, takeoverd under systemd", sd.connections),
+                &sd.timelines,
+                &sd.events,
+            ),
+        )
+    } else if let Some(h) =
+        handoff.iter().find(|h| h.connections == 1_000 && h.placement == "pinned").or(handoff.first())
+    {
+        (
+            format!(
+                "The handoff run with {} connections (interval {} ms) and its {} reloads, marked by dashed lines \
+                 (no systemd run to show).",
+                h.connections, h.interval_ms, h.reloads
+            ),
+            report::svg(
+                &format!("echo latency per 100 ms, {} connections, reloads", h.connections),
+                &h.timelines,
+                &h.events,
+            ),
+        )
+    } else {
+        ("No run to plot.".to_owned(), report::svg("no data", &[], &[]))
+    };
+
+    let total_errors = handoff.iter().map(|h| h.errors).sum::<u64>()
+        + echo.iter().map(|e| e.errors).sum::<u64>()
+        + memory.as_ref().map_or(0, |m| m.errors)
+        + systemd.runs.iter().map(|s| s.errors).sum::<u64>()
+        + scale.as_ref().map_or(0, |s| s.steps.iter().filter(|st| st.ok).map(|st| st.errors).sum::<u64>());
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let command = if cli.quick {
+        format!("cargo build --release --workspace && cargo run --release -p seqnum-bench -- {}", argv.join(" "))
+    } else if argv.is_empty() {
+        COMMAND.to_owned()
+    } else {
+        format!("{COMMAND} -- {}", argv.join(" "))
+    };
+    let build_end = fingerprint(&Bins::in_dir(&bin_dir)?);
+    if build_end.binaries != build.binaries {
+        ctx.note(format!(
+            "the binaries in {} were rebuilt while this ran; the run used copies taken at its start (listed under \
+             Machine)",
+            bin_dir.display()
+        ));
+    }
+    let mut machine = machine;
+    machine.loadavg_at_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned();
+    let mut results = Results {
+        mode: if cli.quick { "quick".into() } else { "full".into() },
+        command,
+        argv,
+        date_utc: format_time(std::time::SystemTime::now()),
+        machine,
+        bin_dir: bin_dir.display().to_string(),
+        build,
+        placement,
+        handoff,
+        systemd,
+        echo,
+        memory,
+        scale,
+        profiles,
+        profiling,
+        targets: Vec::new(),
+        total_errors,
+        notes: ctx.notes.clone(),
+        plot,
+        duration_s: ctx.clock.now_ms() / 1e3,
+    };
+    results.targets = report::targets(&results);
+    let diagnosis = diagnosis::text(&results);
+
+    let json = serde_json::to_string_pretty(&results)?;
+    std::fs::write(out_dir.join("benchmarks.json"), json + "\n")?;
+    std::fs::write(out_dir.join("BENCHMARKS.md"), report::markdown(&results, &diagnosis))?;
+    std::fs::write(out_dir.join("latency.svg"), svg)?;
+    print!("{}", report::console(&results));
+    println!("\nwrote {}/{{benchmarks.json,BENCHMARKS.md,latency.svg}}", out_dir.display());
+    if !(cli.keep_scratch || cli.quick && cli.out_dir.is_none()) {
+        let _ = std::fs::remove_dir_all(&scratch);
+    } else {
+        println!("scratch (logs, timelines) kept in {}", scratch.display());
+    }
+    Ok(total_errors == 0 && failures == 0)
+}
+
+fn run_systemd(ctx: &mut Ctx) -> SystemdSection {
+    if !nix::unistd::geteuid().is_root() && !Path::new("/run/systemd/system").is_dir() {
+        return SystemdSection {
+            status: "not run: needs root (a private mount namespace) on a host not booted with systemd".into(),
+            unit: None,
+            runs: Vec::new(),
+        };
+    }
+    let mut mgr = match systemd::Manager::start(&ctx.dir) {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.note(format!("the private systemd --user manager did not start: {e:#}"));
+            return SystemdSection {
+                status: format!("not run: the private systemd manager did not start: {e:#}"),
+                unit: None,
+                runs: Vec::new(),
+            };
+        }
+    };
+    let mut runs = Vec::new();
+    let mut problems = Vec::new();
+    // The fd-store settings of the shipped unit (units/seqnum.service).
+    let shipped = systemd::ShippedUnit::load();
+    let plans: [(u64, &[&str]); 2] = [
+        (1_000, &["reload", "reload", "restart", "restart", "restart", "kill", "kill", "kill"]),
+        (10_000, &["reload", "reload", "restart", "restart", "restart", "kill", "kill", "kill"]),
+    ];
+    for (n, plan) in plans {
+        match systemd::run(ctx, &mut mgr, n, &shipped, plan) {
+            Ok(r) => runs.push(r),
+            Err(e) => {
+                ctx.note(format!("systemd run at {n} connections failed: {e:#}"));
+                problems.push(format!("{n} connections: {e:#}"));
+            }
+        }
+    }
+    drop(mgr);
+    let status = if problems.is_empty() { "ok".to_owned() } else { format!("partly failed: {}", problems.join("; ")) };
+    SystemdSection { status, unit: Some(shipped), runs }
+}
+
+/// Profiles an echo run at 1 000 connections and reloads at 10 000.
+fn run_profiles(ctx: &mut Ctx) -> (Vec<profile::Profile>, String) {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    match profile_echo(ctx) {
+        Ok(p) => out.push(p),
+        Err(e) => problems.push(format!("echo profile: {e:#}")),
+    }
+    match profile_reload(ctx) {
+        Ok(p) => out.push(p),
+        Err(e) => problems.push(format!("reload profile: {e:#}")),
+    }
+    let mut text = "Whole-system `perf record` with the software `cpu-clock` event (this VM exposes no hardware \
+                    counters) and DWARF call graphs, in separate runs from the measurements above (so that perf \
+                    does not disturb them). \"Inclusive\" counts a sample for a function when the function is anywhere \
+                    on its stack."
+        .to_owned();
+    if !problems.is_empty() {
+        text.push_str(&format!(" Problems: {}", problems.join("; ")));
+        for p in problems {
+            ctx.note(p);
+        }
+    }
+    (out, text)
+}
+
+fn profile_echo(ctx: &mut Ctx) -> anyhow::Result<profile::Profile> {
+    let n = 1_000;
+    ctx.say("profile: echo, 1 000 connections, pinned");
+    let server = Server::start(&ctx.bins, &ctx.dir, "profile-echo", ctx.server_cpu)?;
+    let spec = ClientSpec {
+        port: server.port,
+        connections: n,
+        interval_ms: 0,
+        duration_s: 9.0,
+        timeout_ms: 5000,
+        ramp_ms: 100,
+        source_addresses: 1,
+        cpu: ctx.client_cpu,
+    };
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, "profile-echo", &spec)?;
+    server.wait_connections(n, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let worker = server.worker_pid()?;
+    let syscalls = profile::syscall_mix(&ctx.dir, worker, 1.0);
+    let secs = 3.0;
+    let rec = profile::record(&ctx.dir, "echo", secs)?;
+    let t1 = ctx.clock.now_ms();
+    let p = rec.finish(
+        "Echo, 1 000 connections, --interval-ms 0, pinned",
+        "second",
+        secs,
+        profile::ECHO_PROBES,
+        &["seqnum-worker", "takeoverd", "seqnum-client"],
+    )?;
+    let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
+    server.stop();
+    let echoes: u64 = result
+        .timelines
+        .iter()
+        .flatten()
+        .filter(|r| r.t_ms >= t1 && r.t_ms + 100.0 <= t1 + secs * 1e3)
+        .map(|r| r.echoes)
+        .sum();
+    let mut p = p;
+    p.title = format!("{} (≈{:.0} echoes/s while profiled)", p.title, echoes as f64 / (secs - 0.3));
+    match syscalls {
+        Ok(m) => p.syscalls = Some(m),
+        Err(e) => ctx.note(format!("counting the worker's syscalls failed: {e:#}")),
+    }
+    Ok(p)
+}
+
+fn profile_reload(ctx: &mut Ctx) -> anyhow::Result<profile::Profile> {
+    let n = 10_000;
+    let reloads = 3;
+    ctx.say("profile: 3 reloads at 10 000 connections");
+    let server = Server::start(&ctx.bins, &ctx.dir, "profile-reload", ctx.server_cpu)?;
+    let spec = ClientSpec {
+        port: server.port,
+        connections: n,
+        interval_ms: scenarios::interval_for(n),
+        duration_s: 16.0,
+        timeout_ms: 2000,
+        ramp_ms: 1000,
+        source_addresses: 1,
+        cpu: ctx.client_cpu,
+    };
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, "profile-reload", &spec)?;
+    server.wait_connections(n, Duration::from_secs(15))?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let spacing = 1500.0;
+    let rec = profile::record(&ctx.dir, "reload", reloads as f64 * spacing / 1e3 + 0.2)?;
+    for _ in 0..reloads {
+        let at = ctx.clock.now_ms();
+        let out = server.reload()?;
+        if !out.ok {
+            ctx.note(format!("profiled reload failed: {}", out.output));
+        }
+        procs::sleep_until(&ctx.clock, at + spacing);
+    }
+    let p = rec.finish(
+        "Reload, 10 000 connections (interval 1 000 ms), 3 reloads",
+        "reload",
+        reloads as f64,
+        profile::RELOAD_PROBES,
+        &["takeoverd", "seqnum-worker", "seqnum-client"],
+    )?;
+    let _ = run.finish(&ctx.clock, Duration::from_secs(30));
+    server.stop();
+    Ok(p)
+}
+
+/// The workspace's docs/ directory (this crate is crates/bench).
+fn default_docs() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+    p.canonicalize().unwrap_or(p)
+}
+
+/// The workspace's commit and the binaries' sizes and modification times.
+fn fingerprint(bins: &Bins) -> report::Build {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let binaries = [&bins.takeoverd, &bins.worker, &bins.client]
+        .iter()
+        .map(|p| {
+            let meta = std::fs::metadata(p).ok();
+            let mtime = meta.as_ref().and_then(|m| m.modified().ok()).map_or("?".into(), format_time);
+            format!(
+                "{} {} bytes, modified {mtime}",
+                p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                meta.map_or(0, |m| m.len())
+            )
+        })
+        .collect();
+    report::Build { commit, dirty, binaries }
+}
+
+/// The open-file limits, and whether the hard one can be raised.
+fn fd_limit() -> String {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return "unknown".into() };
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").unwrap_or_default().trim().to_owned();
+    let raise = match setrlimit(Resource::RLIMIT_NOFILE, hard.max(1 << 20), hard.max(1 << 20)) {
+        // Kept: the servers and clients started from here inherit it.
+        Ok(()) => "raised to 1048576 for this run (CAP_SYS_RESOURCE)".to_owned(),
+        Err(e) => format!(
+            "raising it fails with {e} even as root: CAP_SYS_RESOURCE is not in this machine's capability bounding set"
+        ),
+    };
+    format!("RLIMIT_NOFILE soft {soft}, hard {hard} per process (fs.nr_open {nr_open}); {raise}")
+}
+
+fn machine(fd_limit: &str) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or("?".into(), |k| format!("{:.1} GiB", k / 1024.0 / 1024.0));
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_owned();
+    let systemd = std::process::Command::new("systemctl")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
+        .unwrap_or_else(|| "not found".into());
+    Machine {
+        cpu_model: field("model name"),
+        cpus: procs::cpus(),
+        virtualised: field("flags").split_whitespace().any(|f| f == "hypervisor"),
+        memory: mem,
+        kernel: read("/proc/sys/kernel/osrelease"),
+        loadavg_at_start: read("/proc/loadavg"),
+        loadavg_at_end: String::new(),
+        systemd,
+        tcp_congestion_control: read("/proc/sys/net/ipv4/tcp_congestion_control"),
+        fd_limit: fd_limit.to_owned(),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC`.
+fn format_time(t: std::time::SystemTime) -> String {
+    let unix = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, secs) = (unix / 86400, unix % 86400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn time() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        assert_eq!(super::format_time(t), "2026-11-18 11:06:40 UTC");
+    }
+
+    #[test]
+    fn cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
