@@ -181,11 +181,18 @@ impl Worker {
                 tracing::error!("epoll failed: {e}");
                 return 1;
             }
+            // takeoverd's messages first: a quiesce must not wait behind a
+            // batch of connection events (they are served after a resume).
+            if events.iter().any(|e| e.token() == CONTROL) {
+                if let Flow::Exit(code) = self.on_control() {
+                    return code;
+                }
+            }
             for ev in events.iter() {
                 let flow = match ev.token() {
                     SIGNALS => self.on_signal(),
                     ENDPOINT => self.on_endpoint(),
-                    CONTROL => self.on_control(),
+                    CONTROL => Flow::Continue,
                     Token(t) if t >= CONN_BASE => {
                         if !self.quiesced {
                             self.serve(t - CONN_BASE, ev.is_read_closed() || ev.is_error());
