@@ -64,7 +64,7 @@ fn children(pid: u32) -> Vec<u32> {
 
 fn kill_self_at(step: &str) {
     // The marker lives in a directory the DynamicUser= service may write.
-    let marker_dir = testkit::bin_dir().join("systemd-tests").join(format!("fault-{step}-{}", std::process::id()));
+    let marker_dir = testkit::systemd::run_base().join(format!("fault-{step}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&marker_dir);
     std::fs::create_dir_all(&marker_dir).unwrap();
     std::fs::set_permissions(&marker_dir, std::fs::Permissions::from_mode(0o777)).unwrap();

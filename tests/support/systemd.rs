@@ -83,7 +83,7 @@ impl RunDir {
     pub fn new(tag: &str) -> RunDir {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let p = bin_dir().join("systemd-tests").join(format!("{tag}-{}-{n}", std::process::id()));
+        let p = run_base().join(format!("{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         // The service runs as a DynamicUser=: it must be able to traverse
@@ -123,6 +123,27 @@ impl Drop for RunDir {
             }
         }
     }
+}
+
+/// Where the systemd tests keep their directories: under the cargo target
+/// dir, unless that is under /tmp or /var/tmp. There the service would not
+/// see them: the unit's `PrivateTmp=` (which `DynamicUser=` implies, so it
+/// cannot be switched off) gives it a /tmp of its own. Then
+/// /run/takeover-tests is used instead (the tests run as root).
+pub fn run_base() -> PathBuf {
+    let target = bin_dir();
+    if under_tmp(&target) {
+        let base = PathBuf::from("/run/takeover-tests");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        base
+    } else {
+        target.join("systemd-tests")
+    }
+}
+
+fn under_tmp(p: &Path) -> bool {
+    p.starts_with("/tmp") || p.starts_with("/var/tmp")
 }
 
 /// A private `systemd --user` manager.
@@ -240,6 +261,23 @@ exec "$2" --user --unit="$3"
         self.pid
     }
 
+    /// Where the units find takeoverd and seqnum-worker: `target/debug`, or a
+    /// copy in this test's directory when that is under /tmp (see
+    /// [`run_base`]).
+    pub fn service_bins(&self) -> PathBuf {
+        if !under_tmp(&bin_dir()) {
+            return bin_dir();
+        }
+        let dir = self.dir.path("bin");
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            for b in ["takeoverd", "seqnum-worker"] {
+                std::fs::copy(bin_dir().join(b), dir.join(b)).unwrap();
+            }
+        }
+        dir
+    }
+
     /// Writes a unit file and remembers it for the cleanup.
     pub fn install_unit(&mut self, name: &str, text: &str) {
         std::fs::write(self.config_dir.join("systemd/user").join(name), text).unwrap();
@@ -255,7 +293,7 @@ exec "$2" --user --unit="$3"
     /// with a note on stderr. Then `daemon-reload`.
     pub fn install_seqnum(&mut self, port: u16, takeoverd_args: &[&str]) {
         let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("units");
-        let bins = format!("{}/", bin_dir().display());
+        let bins = format!("{}/", self.service_bins().display());
         let read = |n: &str| std::fs::read_to_string(units.join(n)).unwrap_or_else(|e| panic!("units/{n}: {e}"));
 
         let socket = read("seqnum.socket");
@@ -297,7 +335,7 @@ exec "$2" --user --unit="$3"
     fn adaptations(&self) -> Vec<(String, String, String)> {
         let mut out = Vec::new();
         let under = |p: &Path, roots: &[&str]| roots.iter().any(|r| p.starts_with(r));
-        let ours = [bin_dir(), self.dir.0.clone()];
+        let ours = [self.service_bins(), self.dir.0.clone()];
         if ours.iter().any(|p| under(p, &["/home", "/root", "/run/user"])) {
             out.push((
                 "ProtectHome".to_owned(),
