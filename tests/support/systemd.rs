@@ -129,11 +129,12 @@ impl Drop for RunDir {
 /// dir, unless that is under /tmp or /var/tmp. There the service would not
 /// see them: the unit's `PrivateTmp=` (which `DynamicUser=` implies, so it
 /// cannot be switched off) gives it a /tmp of its own. Then
-/// /run/takeover-tests is used instead (the tests run as root).
+/// /var/lib/takeover-tests is used instead (the tests run as root; under
+/// /run the service could not execute its binaries: 203/EXEC).
 pub fn run_base() -> PathBuf {
     let target = bin_dir();
     if under_tmp(&target) {
-        let base = PathBuf::from("/run/takeover-tests");
+        let base = PathBuf::from("/var/lib/takeover-tests");
         std::fs::create_dir_all(&base).unwrap();
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
         base
