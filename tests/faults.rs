@@ -6,29 +6,16 @@
 //! order, a second reload succeeds, exactly one worker runs, nothing leaked,
 //! and SIGTERM stops everything.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use testkit::*;
 
 fn case(step: &str, action: &str, reload_ok: bool) {
     let dir = TempDir::new(&format!("fault-{step}-{action}"));
-    let port = free_port();
-    let sock = dir.path("ctl.sock");
-    let log = dir.path("takeoverd.log");
-    let d = Command::new(bin("takeoverd"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--ack-timeout-ms", "500", "--control-socket"])
-        .arg(&sock)
-        .env("TAKEOVERD_FAULT", format!("{step}:{action}:{}", dir.path("fired").display()))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut d = Reaper(d);
-    let dpid = d.0.id();
-    wait_for_port(port, Duration::from_secs(10));
-    wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
+    let fault = ("TAKEOVERD_FAULT", format!("{step}:{action}:{}", dir.path("fired").display()));
+    let Takeoverd { proc: mut d, pid: dpid, port, sock, log } =
+        Takeoverd::start(&dir, &["--ack-timeout-ms", "500"], &[fault]);
     let fds_before = settled_fd_count(dpid);
 
     let load = client(port, &["--connections", "20", "--interval-ms", "5", "--duration", "3", "--timeout-ms", "5000"]);

@@ -80,22 +80,8 @@ fn nothing_more(s: &mut TcpStream, what: &str) {
 fn hostile_clients_hurt_nobody_and_keep_their_state_across_a_reload() {
     raise_nofile();
     let dir = TempDir::new("hostile");
-    let port = free_port();
-    let sock = dir.path("ctl.sock");
-    let log = dir.path("takeoverd.log");
-    let d = Command::new(bin("takeoverd"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--control-socket"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut d = Reaper(d);
-    let dpid = d.0.id();
+    let Takeoverd { proc: mut d, pid: dpid, port, sock, log } = Takeoverd::start(&dir, &[], &[]);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for_port(port, Duration::from_secs(10));
-    wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
     wait_until("the probe connection is gone", Duration::from_secs(5), || ctl_status(&sock)["connections"] == 0);
     // The least of a few reads: takeoverd may not have closed the last ctl
     // connection yet.

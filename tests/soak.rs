@@ -27,7 +27,7 @@
 //! estimate from the rate measured (at most three attempts).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -141,22 +141,8 @@ fn soak(kill_every: Option<usize>, tag: &str) {
     assert!(n >= 1, "SOAK_RELOADS must be at least 1");
     let name = if tag.is_empty() { "soak" } else { "soak with kills" };
     let dir = TempDir::new(&format!("soak{tag}"));
-    let port = free_port();
-    let sock = dir.path("ctl.sock");
-    let log = dir.path("takeoverd.log");
-    let d = Command::new(bin("takeoverd"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--control-socket"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut d = Reaper(d);
-    let dpid = d.0.id();
+    let Takeoverd { proc: mut d, pid: dpid, port, sock, log } = Takeoverd::start(&dir, &[], &[]);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for_port(port, Duration::from_secs(10));
-    wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
     wait_until("the probe connection is gone", Duration::from_secs(5), || ctl_status(&sock)["connections"] == 0);
     let idle_fds = quiet_fds(dpid, None);
 

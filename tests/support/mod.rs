@@ -245,3 +245,43 @@ pub fn raise_fd_limit() -> u64 {
     }
     hard
 }
+
+/// takeoverd run directly (no systemd) on a free port of 127.0.0.1, its
+/// control socket and log in a test's directory.
+pub struct Takeoverd {
+    /// The process (killed on drop).
+    pub proc: Reaper,
+    /// Its pid.
+    pub pid: u32,
+    /// The port it listens on.
+    pub port: u16,
+    /// Its control socket.
+    pub sock: PathBuf,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl Takeoverd {
+    /// Starts takeoverd with `args` and `env`, and waits until its first
+    /// worker serves.
+    pub fn start(dir: &TempDir, args: &[&str], env: &[(&str, String)]) -> Takeoverd {
+        let port = free_port();
+        let sock = dir.path("ctl.sock");
+        let log = dir.path("takeoverd.log");
+        let mut cmd = Command::new(bin("takeoverd"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--control-socket"])
+            .arg(&sock)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let proc = Reaper(cmd.spawn().expect("starting takeoverd"));
+        let pid = proc.0.id();
+        wait_for_port(port, Duration::from_secs(10));
+        wait_for_path(&sock, Duration::from_secs(10));
+        wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
+        Takeoverd { proc, pid, port, sock, log }
+    }
+}
