@@ -74,3 +74,28 @@ pub fn init(binary: &'static str) {
             .try_init();
     }
 }
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (for status lines and reports;
+/// civil-from-days after Howard Hinnant).
+pub fn utc(unix: u64) -> String {
+    let (days, secs) = (unix / 86400, unix % 86400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_utc() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(1_795_000_000), "2026-11-18 11:06:40 UTC");
+    }
+}

@@ -74,7 +74,7 @@ impl Status {
             self.connections
         );
         if let Some(r) = self.reloads.last() {
-            let when = format_time(r.at);
+            let when = takeover::log::utc(r.at);
             if r.ok {
                 let _ = write!(s, "; last reload ok at {when} ({:.1} ms)", r.handoff_ms);
             } else {
@@ -112,38 +112,13 @@ impl Status {
             } else {
                 format!("FAILED: {}", r.error.as_deref().unwrap_or("?"))
             };
-            let _ = writeln!(s, "reload:       {} generation {}: {outcome}", format_time(r.at), r.generation);
+            let _ = writeln!(s, "reload:       {} generation {}: {outcome}", takeover::log::utc(r.at), r.generation);
         }
         s
     }
 }
 
-/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
-pub fn format_time(unix: u64) -> String {
-    let (days, secs) = (unix / 86400, unix % 86400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
 /// Now, in Unix seconds.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn formats_time() {
-        assert_eq!(super::format_time(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(super::format_time(1_795_000_000), "2026-11-18 11:06:40 UTC");
-    }
 }
