@@ -58,6 +58,8 @@ pub struct EchoConn {
     consumed: u64,
     /// The last `serve` stopped at its budget with input left.
     pub more: bool,
+    /// The last `serve` could not write all it had: waiting for room.
+    pub blocked: bool,
     /// In the event loop's ready queue.
     pub queued: bool,
 }
@@ -65,75 +67,91 @@ pub struct EchoConn {
 /// Bytes one `serve` call echoes at most before yielding to other work.
 pub const SERVE_BUDGET: u64 = 64 * 1024;
 
-/// The name of a connection: `c` and its socket cookie in base 36. Short, so
-/// that many fit in systemd's `LISTEN_FDNAMES`.
-pub fn conn_name(cookie: u64) -> String {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut digits = Vec::with_capacity(14);
-    let mut n = cookie;
-    loop {
-        digits.push(DIGITS[(n % 36) as usize]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    digits.push(b'c');
-    digits.reverse();
-    String::from_utf8(digits).expect("ASCII")
-}
-
-/// The cookie in a name made by [`conn_name`].
-pub fn cookie_of_name(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix('c')?;
-    if digits.is_empty() || digits.len() > 13 {
-        return None;
-    }
-    u64::from_str_radix(digits, 36).ok().filter(|c| conn_name(*c) == name)
-}
+pub use takeover::channel::{conn_name, cookie_of_name};
 
 impl EchoConn {
     /// A connection we just accepted.
     pub fn accepted(stream: TcpStream, peer: SocketAddr) -> io::Result<EchoConn> {
         stream.set_nodelay(true)?;
         let cookie = takeover::socket_cookie(stream.as_fd())?;
-        Ok(EchoConn { stream, cookie, peer: Some(peer), next: None, consumed: 0, more: false, queued: false })
+        Ok(EchoConn {
+            stream,
+            cookie,
+            peer: Some(peer),
+            next: None,
+            consumed: 0,
+            more: false,
+            blocked: false,
+            queued: false,
+        })
     }
 
     /// A connection received in a handoff. When `recovered` (the previous
     /// holder died), bytes it echoed but did not consume are discarded, and
     /// a stale expected seqnum is forgotten.
     pub fn adopt(stream: TcpStream, name: &str, state: ConnState, recovered: bool) -> io::Result<EchoConn> {
+        let consumed = state.consumed;
+        let mut conn = EchoConn::staged(stream, name, state)?;
+        if recovered || consumed == 0 {
+            conn.reconcile()?;
+        }
+        Ok(conn)
+    }
+
+    /// A connection assigned by takeoverd, not served yet: no system call.
+    /// Its previous holder stopped at a message boundary (or reports its
+    /// state before this one serves), so `state.consumed`, counted from any
+    /// message boundary, gives the position in the current message.
+    pub fn staged(stream: TcpStream, name: &str, state: ConnState) -> io::Result<EchoConn> {
         // The name carries the cookie; ask the kernel only for a foreign name.
         let cookie = match cookie_of_name(name) {
             Some(c) => c,
             None => takeover::socket_cookie(stream.as_fd())?,
         };
-        let mut conn = EchoConn {
+        Ok(EchoConn {
             stream,
             cookie,
             peer: state.peer,
             next: state.next,
             consumed: state.consumed,
             more: false,
+            blocked: false,
             queued: false,
-        };
-        if recovered || state.consumed == 0 {
-            let at = takeover::stream_offsets(conn.stream.as_fd())?;
-            if at.written > at.consumed {
-                let extra = at.written - at.consumed;
-                discard(&conn.stream, &mut vec![0u8; extra as usize])?;
-                tracing::info!(peer = ?conn.peer, bytes = extra, "discarded input that the previous worker echoed but did not consume");
-            }
-            let consumed = at.written.max(at.consumed);
-            if consumed != state.consumed {
-                // Messages went by since the state was taken: the expected
-                // seqnum is re-learnt from the next message.
-                conn.next = None;
-            }
-            conn.consumed = consumed;
+        })
+    }
+
+    /// Takes a newer state (reported by the previous holder when it stopped).
+    pub fn set_state(&mut self, state: ConnState) {
+        self.peer = state.peer.or(self.peer);
+        self.next = state.next;
+        self.consumed = state.consumed;
+    }
+
+    /// After the previous holder died: discards the bytes it echoed but did
+    /// not consume (the kernel's byte counters say how many), and learns the
+    /// stream position from the kernel.
+    pub fn reconcile(&mut self) -> io::Result<()> {
+        let at = takeover::stream_offsets(self.stream.as_fd())?;
+        if at.written > at.consumed {
+            let extra = at.written - at.consumed;
+            discard(&self.stream, &mut vec![0u8; extra as usize])?;
+            tracing::info!(peer = ?self.peer, bytes = extra, "discarded input that the previous worker echoed but did not consume");
         }
-        Ok(conn)
+        let consumed = at.written.max(at.consumed);
+        if consumed != self.consumed {
+            // Messages went by since the state was taken: the expected
+            // seqnum is re-learnt from the next message.
+            self.next = None;
+        }
+        self.consumed = consumed;
+        Ok(())
+    }
+
+    /// Position inside the current message (0 at a message boundary): the
+    /// one thing about a connection that the kernel cannot tell a successor
+    /// without its byte counters.
+    pub fn phase(&self) -> usize {
+        (self.consumed % MESSAGE_LEN as u64) as usize
     }
 
     /// Stream bytes consumed so far.
@@ -153,6 +171,7 @@ impl EchoConn {
     pub fn serve(&mut self, scratch: &mut [u8], read_closed: bool) -> Option<End> {
         let fd = self.stream.as_raw_fd();
         self.more = false;
+        self.blocked = false;
         let start = self.consumed;
         loop {
             if self.consumed - start >= SERVE_BUDGET {
@@ -200,6 +219,7 @@ impl EchoConn {
                 self.consumed += w as u64;
             }
             if w < k {
+                self.blocked = true;
                 return None; // wait until writable
             }
             if k == n && n < scratch.len() {

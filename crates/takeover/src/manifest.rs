@@ -309,6 +309,15 @@ pub(crate) fn chunk(encoded: &[String], overhead: usize) -> Result<Vec<std::ops:
 /// Builds `{"type":"<ty>","seq":N,"entries":[...]}` (or without `seq`) from
 /// pre-encoded elements.
 pub(crate) fn wrap(ty: &str, seq: Option<usize>, elems: &[String]) -> Vec<u8> {
+    wrap_with(ty, seq, "entries", elems)
+}
+
+/// Builds `{"type":"<ty>","<field>":[...]}` from pre-encoded elements.
+pub(crate) fn wrap_field(ty: &str, field: &str, elems: &[String]) -> Vec<u8> {
+    wrap_with(ty, None, field, elems)
+}
+
+fn wrap_with(ty: &str, seq: Option<usize>, field: &str, elems: &[String]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + elems.iter().map(|e| e.len() + 1).sum::<usize>());
     out.extend_from_slice(b"{\"type\":\"");
     out.extend_from_slice(ty.as_bytes());
@@ -316,7 +325,9 @@ pub(crate) fn wrap(ty: &str, seq: Option<usize>, elems: &[String]) -> Vec<u8> {
     if let Some(seq) = seq {
         out.extend_from_slice(format!("\"seq\":{seq},").as_bytes());
     }
-    out.extend_from_slice(b"\"entries\":[");
+    out.push(b'"');
+    out.extend_from_slice(field.as_bytes());
+    out.extend_from_slice(b"\":[");
     for (i, e) in elems.iter().enumerate() {
         if i > 0 {
             out.push(b',');

@@ -6,9 +6,13 @@
 //! restarts of takeoverd. Unset (always, in production), it costs one branch.
 //!
 //! Steps, in the order a reload passes them: `new-started` (the new worker
-//! said hello), `old-quiesced`, `sockets-sent`, `new-acked`, `old-exiting`.
-//! Actions: `kill-new`, `kill-old` (SIGKILL), `stop-new` (SIGSTOP, so the
-//! step's deadline runs out), `kill-self` (SIGKILL takeoverd).
+//! said hello), `new-ready` (it holds every connection; the old one is about
+//! to be stopped), `old-stopped` (the old one stopped; the new one is about
+//! to be told to serve), `new-serving` (it serves; the old one is about to be
+//! told to exit). A version-1 new worker passes `sockets-sent` (the offer went
+//! out) instead of `new-ready` and `old-stopped`.
+//! Actions: `kill-new`, `kill-old` (SIGKILL), `stop-new`, `stop-old` (SIGSTOP,
+//! so the step's deadline runs out), `kill-self` (SIGKILL takeoverd).
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -17,20 +21,20 @@ use nix::unistd::Pid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     NewStarted,
-    OldQuiesced,
+    NewReady,
+    OldStopped,
     SocketsSent,
-    NewAcked,
-    OldExiting,
+    NewServing,
 }
 
 impl Step {
     fn name(self) -> &'static str {
         match self {
             Step::NewStarted => "new-started",
-            Step::OldQuiesced => "old-quiesced",
+            Step::NewReady => "new-ready",
+            Step::OldStopped => "old-stopped",
             Step::SocketsSent => "sockets-sent",
-            Step::NewAcked => "new-acked",
-            Step::OldExiting => "old-exiting",
+            Step::NewServing => "new-serving",
         }
     }
 }
@@ -54,6 +58,7 @@ pub fn at(step: Step, new: Option<u32>, old: Option<u32>) {
         "kill-new" => (new, Signal::SIGKILL),
         "kill-old" => (old, Signal::SIGKILL),
         "stop-new" => (new, Signal::SIGSTOP),
+        "stop-old" => (old, Signal::SIGSTOP),
         "kill-self" => (Some(std::process::id()), Signal::SIGKILL),
         _ => {
             tracing::warn!(%action, "unknown TAKEOVERD_FAULT action; ignored");

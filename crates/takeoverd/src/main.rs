@@ -1,14 +1,18 @@
 #![forbid(unsafe_code)]
 //! `takeoverd`: see `takeoverd --help` and the README.
 
+mod control_server;
 mod ctl;
 mod fault;
 mod fdstore;
 mod overflow;
+mod reload;
+mod restore;
 mod state;
 mod status;
 mod supervisor;
 mod worker;
+mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

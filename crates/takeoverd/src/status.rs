@@ -16,10 +16,23 @@ pub struct ReloadRecord {
     /// Why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Request to the new worker's ack, in milliseconds.
+    /// Request to the new worker serving, in milliseconds (the same as
+    /// `total_ms`; kept for readers of earlier versions).
     pub handoff_ms: f64,
-    /// Request to the old worker's exit, in milliseconds.
+    /// Unused since the old worker exits after the reload completes (0).
+    #[serde(default)]
     pub old_exit_ms: f64,
+    /// The pause every client sees: the old worker told to stop → the new
+    /// one serving, in milliseconds. None when nobody was stopped.
+    #[serde(default)]
+    pub pause_ms: Option<f64>,
+    /// The new worker's hello → it holds every connection (the old one
+    /// serves meanwhile), in milliseconds.
+    #[serde(default)]
+    pub stage_ms: Option<f64>,
+    /// Request → new worker serving, in milliseconds.
+    #[serde(default)]
+    pub total_ms: Option<f64>,
     /// The pid serving after the attempt.
     #[serde(default)]
     pub worker_pid: Option<u32>,
@@ -43,6 +56,9 @@ pub struct Status {
     pub generation: u64,
     /// The serving worker's pid.
     pub worker_pid: Option<u32>,
+    /// `serving`, `restarting`, or `handoff: <step>`.
+    #[serde(default)]
+    pub state: String,
     /// Live connections held.
     pub connections: usize,
     /// Listeners held.
@@ -76,7 +92,7 @@ impl Status {
         if let Some(r) = self.reloads.last() {
             let when = takeover::log::utc(r.at);
             if r.ok {
-                let _ = write!(s, "; last reload ok at {when} ({:.1} ms)", r.handoff_ms);
+                let _ = write!(s, "; last reload ok at {when} (pause {}, total {:.1} ms)", pause(r), r.handoff_ms);
             } else {
                 let _ = write!(s, "; last reload FAILED at {when}: {}", r.error.as_deref().unwrap_or("?"));
             }
@@ -92,6 +108,7 @@ impl Status {
         let mut s = String::new();
         let _ = writeln!(s, "generation:   {}", self.generation);
         let _ = writeln!(s, "worker pid:   {}", self.worker_pid.map_or("none".into(), |p| p.to_string()));
+        let _ = writeln!(s, "state:        {}", self.state);
         let _ = writeln!(s, "connections:  {}", self.connections);
         for l in &self.listeners {
             let _ = writeln!(s, "listener:     {} {}", l.name, l.addr);
@@ -108,7 +125,7 @@ impl Status {
         let _ = writeln!(s, "restarts:     {} worker crash restarts", self.worker_restarts);
         for r in &self.reloads {
             let outcome = if r.ok {
-                format!("ok, {:.2} ms", r.handoff_ms)
+                format!("ok, pause {}, staging {}, total {:.2} ms", pause(r), opt_ms(r.stage_ms), r.handoff_ms)
             } else {
                 format!("FAILED: {}", r.error.as_deref().unwrap_or("?"))
             };
@@ -116,6 +133,14 @@ impl Status {
         }
         s
     }
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2} ms"))
+}
+
+fn pause(r: &ReloadRecord) -> String {
+    r.pause_ms.map_or("none".into(), |v| format!("{v:.3} ms"))
 }
 
 /// Now, in Unix seconds.

@@ -1,17 +1,11 @@
-//! takeoverd's state machine: it holds every listener and live connection,
-//! keeps them in the fd store, and moves them into fresh workers.
-//!
-//! ```text
-//!            start / crash restart (recovered)          reload (SIGHUP, ctl reload)
-//!   ┌──────────────────────────────────────┐   ┌──────────────────────────────────────────┐
-//!   spawn W ─ hello ─ offer ─ ack ─ commit    spawn W2 ─ hello ─▶ quiesce W1 ─ states ─▶
-//!                                              offer W2 ─ ack ─ commit ─▶ exit W1   (ok)
-//!                                                         └─ fail ─▶ kill W2, resume W1
-//! ```
-//! Every step has a deadline; nothing is ever closed until its successor
-//! has acked, so a failure at any step leaves the sockets served.
+//! takeoverd's event loop: it owns every listener and connection (it accepts
+//! them itself, so no connection ever lives only in a worker), keeps them in
+//! the fd store, assigns them to the serving worker, and drives
+//! [`Workers`](crate::workers::Workers), the state machine of who serves.
+//! The handoff between workers is in `reload.rs`, what takeoverd starts
+//! with in `restore.rs`, the control socket in `control_server.rs`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,37 +15,35 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use sd_notify::NotifyState;
-use serde_json::value::to_raw_value;
 use slab::Slab;
-use takeover::{Endpoint, Existing, Item, Kind, Message, RawState};
+use takeover::channel::{FromWorker, ToWorker};
+use takeover::{Endpoint, Existing, Message};
 
-use crate::ctl::Request;
-use crate::fault::{self, Step};
-use crate::fdstore::{self, notify, FdStore};
-use crate::overflow;
-use crate::state::{SavedRef, StateFile, STATE_NAME};
-use crate::status::{unix_now, ListenerInfo, ReloadRecord, Status};
-use crate::worker::WorkerProc;
+use crate::fdstore::{notify, FdStore};
+use crate::state::{SavedRef, StateFile};
+use crate::status::{ListenerInfo, ReloadRecord, Status};
+use crate::workers::{Conns, HeldConn, Proto, Worker, Workers};
 
-const SIGNALS: Token = Token(0);
-const CTL: Token = Token(1);
-const WORKER: Token = Token(2);
-const CTL_CONN_BASE: usize = 1 << 16;
+pub(crate) const SIGNALS: Token = Token(0);
+pub(crate) const CTL: Token = Token(1);
+pub(crate) const LISTENER_BASE: usize = 16;
+pub(crate) const WORKER_BASE: usize = 1 << 12;
+pub(crate) const CTL_CONN_BASE: usize = 1 << 40;
 
 /// Reloads kept for `ctl status`.
 const HISTORY: usize = 20;
-/// Crash-restart backoff: the first restart is immediate, a crash loop
-/// backs off from 100 ms to 5 s; a worker that ran 10 s resets it.
+/// Crash-restart backoff: the first restart is immediate; a worker that dies
+/// before it served a second backs off from 100 ms to 5 s; one that served
+/// longer resets it.
 const BACKOFF_STEP: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 /// How often the serving worker is pinged; one that does not answer within
 /// the ack timeout is hung (or stopped) and is replaced.
 const PING_EVERY: Duration = Duration::from_secs(1);
-/// Control connections that may wait for their request at once, and for how
-/// long: a peer that connects and never speaks costs an fd for that long.
-const MAX_CTL_CONNS: usize = 64;
-const CTL_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections accepted per listener per loop turn, so that a connect storm
+/// does not starve the workers' channels.
+const ACCEPT_BATCH: usize = 1024;
 
 /// What takeoverd was told on its command line.
 #[derive(Debug, Clone)]
@@ -74,48 +66,55 @@ pub struct Config {
     pub backlog: i32,
 }
 
-struct HeldListener {
-    name: String,
-    fd: OwnedFd,
-    addr: String,
-}
-
-struct HeldConn {
-    fd: OwnedFd,
-    /// What its worker reported at the last handoff (or `opened`), as raw
-    /// JSON: takeoverd moves it, never parses it.
-    state: Option<RawState>,
+/// A listening socket takeoverd holds.
+#[derive(Debug)]
+pub struct HeldListener {
+    /// Its name (fd store, manifests).
+    pub name: String,
+    /// The socket.
+    pub fd: OwnedFd,
+    /// Its address, for logs and status.
+    pub addr: String,
 }
 
 /// The supervisor.
 pub struct Supervisor {
-    cfg: Config,
-    poll: Poll,
+    pub(crate) cfg: Config,
+    pub(crate) poll: Poll,
     signals: SignalFd,
-    ctl: Endpoint,
+    pub(crate) ctl: Endpoint,
     /// Control connections waiting for their request, with a deadline.
-    ctl_conns: Slab<(OwnedFd, Instant)>,
+    pub(crate) ctl_conns: Slab<(OwnedFd, Instant)>,
     /// Problems on the control socket, logged at most once a second.
-    ctl_log: takeover::Throttle,
+    pub(crate) ctl_log: takeover::Throttle,
     /// When to try accepting on the control socket again after a failure.
-    ctl_retry: Option<Instant>,
-    /// Connections whose fd we could not receive, logged at most once a second.
-    hold_log: takeover::Throttle,
-    listeners: Vec<HeldListener>,
-    conns: HashMap<String, HeldConn>,
-    worker: Option<WorkerProc>,
-    generation: u64,
-    store: FdStore,
+    pub(crate) ctl_retry: Option<Instant>,
+    pub(crate) listeners: Vec<HeldListener>,
+    /// Whether the listeners are in the poll (takeoverd accepts).
+    accepting: bool,
+    /// Listeners with connections left after their batch.
+    accept_more: bool,
+    /// accept() failed (EMFILE...): when to try again; warned once per burst.
+    accept_retry: Option<Instant>,
+    accept_log: takeover::Throttle,
+    pub(crate) conns: Conns,
+    pub(crate) workers: Workers,
+    /// Workers told to exit, reaped when they do (killed past their grace).
+    pub(crate) retiring: Vec<(Worker, Instant)>,
+    pub(crate) next_token: usize,
+    pub(crate) generation: u64,
+    pub(crate) store: FdStore,
     state: StateFile,
-    reloads: VecDeque<ReloadRecord>,
-    restarts: u64,
-    restart_at: Option<Instant>,
-    backoff: Duration,
+    pub(crate) reloads: VecDeque<ReloadRecord>,
+    pub(crate) restarts: u64,
+    pub(crate) backoff: Duration,
+    /// READY=1 goes out when the first worker's start ends.
+    pub(crate) ready_sent: bool,
     watchdog: Option<(Duration, Instant)>,
-    status_dirty: bool,
+    pub(crate) status_dirty: bool,
     status_at: Instant,
     /// When the last ping went out, and whether its pong is still due.
-    ping: (Instant, bool),
+    pub(crate) ping: (Instant, bool),
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -136,80 +135,7 @@ impl Supervisor {
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
         let poll = Poll::new()?;
         poll.registry().register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)?;
-
-        let mut g = Gathered::default();
-        for inh in fdstore::inherited()? {
-            classify(inh, &mut g);
-        }
-        let mut queue = Vec::new();
-        for (k, ends) in std::mem::take(&mut g.queue) {
-            match ends {
-                (Some(r), Some(w)) => queue.push((k, r, w)),
-                _ => tracing::warn!(pair = k, "only one end of an overflow pair came back from the fd store; dropped"),
-            }
-        }
-        let (mut store, carried) = FdStore::new(cfg.fdstore_max, queue);
-        if !carried.is_empty() {
-            tracing::info!(connections = carried.len(), "restored connections from the overflow queue");
-        }
-        // Connections that came back by name (not from the overflow queue).
-        let named: std::collections::HashSet<String> = g.conns.keys().cloned().collect();
-        let restored_state = g.state.is_some();
-        for (name, fd) in carried {
-            g.conns.entry(name).or_insert(HeldConn { fd, state: None });
-        }
-        let Gathered { mut listeners, mut conns, state, .. } = g;
-        let restored = conns.len();
-        let (state, saved) = match state {
-            Some(mut s) => {
-                let saved = s.load();
-                (s, saved)
-            }
-            None => (StateFile::create()?, None),
-        };
-        let mut generation = 0;
-        if let Some(saved) = saved {
-            generation = saved.generation;
-            for (name, st) in saved.conns {
-                if let Some(c) = conns.get_mut(&name) {
-                    c.state = Some(st);
-                }
-            }
-        }
-        if listeners.is_empty() {
-            if cfg.listen.is_empty() {
-                anyhow::bail!("no listening socket: pass --listen ADDR:PORT, or start takeoverd from a .socket unit");
-            }
-            for (i, addr) in cfg.listen.iter().enumerate() {
-                let fd = takeover::bind_tcp(*addr, cfg.backlog).map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
-                listeners.push(HeldListener { name: format!("l{i}"), fd, addr: addr.to_string() });
-            }
-        } else if !cfg.listen.is_empty() {
-            tracing::info!("listeners came from systemd; --listen is not used");
-        }
-        if restored > 0 {
-            tracing::info!(connections = restored, listeners = listeners.len(), "restored from the fd store");
-        }
-
-        // Listeners may come from a .socket unit rather than the store: store
-        // them (systemd keeps one copy of an open file). Connections and the
-        // state memfd can only have come from the store, where they still are.
-        for l in &listeners {
-            store.store(&l.name, l.fd.as_fd(), true);
-        }
-        if restored_state {
-            store.mark_stored(STATE_NAME);
-        } else {
-            store.store(STATE_NAME, state.fd(), true);
-        }
-        for name in conns.keys().filter(|n| named.contains(n.as_str())) {
-            store.mark_stored(name);
-        }
-        for (name, c) in conns.iter().filter(|(n, _)| !named.contains(n.as_str())) {
-            store.store(name, c.fd.as_fd(), false);
-        }
-        store.flush(|n| conns.get(n).map(|c| c.fd.as_fd()));
-
+        let restored = crate::restore::restore(&cfg)?;
         let ctl = Endpoint::bind(&cfg.control_socket, Existing::ReplaceStale)?;
         poll.registry().register(&mut SourceFd(&ctl.as_fd().as_raw_fd()), CTL, Interest::READABLE)?;
         let watchdog = sd_notify::watchdog_enabled().map(|d| (d / 2, Instant::now()));
@@ -221,17 +147,22 @@ impl Supervisor {
             ctl_conns: Slab::new(),
             ctl_log: takeover::Throttle::new(Duration::from_secs(1)),
             ctl_retry: None,
-            hold_log: takeover::Throttle::new(Duration::from_secs(1)),
-            listeners,
-            conns,
-            worker: None,
-            generation,
-            store,
-            state,
+            listeners: restored.listeners,
+            accepting: false,
+            accept_more: false,
+            accept_retry: None,
+            accept_log: takeover::Throttle::new(Duration::from_secs(1)),
+            conns: restored.conns,
+            workers: Workers::Down { at: Instant::now() },
+            retiring: Vec::new(),
+            next_token: 0,
+            generation: restored.generation,
+            store: restored.store,
+            state: restored.state,
             reloads: VecDeque::new(),
             restarts: 0,
-            restart_at: None,
             backoff: Duration::ZERO,
+            ready_sent: false,
             watchdog,
             status_dirty: true,
             status_at: Instant::now(),
@@ -239,8 +170,8 @@ impl Supervisor {
         })
     }
 
-    /// Starts the first worker, tells systemd we are ready, and serves until
-    /// stopped. Returns the exit status.
+    /// Starts the first worker and serves until stopped. Returns the exit
+    /// status.
     pub fn run(&mut self) -> i32 {
         for l in &self.listeners {
             tracing::info!(name = %l.name, addr = %l.addr, "holding listener");
@@ -249,23 +180,28 @@ impl Supervisor {
         // Connections restored from the store were served by a process that
         // is gone: their states may be stale.
         let recovered = !self.conns.is_empty();
-        if let Err(e) = self.start_worker(recovered) {
-            tracing::error!("the first worker did not start: {e}");
-            self.schedule_restart();
-        }
-        notify(&[NotifyState::Ready, NotifyState::Status(&self.status().line())]);
-        self.status_dirty = false;
+        self.begin_handoff(crate::workers::Why::Start, recovered, Vec::new());
+        self.sync_accepting();
 
-        let mut events = Events::with_capacity(256);
+        let mut events = Events::with_capacity(1024);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, self.next_timeout()) {
+            let timeout = if self.accept_more { Some(Duration::ZERO) } else { self.next_timeout() };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     tracing::error!("epoll failed: {e}");
                     return 1;
                 }
             }
-            let tokens: Vec<Token> = events.iter().map(|e| e.token()).collect();
-            for token in tokens {
+            let tokens: Vec<(Token, bool)> = events.iter().map(|e| (e.token(), e.is_writable())).collect();
+            // Workers first: what they said (closes, a `ready`) comes before
+            // assigning new connections.
+            for &(token, writable) in &tokens {
+                if token.0 >= WORKER_BASE && token.0 < CTL_CONN_BASE {
+                    self.on_worker_event(token, writable);
+                }
+            }
+            let mut accept = self.accept_more;
+            for &(token, _) in &tokens {
                 match token {
                     SIGNALS => {
                         if let Some(code) = self.on_signals() {
@@ -273,31 +209,39 @@ impl Supervisor {
                         }
                     }
                     CTL => self.on_ctl_accept(),
-                    WORKER => self.on_worker(),
-                    Token(t) => self.on_ctl_request(t - CTL_CONN_BASE),
+                    Token(t) if t >= CTL_CONN_BASE => self.on_ctl_request(t - CTL_CONN_BASE),
+                    Token(t) if t >= WORKER_BASE => {}
+                    Token(t) if t >= LISTENER_BASE => accept = true,
+                    _ => {}
                 }
             }
+            if accept && self.accepting {
+                self.accept_all();
+            }
             self.on_timers();
+            self.flush_workers();
+            self.sync_accepting();
+            let conns = &self.conns;
+            self.store.flush(|n| conns.get(n).map(|c| c.fd.as_fd()));
         }
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        let mut soonest: Option<Instant> = self.restart_at;
-        if self.worker.is_some() {
+        let ping = {
             let (sent, due) = self.ping;
-            let at = if due { sent + self.cfg.ack_timeout } else { sent + PING_EVERY };
-            soonest = Some(soonest.map_or(at, |s| s.min(at)));
-        }
-        if let Some((every, last)) = self.watchdog {
-            soonest = Some(soonest.map_or(last + every, |s| s.min(last + every)));
-        }
-        if self.status_dirty {
-            let at = self.status_at + Duration::from_secs(1);
-            soonest = Some(soonest.map_or(at, |s| s.min(at)));
-        }
-        if let Some(at) = self.ctl_conns.iter().map(|(_, (_, d))| *d).chain(self.ctl_retry).min() {
-            soonest = Some(soonest.map_or(at, |s| s.min(at)));
-        }
+            Some(if due { sent + self.cfg.ack_timeout } else { sent + PING_EVERY })
+        };
+        let mut soonest = self.workers.deadline(ping);
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                soonest = Some(soonest.map_or(at, |s| s.min(at)));
+            }
+        };
+        consider(self.watchdog.map(|(every, last)| last + every));
+        consider(self.status_dirty.then(|| self.status_at + Duration::from_secs(1)));
+        consider(self.ctl_deadline());
+        consider(self.accept_retry);
+        consider(self.retiring.iter().map(|(_, d)| *d).min());
         soonest.map(|s| s.saturating_duration_since(Instant::now()))
     }
 
@@ -309,32 +253,34 @@ impl Supervisor {
                 self.watchdog = Some((every, now));
             }
         }
-        if self.restart_at.is_some_and(|t| now >= t) {
-            self.restart_at = None;
-            // A reload may have started a worker meanwhile: never start a
-            // second one over it.
-            if self.worker.is_none() {
-                self.restarts += 1;
-                if let Err(e) = self.start_worker(true) {
-                    tracing::error!("restarting the worker failed: {e}");
-                    self.schedule_restart();
-                }
-            }
-        }
         if self.status_dirty && now >= self.status_at + Duration::from_secs(1) {
             self.publish_status();
         }
+        self.handoff_timers(now);
         self.check_ping(now);
-        self.expire_ctl(now);
-        if self.ctl_retry.is_some_and(|t| now >= t) {
-            self.ctl_retry = None;
-            self.on_ctl_accept();
+        self.ctl_timers(now);
+        if self.accept_retry.is_some_and(|t| now >= t) {
+            self.accept_retry = None;
+            self.accept_more = true;
+        }
+        let (late, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.retiring).into_iter().partition(|(_, d)| now >= *d);
+        self.retiring = keep;
+        for (w, _) in late {
+            tracing::warn!(
+                pid = w.pid(),
+                "an old worker did not exit within {:?}; killing it",
+                crate::workers::EXIT_GRACE
+            );
+            let mut proc = w.proc;
+            proc.kill();
         }
     }
 
-    /// Pings the worker; replaces one that stays silent past the ack timeout.
+    /// Pings the serving worker; replaces one that stays silent past the
+    /// ack timeout.
     fn check_ping(&mut self, now: Instant) {
-        let Some(w) = &mut self.worker else { return };
+        let Workers::Serving(w) = &mut self.workers else { return };
         let (sent, due) = self.ping;
         if due && now >= sent + self.cfg.ack_timeout {
             tracing::error!(
@@ -342,13 +288,10 @@ impl Supervisor {
                 "worker did not answer a ping within {:?}; killing it",
                 self.cfg.ack_timeout
             );
-            w.kill();
-            self.on_worker_gone("hung");
+            self.worker_gone("hung");
         } else if !due && now >= sent + PING_EVERY {
-            let deadline = Some(now + self.cfg.ack_timeout);
-            if takeover::manifest::send(w.chan(), &Message::Ping, &[], deadline).is_ok() {
-                self.ping = (now, true);
-            }
+            w.send(&ToWorker::Ping);
+            self.ping = (now, true);
         }
     }
 
@@ -358,11 +301,21 @@ impl Supervisor {
         self.status_at = Instant::now();
     }
 
+    /// Tells systemd the status now (after a reload or a start).
+    pub(crate) fn publish_ready(&mut self) {
+        let line = self.status().line();
+        notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+        self.ready_sent = true;
+        self.status_dirty = false;
+        self.status_at = Instant::now();
+    }
+
     /// The status as `ctl status` reports it.
     pub fn status(&self) -> Status {
         Status {
             generation: self.generation,
-            worker_pid: self.worker.as_ref().map(|w| w.pid()),
+            worker_pid: self.workers.serving().map(|w| w.pid()),
+            state: self.state_name(),
             connections: self.conns.len(),
             listeners: self
                 .listeners
@@ -379,264 +332,26 @@ impl Supervisor {
         }
     }
 
-    // ---- workers ----
-
-    /// Starts a worker and waits for its hello.
-    fn spawn_ready(&self) -> Result<WorkerProc, String> {
-        let w = WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user)
-            .map_err(|e| format!("{e:#}"))?;
-        let deadline = Some(Instant::now() + self.cfg.ack_timeout);
-        match takeover::read_hello(w.chan(), deadline) {
-            Ok(_) => Ok(w),
-            Err(e) => {
-                // A worker that closed the channel is exiting: give it a
-                // moment so its exit status makes the error.
-                let status = w.finish(Duration::from_millis(200));
-                Err(format!("new worker {} failed before taking over ({status}): {e}", self.cfg.worker.display()))
-            }
+    fn state_name(&self) -> String {
+        match &self.workers {
+            Workers::Down { .. } => "restarting".into(),
+            Workers::Serving(_) => "serving".into(),
+            Workers::Handoff(h) => format!("handoff: {}", h.step.name()),
         }
     }
 
-    /// Offers every socket to `w` and waits for its ack. `reloading` and
-    /// `old` (the quiesced predecessor's pid) are for fault injection.
-    fn hand(&self, w: &WorkerProc, recovered: bool, reloading: bool, old: Option<u32>) -> takeover::Result<()> {
-        let deadline = Some(Instant::now() + self.cfg.ack_timeout);
-        let mut items = Vec::with_capacity(self.listeners.len() + self.conns.len());
-        for l in &self.listeners {
-            items.push(Item { name: &l.name, kind: Kind::TcpListener, fd: l.fd.as_fd(), state: None });
-        }
-        for (name, c) in &self.conns {
-            items.push(Item { name, kind: Kind::TcpStream, fd: c.fd.as_fd(), state: c.state.as_deref() });
-        }
-        let app = serde_json::json!({ "generation": self.generation + 1 });
-        takeover::offer(w.chan(), &items, &app, recovered, deadline)?;
-        if reloading {
-            fault::at(Step::SocketsSent, Some(w.pid()), old);
-        }
-        takeover::await_ack(w.chan(), deadline)
-    }
-
-    /// Starts a worker with no predecessor to quiesce (first start, or after
-    /// a crash).
-    fn start_worker(&mut self, recovered: bool) -> Result<(), String> {
-        let t0 = Instant::now();
-        let mut w = self.spawn_ready()?;
-        if let Err(e) = self.hand(&w, recovered, false, None) {
-            w.kill();
-            return Err(format!("worker {} refused the sockets: {e}", w.pid()));
-        }
-        self.generation += 1;
-        tracing::info!(
-            pid = w.pid(),
-            generation = self.generation,
-            connections = self.conns.len(),
-            elapsed_ms = %format_args!("{:.2}", t0.elapsed().as_secs_f64() * 1e3),
-            "worker serving"
-        );
-        self.adopt_worker(w);
-        self.save_state();
-        Ok(())
-    }
-
-    fn adopt_worker(&mut self, w: WorkerProc) {
-        if let Some(mut stale) = self.drop_worker() {
-            // Two workers must never serve the same sockets.
-            tracing::error!(pid = stale.pid(), "a worker was still registered when another took over; killing it");
-            stale.kill();
-        }
-        if let Err(e) = self.poll.registry().register(&mut SourceFd(&w.chan().as_raw_fd()), WORKER, Interest::READABLE)
-        {
-            tracing::error!("watching the worker's channel: {e}");
-        }
-        self.worker = Some(w);
-        self.status_dirty = true;
-        self.ping = (Instant::now(), false);
-    }
-
-    fn drop_worker(&mut self) -> Option<WorkerProc> {
-        let w = self.worker.take()?;
-        let _ = self.poll.registry().deregister(&mut SourceFd(&w.chan().as_raw_fd()));
-        self.status_dirty = true;
-        Some(w)
-    }
-
-    fn schedule_restart(&mut self) {
-        self.restart_at = Some(Instant::now() + self.backoff);
-        tracing::warn!(in_ms = self.backoff.as_millis() as u64, "restarting the worker");
-        self.backoff = (self.backoff * 2).clamp(BACKOFF_STEP, BACKOFF_MAX);
-    }
-
-    fn on_worker(&mut self) {
-        loop {
-            let Some(w) = &self.worker else { return };
-            match takeover::manifest::try_recv(w.chan()) {
-                Ok(Some(Some((Message::Pong, _)))) => self.ping.1 = false,
-                Ok(Some(Some((msg, fds)))) => on_worker_msg(&mut self.conns, &mut self.store, msg, fds),
-                Ok(None) => {
-                    let conns = &self.conns;
-                    self.store.flush(|n| conns.get(n).map(|c| c.fd.as_fd()));
-                    return;
-                }
-                Ok(Some(None)) => return self.on_worker_gone("closed its control channel"),
-                Err(e @ takeover::Error::Truncated { .. }) => {
-                    // Out of fds: we cannot hold a copy of a connection the
-                    // worker accepted. It is served; it would not survive a
-                    // crash of the worker. Not the worker's fault.
-                    self.hold_log.warn(format!(
-                        "could not receive a new connection from the worker ({e}): it is served but not held here; raise LimitNOFILE="
-                    ));
-                }
-                Err(e) => {
-                    tracing::error!("worker channel: {e}");
-                    return self.on_worker_gone("broke the control protocol");
-                }
-            }
-            self.status_dirty = true;
-        }
-    }
-
-    fn on_worker_gone(&mut self, why: &str) {
-        let Some(w) = self.drop_worker() else { return };
-        let pid = w.pid();
-        let ran = w.uptime();
-        let status = w.finish(Duration::from_millis(500));
-        tracing::error!(pid, %status, "worker {why}; its connections are held here and go to a new worker");
-        if ran > BACKOFF_RESET_AFTER {
-            self.backoff = Duration::ZERO;
-        }
-        self.schedule_restart();
-    }
-
-    // ---- reload ----
-
-    /// Replaces the worker. Never interleaves: it runs to the end before
-    /// anything else is looked at.
-    fn reload(&mut self) -> ReloadRecord {
-        let t0 = Instant::now();
-        let at = unix_now();
-        notify(&[NotifyState::Reloading, NotifyState::Status("reloading: starting a new worker")]);
-        tracing::info!(generation = self.generation + 1, "reload: starting a new worker");
-        let outcome = self.reload_inner(t0);
-        let (ok, error, handoff, old_exit) = match outcome {
-            Ok((h, o)) => (true, None, h, o),
-            Err(e) => {
-                tracing::error!("reload failed: {e}");
-                (false, Some(e), t0.elapsed(), Duration::ZERO)
-            }
-        };
-        let rec = ReloadRecord {
-            generation: if ok { self.generation } else { self.generation + 1 },
-            at,
-            ok,
-            error,
-            handoff_ms: handoff.as_secs_f64() * 1e3,
-            old_exit_ms: old_exit.as_secs_f64() * 1e3,
-            worker_pid: self.worker.as_ref().map(|w| w.pid()),
-            connections: self.conns.len(),
-        };
+    /// Records a reload's outcome for `ctl status`.
+    pub(crate) fn record(&mut self, rec: ReloadRecord) {
         if self.reloads.len() == HISTORY {
             self.reloads.pop_front();
         }
-        self.reloads.push_back(rec.clone());
-        let line = self.status().line();
-        notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
-        self.status_dirty = false;
-        self.status_at = Instant::now();
-        rec
-    }
-
-    /// Returns (request → new worker's ack, request → old worker's exit).
-    fn reload_inner(&mut self, t0: Instant) -> Result<(Duration, Duration), String> {
-        let new = self.spawn_ready()?;
-        let started = t0.elapsed();
-        // The new worker is up; only now does the old one stop serving.
-        let deadline = Some(Instant::now() + self.cfg.ack_timeout);
-        let mut old = self.drop_worker();
-        let old_pid = old.as_ref().map(|w| w.pid());
-        fault::at(Step::NewStarted, Some(new.pid()), old_pid);
-        let mut recovered = old.is_none();
-        if let Some(w) = &old {
-            match self.quiesce(w, deadline) {
-                Ok(()) => fault::at(Step::OldQuiesced, Some(new.pid()), old_pid),
-                Err(e) => {
-                    tracing::warn!(
-                        pid = w.pid(),
-                        "old worker failed to quiesce ({e}); killing it, the new one recovers"
-                    );
-                    if let Some(mut w) = old.take() {
-                        w.kill();
-                    }
-                    recovered = true;
-                }
-            }
-        }
-        let quiesced = t0.elapsed();
-        match self.hand(&new, recovered, true, old_pid) {
-            Ok(()) => {
-                let handoff = t0.elapsed();
-                fault::at(Step::NewAcked, Some(new.pid()), old_pid);
-                self.generation += 1;
-                let new_pid = new.pid();
-                // This worker replaces any crash restart still pending.
-                self.restart_at = None;
-                self.adopt_worker(new);
-                let mut old_exit = handoff;
-                if let Some(w) = old {
-                    let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], deadline);
-                    fault::at(Step::OldExiting, Some(new_pid), old_pid);
-                    let status = w.finish(self.cfg.ack_timeout);
-                    old_exit = t0.elapsed();
-                    if !status.success() {
-                        tracing::warn!(%status, "the old worker did not exit cleanly after the handoff");
-                    }
-                }
-                self.save_state();
-                tracing::info!(
-                    pid = new_pid,
-                    generation = self.generation,
-                    connections = self.conns.len(),
-                    handoff_ms = %format_args!("{:.2}", handoff.as_secs_f64() * 1e3),
-                    old_exit_ms = %format_args!("{:.2}", old_exit.as_secs_f64() * 1e3),
-                    new_ready_ms = %format_args!("{:.2}", started.as_secs_f64() * 1e3),
-                    quiesced_ms = %format_args!("{:.2}", quiesced.as_secs_f64() * 1e3),
-                    "reload complete"
-                );
-                Ok((handoff, old_exit))
-            }
-            Err(e) => {
-                let mut new = new;
-                let pid = new.pid();
-                new.kill();
-                match old {
-                    Some(w) => {
-                        let _ = takeover::manifest::send(w.chan(), &Message::Resume, &[], deadline);
-                        self.adopt_worker(w);
-                    }
-                    None => self.schedule_restart(),
-                }
-                Err(format!("new worker {pid} did not take over: {e}; the old worker resumed"))
-            }
-        }
-    }
-
-    /// Stops `w` at message boundaries and records the state it reports of
-    /// each connection (handling what it said before the quiesce first).
-    fn quiesce(&mut self, w: &WorkerProc, deadline: Option<Instant>) -> takeover::Result<()> {
-        takeover::manifest::send(w.chan(), &Message::Quiesce, &[], deadline)?;
-        let (conns, store) = (&mut self.conns, &mut self.store);
-        let states =
-            takeover::control::collect_quiesced(w.chan(), deadline, |m, fds| on_worker_msg(conns, store, m, fds))?;
-        for (name, state) in states {
-            if let Some(c) = self.conns.get_mut(&name) {
-                c.state = state;
-            }
-        }
-        Ok(())
+        self.reloads.push_back(rec);
+        self.status_dirty = true;
     }
 
     /// Rewrites the state memfd. Only a later takeoverd reads it, through
     /// the fd store: without one there is nothing to save.
-    fn save_state(&mut self) {
+    pub(crate) fn save_state(&mut self) {
         if !self.store.enabled() {
             return;
         }
@@ -646,7 +361,307 @@ impl Supervisor {
         }
     }
 
-    // ---- signals, control socket ----
+    // ---- accepting ----
+
+    /// Puts the listeners into the poll, or takes them out, as the workers'
+    /// state says who accepts.
+    fn sync_accepting(&mut self) {
+        let want = self.workers.takeoverd_accepts();
+        if want == self.accepting {
+            return;
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let mut src = SourceFd(&l.fd.as_raw_fd());
+            let r = if want {
+                self.poll.registry().register(&mut src, Token(LISTENER_BASE + i), Interest::READABLE)
+            } else {
+                self.poll.registry().deregister(&mut src)
+            };
+            if let Err(e) = r {
+                tracing::error!(listener = %l.name, "watching the listener: {e}");
+            }
+        }
+        self.accepting = want;
+        // Connections may have queued while a version-1 worker was leaving.
+        self.accept_more = want;
+    }
+
+    /// Accepts what waits on every listener (a batch each) and assigns it.
+    fn accept_all(&mut self) {
+        self.accept_more = false;
+        let mut fresh = Vec::new();
+        for l in &self.listeners {
+            for n in 0.. {
+                if n == ACCEPT_BATCH {
+                    self.accept_more = true;
+                    break;
+                }
+                match takeover::channel::accept_tcp(l.fd.as_fd()) {
+                    Ok(Some(fd)) => match takeover::socket_cookie(fd.as_fd()) {
+                        Ok(cookie) => fresh.push((takeover::channel::conn_name(cookie), fd)),
+                        Err(e) => tracing::warn!("dropping a new connection: SO_COOKIE: {e}"),
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        // EMFILE/ENFILE/ENOBUFS: the connection stays in the
+                        // backlog; retry shortly rather than spin.
+                        self.accept_log.warn(format!(
+                            "accept on {} failed: {e}; retrying every 100 ms (raise LimitNOFILE= if it is EMFILE)",
+                            l.name
+                        ));
+                        self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                        break;
+                    }
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let mut names = Vec::with_capacity(fresh.len());
+        for (name, fd) in fresh {
+            self.store.store(&name, fd.as_fd(), false);
+            self.conns.insert(name.clone(), HeldConn { fd, state: None });
+            names.push(name);
+        }
+        self.status_dirty = true;
+        self.assign_new(names);
+    }
+
+    // ---- workers ----
+
+    /// A fresh token for a worker's channel.
+    pub(crate) fn worker_token(&mut self) -> Token {
+        self.next_token += 1;
+        Token(WORKER_BASE + self.next_token)
+    }
+
+    /// Sends every worker what the channel takes; a broken channel is the
+    /// worker's end.
+    fn flush_workers(&mut self) {
+        let conns = &self.conns;
+        let mut broken = Vec::new();
+        let mut progressed = Vec::new();
+        let mut each = |w: &mut Worker| match w.flush(conns) {
+            Ok(p) => {
+                if p {
+                    progressed.push(w.token);
+                }
+                let want_room = !w.drained();
+                if want_room != w.wants_room {
+                    w.wants_room = want_room;
+                    let interest = if want_room { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+                    let _ = self.poll.registry().reregister(&mut SourceFd(&w.chan().as_raw_fd()), w.token, interest);
+                }
+            }
+            Err(e) => broken.push((w.token, e)),
+        };
+        match &mut self.workers {
+            Workers::Serving(w) => each(w),
+            Workers::Handoff(h) => {
+                if let Some(o) = &mut h.old {
+                    each(o);
+                }
+                each(&mut h.new);
+            }
+            Workers::Down { .. } => {}
+        }
+        for token in progressed {
+            self.handoff_progress(token);
+        }
+        for (token, e) in broken {
+            self.channel_broken(token, &format!("its channel broke ({e})"));
+        }
+    }
+
+    /// Registers a worker's channel in the poll.
+    pub(crate) fn watch(&self, w: &Worker) {
+        if let Err(e) = self.poll.registry().register(&mut SourceFd(&w.chan().as_raw_fd()), w.token, Interest::READABLE)
+        {
+            tracing::error!("watching a worker's channel: {e}");
+        }
+    }
+
+    /// Takes a worker's channel out of the poll.
+    pub(crate) fn unwatch(&self, w: &Worker) {
+        let _ = self.poll.registry().deregister(&mut SourceFd(&w.chan().as_raw_fd()));
+    }
+
+    /// Tells `w` to exit, and reaps it later.
+    pub(crate) fn retire(&mut self, mut w: Worker) {
+        self.unwatch(&w);
+        // Best effort and never blocking: a worker that cannot hear it is
+        // killed past its grace.
+        w.send(&ToWorker::Exit);
+        if w.proto == Proto::V1 {
+            let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], Some(Instant::now()));
+        } else {
+            let _ = w.flush(&self.conns);
+        }
+        self.retiring.push((w, Instant::now() + crate::workers::EXIT_GRACE));
+    }
+
+    fn on_worker_event(&mut self, token: Token, writable: bool) {
+        if writable {
+            return; // the flush at the end of the turn sends what waits
+        }
+        loop {
+            let Some(w) = self.worker_by_token(token) else { return };
+            let proto = w.proto;
+            let received = match takeover::wire::try_recv(w.chan()) {
+                Ok(None) => return,
+                Ok(Some(None)) => return self.channel_broken(token, "closed its control channel"),
+                Ok(Some(Some(r))) => r,
+                Err(e @ takeover::Error::Truncated { .. }) => {
+                    // Out of fds: a version-1 worker's new connection could
+                    // not be held. It is served; it would not survive a
+                    // crash of the worker. Not the worker's fault.
+                    self.accept_log.warn(format!(
+                        "could not receive a new connection from the worker ({e}): it is served but not held here; raise LimitNOFILE="
+                    ));
+                    continue;
+                }
+                Err(e) => return self.channel_broken(token, &format!("broke the control protocol ({e})")),
+            };
+            let outcome = if proto == Proto::V1 {
+                self.on_v1_message(token, received)
+            } else {
+                match FromWorker::decode(&received.bytes) {
+                    Ok(_) if !received.fds.is_empty() => Err(format!("sent {} fds with a message", received.fds.len())),
+                    Ok(msg) => self.on_message(token, msg),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            if let Err(why) = outcome {
+                return self.channel_broken(token, &format!("broke the control protocol: {why}"));
+            }
+        }
+    }
+
+    /// A message from a version-2 worker (or a hello from any).
+    fn on_message(&mut self, token: Token, msg: FromWorker) -> Result<(), String> {
+        if self.is_handoff_worker(token) {
+            return self.on_handoff_message(token, msg);
+        }
+        match msg {
+            FromWorker::Pong => self.ping.1 = false,
+            FromWorker::Closed { name } => self.conn_closed(&name),
+            FromWorker::State { entries } => self.update_states(entries),
+            other => return Err(format!("unexpected {} from a serving worker", other.name())),
+        }
+        Ok(())
+    }
+
+    /// A message from a version-1 worker: `opened`, `closed`, `pong`, and
+    /// what it says when it is quiesced.
+    fn on_v1_message(&mut self, token: Token, received: takeover::wire::Received) -> Result<(), String> {
+        let msg = Message::decode(&received.bytes).map_err(|e| e.to_string())?;
+        match msg {
+            Message::Opened { entry } => {
+                let name = self.v1_opened(entry, received.fds)?;
+                // A staged successor gets it too.
+                if let Workers::Handoff(h) = &mut self.workers {
+                    if h.step >= crate::workers::Step::Staging {
+                        h.new.assign([name]);
+                    }
+                }
+            }
+            Message::Closed { name } => self.conn_closed(&name),
+            Message::Pong => self.ping.1 = false,
+            Message::State { .. } | Message::Quiesced { .. } => return self.on_handoff_v1_quiesce(token, msg),
+            other => return Err(format!("unexpected {} from a worker", other.name())),
+        }
+        Ok(())
+    }
+
+    /// Holds a connection a version-1 worker accepted; returns its name.
+    pub(crate) fn v1_opened(&mut self, entry: takeover::Entry, fds: Vec<OwnedFd>) -> Result<String, String> {
+        let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|f| format!("'opened' came with {} fds", f.len()))?;
+        if entry.kind != takeover::Kind::TcpStream {
+            return Err(format!("'opened' of a {}", entry.kind));
+        }
+        takeover::validate(fd.as_fd(), takeover::Kind::TcpStream).map_err(|p| format!("bad fd: {p}"))?;
+        takeover::check_name(&entry.name)?;
+        self.store.store(&entry.name, fd.as_fd(), false);
+        let state = Some(&entry.state).filter(|s| !s.is_null()).and_then(|s| serde_json::value::to_raw_value(s).ok());
+        self.conns.insert(entry.name.clone(), HeldConn { fd, state });
+        self.status_dirty = true;
+        Ok(entry.name)
+    }
+
+    /// A worker reported that a connection ended: drop our copy; a staged
+    /// successor drops its own.
+    pub(crate) fn conn_closed(&mut self, name: &str) {
+        if self.conns.remove(name).is_none() {
+            return;
+        }
+        self.store.remove(name);
+        self.status_dirty = true;
+        if let Workers::Handoff(h) = &mut self.workers {
+            if h.step >= crate::workers::Step::Staging && h.step < crate::workers::Step::Committing {
+                h.new.send(&ToWorker::Release { names: vec![name.to_string()] });
+            }
+        }
+    }
+
+    /// Keeps the states a worker reported (for its successor and the store).
+    pub(crate) fn update_states(&mut self, entries: Vec<takeover::StateEntry>) {
+        for e in entries {
+            if let Some(c) = self.conns.get_mut(&e.name) {
+                c.state = if e.state.is_null() { None } else { serde_json::value::to_raw_value(&e.state).ok() };
+            }
+        }
+    }
+
+    /// The worker behind `token` among the live ones.
+    pub(crate) fn worker_by_token(&self, token: Token) -> Option<&Worker> {
+        match &self.workers {
+            Workers::Serving(w) if w.token == token => Some(w),
+            Workers::Handoff(h) if h.new.token == token => Some(&h.new),
+            Workers::Handoff(h) => h.old.as_ref().filter(|o| o.token == token),
+            _ => None,
+        }
+    }
+
+    /// The worker behind `token` has a broken channel (or exited): it is gone.
+    fn channel_broken(&mut self, token: Token, why: &str) {
+        if self.is_handoff_worker(token) {
+            return self.handoff_worker_failed(token, why);
+        }
+        if matches!(&self.workers, Workers::Serving(w) if w.token == token) {
+            self.worker_gone(why);
+        }
+    }
+
+    /// The serving worker died or hung: its connections are held here and
+    /// go to a new worker.
+    pub(crate) fn worker_gone(&mut self, why: &str) {
+        let Workers::Serving(w) = std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) else {
+            return;
+        };
+        self.unwatch(&w);
+        let pid = w.pid();
+        let healthy = w.serving_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
+        let mut proc = w.proc;
+        proc.kill();
+        let status = proc.finish(Duration::from_millis(500));
+        tracing::error!(pid, %status, "worker {why}; its connections are held here and go to a new worker");
+        if healthy {
+            self.backoff = Duration::ZERO;
+        }
+        self.schedule_restart();
+    }
+
+    /// Starts a new worker after the backoff.
+    pub(crate) fn schedule_restart(&mut self) {
+        let at = Instant::now() + self.backoff;
+        tracing::warn!(in_ms = self.backoff.as_millis() as u64, "restarting the worker");
+        self.backoff = (self.backoff * 2).clamp(BACKOFF_STEP, BACKOFF_MAX);
+        self.workers = Workers::Down { at };
+        self.status_dirty = true;
+    }
+
+    // ---- signals ----
 
     fn on_signals(&mut self) -> Option<i32> {
         let mut reload = false;
@@ -654,9 +669,7 @@ impl Supervisor {
             match self.signals.read_signal() {
                 Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGHUP) => reload = true,
-                    Ok(Signal::SIGCHLD) if self.worker.as_mut().is_some_and(|w| w.exited().is_some()) => {
-                        self.on_worker_gone("exited")
-                    }
+                    Ok(Signal::SIGCHLD) => self.reap(),
                     Ok(s @ (Signal::SIGTERM | Signal::SIGINT)) => return Some(self.stop(s)),
                     _ => {}
                 },
@@ -669,202 +682,71 @@ impl Supervisor {
         }
         if reload {
             tracing::info!("SIGHUP: reloading");
-            let rec = self.reload();
-            self.answer_waiting(&rec);
+            self.request_reload(None);
         }
         None
+    }
+
+    /// Reaps exited workers: retired ones are done; a live one that exited
+    /// is gone.
+    fn reap(&mut self) {
+        self.retiring.retain_mut(|(w, _)| w.proc.exited().is_none());
+        let mut gone = Vec::new();
+        match &mut self.workers {
+            Workers::Serving(w) => {
+                if w.proc.exited().is_some() {
+                    gone.push(w.token);
+                }
+            }
+            Workers::Handoff(h) => {
+                if h.new.proc.exited().is_some() {
+                    gone.push(h.new.token);
+                }
+                if let Some(o) = &mut h.old {
+                    if o.proc.exited().is_some() {
+                        gone.push(o.token);
+                    }
+                }
+            }
+            Workers::Down { .. } => {}
+        }
+        for token in gone {
+            self.channel_broken(token, "exited");
+        }
     }
 
     fn stop(&mut self, sig: Signal) -> i32 {
         tracing::info!(signal = sig.as_str(), connections = self.conns.len(), "stopping");
         notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-        if let Some(w) = self.drop_worker() {
-            let deadline = Some(Instant::now() + self.cfg.ack_timeout.min(Duration::from_secs(2)));
-            if let Err(e) = self.quiesce(&w, deadline) {
-                tracing::warn!("the worker did not quiesce ({e}); the saved states may be stale");
+        let serving = match std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) {
+            Workers::Serving(w) => Some(w),
+            Workers::Handoff(h) => {
+                let h = *h;
+                let mut new = h.new.proc;
+                new.kill();
+                crate::control_server::answer_reload(h.waiters, &self.stopped_record());
+                h.old
             }
-            let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], deadline);
-            w.finish(Duration::from_secs(2));
+            Workers::Down { .. } => None,
+        };
+        if let Some(mut w) = serving {
+            let deadline = Instant::now() + self.cfg.ack_timeout.min(Duration::from_secs(2));
+            if let Err(e) = self.stop_blocking(&mut w, deadline) {
+                tracing::warn!("the worker did not stop ({e}); the saved states may be stale");
+            }
+            w.send(&ToWorker::Exit);
+            if w.proto == Proto::V1 {
+                let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], Some(deadline));
+            } else {
+                let _ = w.flush(&self.conns);
+            }
+            w.proc.finish(Duration::from_secs(2));
+        }
+        for (w, _) in std::mem::take(&mut self.retiring) {
+            w.proc.finish(Duration::from_secs(1));
         }
         self.save_state();
         self.ctl.unlink_if_ours();
         0
-    }
-
-    fn on_ctl_accept(&mut self) {
-        loop {
-            match self.ctl.accept() {
-                Ok(Some(conn)) => {
-                    if self.ctl_conns.len() >= MAX_CTL_CONNS {
-                        self.ctl_log
-                            .warn(format!("refusing a control connection: {MAX_CTL_CONNS} are already waiting"));
-                        continue;
-                    }
-                    let entry = self.ctl_conns.vacant_entry();
-                    let token = Token(CTL_CONN_BASE + entry.key());
-                    let registered =
-                        self.poll.registry().register(&mut SourceFd(&conn.as_raw_fd()), token, Interest::READABLE);
-                    if registered.is_ok() {
-                        entry.insert((conn, Instant::now() + CTL_REQUEST_TIMEOUT));
-                    }
-                }
-                Ok(None) => return,
-                Err(e @ takeover::Error::PeerNotAllowed { .. }) => self.ctl_log.warn(format!("control socket: {e}")),
-                Err(e) => {
-                    // EMFILE and the like: the connection waits in the
-                    // backlog; retry on a timer instead of spinning.
-                    self.ctl_log.warn(format!("control socket: {e}; retrying in 100 ms"));
-                    self.ctl_retry = Some(Instant::now() + Duration::from_millis(100));
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Forgets a control connection (closing it when the caller drops it).
-    fn take_ctl(&mut self, key: usize) -> Option<OwnedFd> {
-        let (conn, _) = self.ctl_conns.try_remove(key)?;
-        let _ = self.poll.registry().deregister(&mut SourceFd(&conn.as_raw_fd()));
-        Some(conn)
-    }
-
-    fn expire_ctl(&mut self, now: Instant) {
-        let late: Vec<usize> = self.ctl_conns.iter().filter(|(_, (_, d))| *d <= now).map(|(k, _)| k).collect();
-        for key in late {
-            self.take_ctl(key);
-            self.ctl_log
-                .warn(format!("closed a control connection that sent no request within {CTL_REQUEST_TIMEOUT:?}"));
-        }
-    }
-
-    fn on_ctl_request(&mut self, key: usize) {
-        let Some(conn) = self.take_ctl(key) else { return };
-        let Some(req) = read_request(&conn) else { return };
-        match req {
-            Request::Status => reply(&conn, &self.status()),
-            Request::Reload => {
-                tracing::info!("reload requested on the control socket");
-                let rec = self.reload();
-                reply(&conn, &rec);
-                self.answer_waiting(&rec);
-            }
-        }
-    }
-
-    /// After a reload: requests that arrived while it ran are answered now;
-    /// a reload request among them gets the outcome of the reload it waited
-    /// for rather than starting another.
-    fn answer_waiting(&mut self, rec: &ReloadRecord) {
-        self.on_ctl_accept();
-        let keys: Vec<usize> = self.ctl_conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            let Some((conn, _)) = self.ctl_conns.get(key) else { continue };
-            let asked = takeover::wire::try_recv(conn.as_fd());
-            if let Ok(None) = asked {
-                continue; // nothing asked yet
-            }
-            let Some(conn) = self.take_ctl(key) else { continue };
-            if let Ok(Some(Some(msg))) = asked {
-                match serde_json::from_slice::<Request>(&msg.bytes) {
-                    Ok(Request::Reload) => reply(&conn, rec),
-                    Ok(Request::Status) => reply(&conn, &self.status()),
-                    Err(e) => tracing::warn!("bad control request: {e}"),
-                }
-            }
-        }
-    }
-}
-
-/// Handles `opened`/`closed` from a worker.
-fn on_worker_msg(conns: &mut HashMap<String, HeldConn>, store: &mut FdStore, msg: Message, mut fds: Vec<OwnedFd>) {
-    match msg {
-        Message::Opened { entry } => {
-            if fds.len() != 1 || entry.kind != Kind::TcpStream {
-                tracing::warn!(name = %entry.name, fds = fds.len(), "worker sent a malformed 'opened'; ignored");
-                return;
-            }
-            let fd = fds.pop().expect("one fd");
-            if let Err(problem) = takeover::validate(fd.as_fd(), Kind::TcpStream) {
-                tracing::warn!(name = %entry.name, "worker sent a bad fd: {problem}");
-                return;
-            }
-            if let Err(problem) = takeover::check_name(&entry.name) {
-                tracing::warn!("worker sent a bad name: {problem}");
-                return;
-            }
-            store.store(&entry.name, fd.as_fd(), false);
-            let state = Some(&entry.state).filter(|s| !s.is_null()).and_then(|s| to_raw_value(s).ok());
-            conns.insert(entry.name, HeldConn { fd, state });
-        }
-        Message::Closed { name } => {
-            if conns.remove(&name).is_some() {
-                store.remove(&name);
-            }
-        }
-        Message::Pong => {}
-        other => tracing::warn!("unexpected {} from the worker; ignored", other.name()),
-    }
-}
-
-fn read_request(conn: &OwnedFd) -> Option<Request> {
-    let deadline = Some(Instant::now() + Duration::from_millis(100));
-    match takeover::wire::recv(conn.as_fd(), deadline) {
-        Ok(Some(msg)) => match serde_json::from_slice::<Request>(&msg.bytes) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!("bad control request: {e}");
-                reply(conn, &serde_json::json!({ "error": format!("bad request: {e}") }));
-                None
-            }
-        },
-        Ok(None) => None,
-        Err(e) => {
-            tracing::warn!("control request: {e}");
-            None
-        }
-    }
-}
-
-fn reply(conn: &OwnedFd, body: &impl serde::Serialize) {
-    let bytes = serde_json::to_vec(body).expect("replies serialise");
-    if let Err(e) = takeover::wire::send(conn.as_fd(), &bytes, &[], Some(Instant::now() + Duration::from_secs(1))) {
-        tracing::warn!("answering on the control socket: {e}");
-    }
-}
-
-/// Sorts an fd systemd handed us by what it is, never by its position.
-/// What systemd handed us at start, sorted.
-#[derive(Default)]
-struct Gathered {
-    listeners: Vec<HeldListener>,
-    conns: HashMap<String, HeldConn>,
-    state: Option<StateFile>,
-    /// Overflow pairs by index: (read end, write end).
-    queue: HashMap<usize, (Option<OwnedFd>, Option<OwnedFd>)>,
-}
-
-/// Sorts an fd systemd handed us by what it is, never by its position.
-fn classify(inh: fdstore::Inherited, g: &mut Gathered) {
-    let fdstore::Inherited { name, fd } = inh;
-    let is = |kind| takeover::validate(fd.as_fd(), kind).is_ok();
-    if name == STATE_NAME && is(Kind::File) {
-        g.state = Some(StateFile::from_fd(fd));
-    } else if let Some((k, read)) = overflow::parse_end(&name).filter(|_| is(Kind::UnixSeqpacket)) {
-        let slot = g.queue.entry(k).or_default();
-        if read {
-            slot.0 = Some(fd);
-        } else {
-            slot.1 = Some(fd);
-        }
-    } else if is(Kind::TcpListener) {
-        let addr = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
-        let name = if takeover::check_name(&name).is_ok() { name } else { format!("l{}", g.listeners.len()) };
-        g.listeners.push(HeldListener { name, fd, addr });
-    } else if is(Kind::TcpStream) && takeover::check_name(&name).is_ok() {
-        g.conns.insert(name, HeldConn { fd, state: None });
-    } else {
-        tracing::warn!(%name, "ignoring an inherited fd that is none of ours (closed)");
     }
 }

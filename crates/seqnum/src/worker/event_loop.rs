@@ -45,30 +45,47 @@ struct PendingTaker {
 }
 
 /// What the loop does next.
-enum Flow {
+pub(super) enum Flow {
     Continue,
     Exit(i32),
 }
 
 /// A seqnum worker: its sockets and its event loop.
 pub struct Worker {
-    poll: Poll,
+    pub(super) poll: Poll,
     listeners: Vec<Listener>,
-    conns: Slab<EchoConn>,
+    pub(super) conns: Slab<EchoConn>,
     scratch: Vec<u8>,
     signals: SignalFd,
     endpoint: Option<Endpoint>,
     takers: Slab<PendingTaker>,
-    control: Option<OwnedFd>,
-    quiesced: bool,
+    /// takeoverd's channel, and which version of it we speak.
+    pub(super) control: Option<OwnedFd>,
+    pub(super) channel_version: u32,
+    /// Serving: reading, echoing, accepting. Off before takeoverd says
+    /// `serve`, and after it says `stop` or `quiesce`.
+    pub(super) serving: bool,
+    /// While not serving: whether connection events are remembered (in
+    /// `ready`) for when serving starts. Off while a staged worker receives
+    /// its connections: its predecessor serves those events.
+    pub(super) record: bool,
+    /// A `stop` is being answered at the end of this loop turn.
+    pub(super) stop_pending: bool,
+    /// Connection keys by socket cookie (connections are named by cookie).
+    pub(super) by_cookie: std::collections::HashMap<u64, usize>,
+    /// Connections whose echo is waiting for room in the send buffer.
+    pub(super) blocked: std::collections::HashSet<usize>,
+    /// Connections in the middle of a message (after a partial echo).
+    pub(super) mid_message: std::collections::HashSet<usize>,
     accept_retry: Option<Instant>,
     /// accept() is failing (EMFILE...): warn once per burst, not per retry.
     accept_failing: bool,
-    /// Connections with input left after their budget, served round-robin.
-    ready: std::collections::VecDeque<usize>,
+    /// Connections to serve without waiting for an event: input left after
+    /// their budget (round-robin), or events that came while not serving.
+    pub(super) ready: std::collections::VecDeque<usize>,
     /// Bytes echoed in this loop iteration.
     spent: u64,
-    ack_timeout: Duration,
+    pub(super) ack_timeout: Duration,
     /// Refused or failed takeover connections, logged at most once a second.
     taker_log: takeover::Throttle,
 }
@@ -99,7 +116,13 @@ impl Worker {
             endpoint: None,
             takers: Slab::new(),
             control: None,
-            quiesced: false,
+            channel_version: 0,
+            serving: true,
+            record: true,
+            stop_pending: false,
+            by_cookie: std::collections::HashMap::new(),
+            blocked: std::collections::HashSet::new(),
+            mid_message: std::collections::HashSet::new(),
             accept_retry: None,
             accept_failing: false,
             ready: std::collections::VecDeque::new(),
@@ -122,16 +145,21 @@ impl Worker {
     }
 
     /// Serves `conn`, starting with whatever is already queued on it.
-    pub fn add_conn(&mut self, conn: EchoConn) -> io::Result<()> {
+    pub fn add_conn(&mut self, conn: EchoConn) -> io::Result<usize> {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let conn = entry.insert(conn);
-        self.poll.registry().register(
+        let cookie = conn.cookie;
+        if let Err(e) = self.poll.registry().register(
             &mut conn.stream,
             Token(CONN_BASE + key),
             Interest::READABLE | Interest::WRITABLE,
-        )?;
-        Ok(())
+        ) {
+            self.conns.remove(key);
+            return Err(e);
+        }
+        self.by_cookie.insert(cookie, key);
+        Ok(key)
     }
 
     /// Offers takeovers on `ep`.
@@ -142,10 +170,17 @@ impl Worker {
         Ok(())
     }
 
-    /// Talks to takeoverd on `chan` from now on.
-    pub fn set_control(&mut self, chan: OwnedFd) -> io::Result<()> {
+    /// Talks to takeoverd on `chan` from now on, in channel `version` (1:
+    /// we accept and report; 2: takeoverd assigns, and we serve only once
+    /// told to).
+    pub fn set_control(&mut self, chan: OwnedFd, version: u32) -> io::Result<()> {
         self.poll.registry().register(&mut SourceFd(&chan.as_raw_fd()), CONTROL, Interest::READABLE)?;
         self.control = Some(chan);
+        self.channel_version = version;
+        if version >= 2 {
+            self.serving = false;
+            self.record = false;
+        }
         Ok(())
     }
 
@@ -169,10 +204,14 @@ impl Worker {
         // Sockets adopted at start may have input queued already; epoll
         // reports a socket that is ready when it is registered (even
         // edge-triggered), so the first poll finds them.
-        let mut events = Events::with_capacity(1024);
+        const EVENTS: usize = 1024;
+        let mut events = Events::with_capacity(EVENTS);
         loop {
-            let timeout =
-                if self.ready.is_empty() || self.quiesced { self.next_timeout() } else { Some(Duration::ZERO) };
+            let timeout = if self.stop_pending || (!self.ready.is_empty() && self.serving) {
+                Some(Duration::ZERO)
+            } else {
+                self.next_timeout()
+            };
             self.spent = 0;
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -181,8 +220,9 @@ impl Worker {
                 tracing::error!("epoll failed: {e}");
                 return 1;
             }
-            // takeoverd's messages first: a quiesce must not wait behind a
-            // batch of connection events (they are served after a resume).
+            // takeoverd's messages first: a stop must not wait behind a
+            // batch of connection events (they are remembered, for whoever
+            // serves next).
             if events.iter().any(|e| e.token() == CONTROL) {
                 if let Flow::Exit(code) = self.on_control() {
                     return code;
@@ -190,18 +230,21 @@ impl Worker {
             }
             for ev in events.iter() {
                 let flow = match ev.token() {
-                    SIGNALS => self.on_signal(),
+                    SIGNALS => self.on_signals(),
                     ENDPOINT => self.on_endpoint(),
                     CONTROL => Flow::Continue,
                     Token(t) if t >= CONN_BASE => {
-                        if !self.quiesced {
-                            self.serve(t - CONN_BASE, ev.is_read_closed() || ev.is_error());
+                        let key = t - CONN_BASE;
+                        if self.serving {
+                            self.serve(key, ev.is_read_closed() || ev.is_error());
+                        } else if self.record {
+                            self.defer(key);
                         }
                         Flow::Continue
                     }
                     Token(t) if t >= TAKER_BASE => self.on_taker(t - TAKER_BASE),
                     Token(t) => {
-                        if !self.quiesced {
+                        if self.serving {
                             self.accept(t - LISTENER_BASE);
                         }
                         Flow::Continue
@@ -211,7 +254,15 @@ impl Worker {
                     return code;
                 }
             }
-            if !self.quiesced {
+            // A full batch may have left events in the kernel: drain them
+            // (remembered) before saying we stopped.
+            if self.stop_pending && events.iter().count() < EVENTS {
+                self.stop_pending = false;
+                if let Flow::Exit(code) = self.report_stopped() {
+                    return code;
+                }
+            }
+            if self.serving {
                 for _ in 0..self.ready.len() {
                     if self.spent >= LOOP_BUDGET {
                         break;
@@ -233,6 +284,25 @@ impl Worker {
         }
     }
 
+    /// Remembers that `key` needs serving once we serve.
+    pub(super) fn defer(&mut self, key: usize) {
+        if let Some(c) = self.conns.get_mut(key) {
+            if !c.queued {
+                c.queued = true;
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    /// Forgets every remembered event (a staged worker's predecessor served them).
+    pub(super) fn forget_deferred(&mut self) {
+        for k in self.ready.drain(..) {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.queued = false;
+            }
+        }
+    }
+
     fn next_timeout(&self) -> Option<Duration> {
         let soonest = self.takers.iter().map(|(_, t)| t.deadline).chain(self.accept_retry).min()?;
         Some(soonest.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
@@ -240,7 +310,7 @@ impl Worker {
 
     /// Serves every connection and accepts on every listener: after a
     /// pause, edges that came in meanwhile were consumed without action.
-    fn poke_all(&mut self) {
+    pub(super) fn poke_all(&mut self) {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for k in keys {
             self.serve(k, false);
@@ -264,16 +334,32 @@ impl Worker {
         let before = conn.consumed();
         let end = conn.serve(&mut self.scratch, read_closed);
         self.spent += conn.consumed() - before;
-        if let Some(end) = end {
-            self.close(key, end);
-        } else if conn.more && !conn.queued {
+        let (blocked, mid) = (conn.blocked, conn.phase() != 0);
+        if end.is_none() && conn.more && !conn.queued {
             conn.queued = true;
             self.ready.push_back(key);
         }
+        // Kept exact, so that a stop reports them without a scan.
+        if blocked {
+            self.blocked.insert(key);
+        } else if !self.blocked.is_empty() {
+            self.blocked.remove(&key);
+        }
+        if mid {
+            self.mid_message.insert(key);
+        } else if !self.mid_message.is_empty() {
+            self.mid_message.remove(&key);
+        }
+        if let Some(end) = end {
+            self.close(key, end);
+        }
     }
 
-    fn close(&mut self, key: usize, end: End) {
+    pub(super) fn close(&mut self, key: usize, end: End) {
         let mut conn = self.conns.remove(key);
+        self.by_cookie.remove(&conn.cookie);
+        self.blocked.remove(&key);
+        self.mid_message.remove(&key);
         let name = conn_name(conn.cookie);
         match end {
             End::Eof => {
@@ -340,24 +426,28 @@ impl Worker {
         Ok(())
     }
 
-    fn on_signal(&mut self) -> Flow {
-        match self.signals.read_signal() {
-            Ok(Some(info)) => {
-                let sig = Signal::try_from(info.ssi_signo as i32).map(|s| s.as_str()).unwrap_or("?");
-                if sig == "SIGHUP" {
-                    tracing::info!("SIGHUP: nothing to reload in a worker (use -T to replace it)");
-                    return Flow::Continue;
+    /// Handles every queued signal: the signalfd is edge-triggered, so one
+    /// wakeup may carry several (a SIGHUP and a SIGTERM sent together).
+    fn on_signals(&mut self) -> Flow {
+        loop {
+            match self.signals.read_signal() {
+                Ok(Some(info)) => {
+                    let sig = Signal::try_from(info.ssi_signo as i32).map(|s| s.as_str()).unwrap_or("?");
+                    if sig == "SIGHUP" {
+                        tracing::info!("SIGHUP: nothing to reload in a worker (use -T to replace it)");
+                        continue;
+                    }
+                    tracing::info!(signal = sig, connections = self.conns.len(), "stopping");
+                    if let Some(ep) = &self.endpoint {
+                        ep.unlink_if_ours();
+                    }
+                    return Flow::Exit(0);
                 }
-                tracing::info!(signal = sig, connections = self.conns.len(), "stopping");
-                if let Some(ep) = &self.endpoint {
-                    ep.unlink_if_ours();
+                Ok(None) => return Flow::Continue,
+                Err(e) => {
+                    tracing::error!("reading signals: {e}");
+                    return Flow::Exit(1);
                 }
-                Flow::Exit(0)
-            }
-            Ok(None) => Flow::Continue,
-            Err(e) => {
-                tracing::error!("reading signals: {e}");
-                Flow::Exit(1)
             }
         }
     }
@@ -462,61 +552,5 @@ impl Worker {
             all.iter().map(|(name, kind, fd, state)| Item { name, kind: *kind, fd: *fd, state: Some(state) }).collect();
         takeover::offer(chan, &items, &serde_json::Value::Null, false, deadline)?;
         takeover::await_ack(chan, deadline)
-    }
-
-    fn on_control(&mut self) -> Flow {
-        loop {
-            let Some(chan) = &self.control else {
-                return Flow::Continue;
-            };
-            let msg = match takeover::manifest::try_recv(chan.as_fd()) {
-                Ok(None) => return Flow::Continue,
-                Ok(Some(Some((msg, _fds)))) => msg,
-                Ok(Some(None)) => {
-                    tracing::error!(
-                        "takeoverd went away; stopping without touching the sockets (its successor will serve them)"
-                    );
-                    return Flow::Exit(1);
-                }
-                Err(e) => {
-                    tracing::error!("control channel: {e}; stopping");
-                    return Flow::Exit(1);
-                }
-            };
-            match msg {
-                Message::Quiesce => {
-                    self.quiesced = true;
-                    let states: Vec<(String, RawState)> = self
-                        .conns
-                        .iter()
-                        .map(|(_, c)| (conn_name(c.cookie), to_raw_value(&c.state()).expect("state serialises")))
-                        .collect();
-                    let deadline = Some(Instant::now() + self.ack_timeout);
-                    if let Err(e) = takeover::control::report_quiesced(chan.as_fd(), &states, deadline) {
-                        tracing::error!("reporting state to takeoverd: {e}; resuming");
-                        self.quiesced = false;
-                        self.poke_all();
-                    } else {
-                        tracing::info!(connections = states.len(), "quiesced for a handoff");
-                    }
-                }
-                Message::Resume => {
-                    tracing::info!("handoff abandoned by takeoverd; serving again");
-                    self.quiesced = false;
-                    self.poke_all();
-                }
-                Message::Ping => {
-                    let deadline = Some(Instant::now() + self.ack_timeout);
-                    if let Err(e) = takeover::manifest::send(chan.as_fd(), &Message::Pong, &[], deadline) {
-                        tracing::warn!("answering takeoverd's ping: {e}");
-                    }
-                }
-                Message::Exit => {
-                    tracing::info!(connections = self.conns.len(), "handed over; exiting");
-                    return Flow::Exit(0);
-                }
-                other => tracing::warn!("ignoring unexpected {} from takeoverd", other.name()),
-            }
-        }
     }
 }

@@ -5,6 +5,7 @@
 
 mod event_loop;
 mod startup;
+mod supervised;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -49,6 +50,11 @@ pub struct Args {
     /// taker for the giver's offer.
     #[arg(long = "ack-timeout-ms", default_value_t = 5000, value_name = "MS")]
     pub ack_timeout_ms: u64,
+    /// Under takeoverd: the version of its channel to speak (2, or 1 to
+    /// behave as workers before takeoverd's staged handoffs; for tests of
+    /// compatibility).
+    #[arg(long = "takeoverd-channel", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2), hide = true)]
+    pub takeoverd_channel: u32,
 }
 
 impl Args {

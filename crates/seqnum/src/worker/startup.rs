@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use takeover::channel::{FromWorker, CHANNEL_VERSION};
 use takeover::{control::CONTROL_FD_ENV, Endpoint, Existing, Handoff, Kind};
 
 use super::event_loop::Worker;
@@ -14,11 +15,19 @@ use crate::echo::{ConnState, EchoConn};
 pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
     let mut worker = Worker::new(args.ack_timeout())?;
     if let Some(chan) = takeover::take_env_fd(CONTROL_FD_ENV)? {
-        // Supervised: takeoverd hands us everything over the control channel.
+        if args.takeoverd_channel >= 2 {
+            // takeoverd assigns us every connection, then tells us to serve.
+            let hello = FromWorker::Hello { version: CHANNEL_VERSION, pid: std::process::id() };
+            takeover::channel::send_to_supervisor(chan.as_fd(), &hello, deadline(args))
+                .context("saying hello to takeoverd")?;
+            worker.set_control(chan, CHANNEL_VERSION)?;
+            return Ok(worker);
+        }
+        // Version 1: takeoverd hands us everything, listeners too.
         let handoff = take(&chan, args).context("receiving sockets from takeoverd")?;
         adopt(&mut worker, handoff)?;
         takeover::ack(chan.as_fd(), deadline(args)).context("acking takeoverd's handoff")?;
-        worker.set_control(chan)?;
+        worker.set_control(chan, 1)?;
         tracing::info!(listeners = worker.listener_count(), connections = worker.conn_count(), "serving for takeoverd");
         return Ok(worker);
     }

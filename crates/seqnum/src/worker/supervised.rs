@@ -1,0 +1,259 @@
+//! The worker's side of takeoverd's channel (fd 3, `TAKEOVERD_FD`):
+//! version 2 (takeoverd assigns every connection, we are staged while our
+//! predecessor serves, and stop and report only what changed) and version 1
+//! (we accept and report `opened`; `quiesce` reports every state).
+
+use std::os::fd::AsFd;
+use std::time::Instant;
+
+use serde_json::value::to_raw_value;
+use takeover::channel::{FromWorker, Incoming, ToWorker};
+use takeover::{Message, RawState};
+
+use super::event_loop::{Flow, Worker};
+use crate::echo::{conn_name, cookie_of_name, ConnState, EchoConn};
+
+impl Worker {
+    /// Handles every message takeoverd has sent.
+    pub(super) fn on_control(&mut self) -> Flow {
+        loop {
+            let Some(chan) = &self.control else {
+                return Flow::Continue;
+            };
+            let flow = if self.channel_version >= 2 {
+                match takeover::channel::try_recv_from_supervisor(chan.as_fd()) {
+                    Ok(None) => return Flow::Continue,
+                    Ok(Some(Some(msg))) => self.on_v2(msg),
+                    Ok(Some(None)) => return takeoverd_gone(),
+                    Err(e) => {
+                        let _ = self.tell(&FromWorker::Nack { reason: e.to_string() });
+                        tracing::error!("control channel: {e}; stopping");
+                        return Flow::Exit(1);
+                    }
+                }
+            } else {
+                match takeover::manifest::try_recv(chan.as_fd()) {
+                    Ok(None) => return Flow::Continue,
+                    Ok(Some(Some((msg, _fds)))) => self.on_v1(msg),
+                    Ok(Some(None)) => return takeoverd_gone(),
+                    Err(e) => {
+                        tracing::error!("control channel: {e}; stopping");
+                        return Flow::Exit(1);
+                    }
+                }
+            };
+            if matches!(flow, Flow::Exit(_)) {
+                return flow;
+            }
+        }
+    }
+
+    /// Sends a message to takeoverd.
+    fn tell(&self, msg: &FromWorker) -> takeover::Result<()> {
+        let Some(chan) = &self.control else { return Ok(()) };
+        takeover::channel::send_to_supervisor(chan.as_fd(), msg, Some(Instant::now() + self.ack_timeout))
+    }
+
+    fn on_v2(&mut self, msg: Incoming) -> Flow {
+        let msg = match msg {
+            Incoming::Assign(conns) => return self.assigned(conns),
+            Incoming::Msg(m) => m,
+        };
+        match msg {
+            ToWorker::Assign { .. } => unreachable!("assign is decoded with its fds"),
+            ToWorker::Release { names } => {
+                for name in names {
+                    if let Some(key) = self.key_of(&name) {
+                        // Ended before we served it: close our copy quietly.
+                        let conn = self.conns.remove(key);
+                        self.by_cookie.remove(&conn.cookie);
+                        let mut stream = conn.stream;
+                        let _ = self.poll.registry().deregister(&mut stream);
+                    }
+                }
+            }
+            ToWorker::Sync { count: _ } => {
+                // Events until now were our predecessor's to serve.
+                self.forget_deferred();
+                self.record = true;
+                if let Err(e) = self.tell(&FromWorker::Ready { count: self.conns.len() }) {
+                    tracing::error!("telling takeoverd we are ready: {e}");
+                    return Flow::Exit(1);
+                }
+            }
+            ToWorker::State { entries } => {
+                for e in entries {
+                    let Some(key) = self.key_of(&e.name) else { continue };
+                    if let (Some(c), Ok(state)) =
+                        (self.conns.get_mut(key), serde_json::from_value::<ConnState>(e.state))
+                    {
+                        c.set_state(state);
+                    }
+                }
+            }
+            ToWorker::Wake { names } => {
+                for name in names {
+                    if let Some(key) = self.key_of(&name) {
+                        self.defer(key);
+                    }
+                }
+            }
+            ToWorker::Serve { recovered } => {
+                if recovered {
+                    tracing::info!(
+                        "the previous worker died; reconciling every connection with the kernel's byte counters"
+                    );
+                    let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                    for key in keys {
+                        let failed = self.conns.get_mut(key).map(|c| c.reconcile().is_err()).unwrap_or(false);
+                        if failed {
+                            self.close(key, crate::echo::End::Reset);
+                        } else {
+                            self.defer(key);
+                        }
+                    }
+                }
+                self.serving = true;
+                if let Err(e) = self.tell(&FromWorker::Serving { count: self.conns.len() }) {
+                    tracing::error!("telling takeoverd we serve: {e}");
+                    return Flow::Exit(1);
+                }
+                tracing::info!(connections = self.conns.len(), "serving for takeoverd");
+            }
+            ToWorker::Stop => {
+                // Answered at the end of this loop turn, once the events
+                // already here are remembered (see `report_stopped`).
+                self.serving = false;
+                self.record = true;
+                self.stop_pending = true;
+            }
+            ToWorker::Resume => {
+                tracing::info!("handoff abandoned by takeoverd; serving again");
+                self.serving = true;
+                self.stop_pending = false;
+            }
+            ToWorker::Exit => {
+                tracing::info!(connections = self.conns.len(), "handed over; exiting");
+                return Flow::Exit(0);
+            }
+            ToWorker::Ping => {
+                if let Err(e) = self.tell(&FromWorker::Pong) {
+                    tracing::warn!("answering takeoverd's ping: {e}");
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Connections takeoverd gives us: served at once if we serve, else held.
+    fn assigned(&mut self, conns: takeover::channel::Assigned) -> Flow {
+        for (name, state, fd) in conns {
+            let stream = std::net::TcpStream::from(fd);
+            let state: ConnState = state.and_then(|s| serde_json::from_str(s.get()).ok()).unwrap_or_default();
+            let adopted = stream
+                .set_nonblocking(true)
+                .and_then(|()| stream.set_nodelay(true))
+                .and_then(|()| EchoConn::staged(mio::net::TcpStream::from_std(stream), &name, state))
+                .and_then(|c| self.add_conn(c));
+            if let Err(e) = adopted {
+                // Out of fds or the like: we cannot serve what we cannot hold.
+                let reason = format!("cannot take connection {name}: {e}");
+                tracing::error!("{reason}; exiting (takeoverd holds it)");
+                let _ = self.tell(&FromWorker::Nack { reason });
+                return Flow::Exit(1);
+            }
+        }
+        Flow::Continue
+    }
+
+    fn key_of(&self, name: &str) -> Option<usize> {
+        self.by_cookie.get(&cookie_of_name(name)?).copied()
+    }
+
+    /// Tells takeoverd we stopped: the states it does not know (a
+    /// connection in the middle of a message) and the connections with work
+    /// left (events not served, a blocked echo). Everything else is in the
+    /// kernel, where the successor finds it.
+    pub(super) fn report_stopped(&mut self) -> Flow {
+        let mut wake: Vec<usize> = self.ready.iter().copied().collect();
+        wake.extend(self.blocked.iter().copied());
+        let wakes: Vec<(String, Option<RawState>)> =
+            wake.iter().filter_map(|k| self.conns.get(*k)).map(|c| (conn_name(c.cookie), None)).collect();
+        let states: Vec<(String, Option<RawState>)> = self
+            .mid_message
+            .iter()
+            .filter_map(|k| self.conns.get(*k))
+            .map(|c| (conn_name(c.cookie), Some(to_raw_value(&c.state()).expect("state serialises"))))
+            .collect();
+        let sent = (|| {
+            let chan = self.control.as_ref().expect("supervised");
+            let deadline = Some(Instant::now() + self.ack_timeout);
+            for msg in takeover::channel::encode_lists("state", &states)?
+                .into_iter()
+                .chain(takeover::channel::encode_lists("wake", &wakes)?)
+            {
+                takeover::wire::send(chan.as_fd(), &msg, &[], deadline)?;
+            }
+            self.tell(&FromWorker::Stopped)
+        })();
+        match sent {
+            Ok(()) => {
+                tracing::info!(
+                    connections = self.conns.len(),
+                    states = states.len(),
+                    wake = wakes.len(),
+                    "stopped for a handoff"
+                );
+                Flow::Continue
+            }
+            Err(e) => {
+                tracing::error!("reporting to takeoverd: {e}; exiting (takeoverd holds every connection)");
+                Flow::Exit(1)
+            }
+        }
+    }
+
+    fn on_v1(&mut self, msg: Message) -> Flow {
+        let Some(chan) = &self.control else { return Flow::Continue };
+        match msg {
+            Message::Quiesce => {
+                self.serving = false;
+                let states: Vec<(String, RawState)> = self
+                    .conns
+                    .iter()
+                    .map(|(_, c)| (conn_name(c.cookie), to_raw_value(&c.state()).expect("state serialises")))
+                    .collect();
+                let deadline = Some(Instant::now() + self.ack_timeout);
+                if let Err(e) = takeover::control::report_quiesced(chan.as_fd(), &states, deadline) {
+                    tracing::error!("reporting state to takeoverd: {e}; resuming");
+                    self.serving = true;
+                    self.poke_all();
+                } else {
+                    tracing::info!(connections = states.len(), "quiesced for a handoff");
+                }
+            }
+            Message::Resume => {
+                tracing::info!("handoff abandoned by takeoverd; serving again");
+                self.serving = true;
+                self.poke_all();
+            }
+            Message::Ping => {
+                let deadline = Some(Instant::now() + self.ack_timeout);
+                if let Err(e) = takeover::manifest::send(chan.as_fd(), &Message::Pong, &[], deadline) {
+                    tracing::warn!("answering takeoverd's ping: {e}");
+                }
+            }
+            Message::Exit => {
+                tracing::info!(connections = self.conns.len(), "handed over; exiting");
+                return Flow::Exit(0);
+            }
+            other => tracing::warn!("ignoring unexpected {} from takeoverd", other.name()),
+        }
+        Flow::Continue
+    }
+}
+
+fn takeoverd_gone() -> Flow {
+    tracing::error!("takeoverd went away; stopping without touching the sockets (its successor will serve them)");
+    Flow::Exit(1)
+}

@@ -1,0 +1,289 @@
+//! Who serves: [`Workers`], the supervisor's state machine, and [`Worker`],
+//! one worker as takeoverd sees it (its process, the version of its
+//! channel, and what is queued to be sent to it).
+//!
+//! ```text
+//!              start, crash, reload                     serving       commit
+//!   Down ──────────────────────────▶ Handoff ─ hello ─ staging ─ stopping ─ committing ─▶ Serving
+//!     ▲                                 │  (the old worker serves until `stop`)          │
+//!     └──── failure without an old ─────┘  failure with an old: rollback ──▶ Serving(old) │
+//!     └──────────────────────────── worker died / hung ──────────────────────────────────┘
+//! ```
+//!
+//! takeoverd never waits on a worker: everything it sends goes through the
+//! worker's [`Outbox`], flushed when the channel has room, so a worker that
+//! hangs costs only its own deadline, never the other worker's clients.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use takeover::channel::ToWorker;
+use takeover::wire::{MAX_FDS, MAX_MESSAGE};
+use takeover::RawState;
+
+use crate::worker::WorkerProc;
+
+/// Sends one message if the channel has room now: `Ok(false)` when it has not.
+fn try_send(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> takeover::Result<bool> {
+    match takeover::wire::send(chan, bytes, fds, Some(Instant::now())) {
+        Ok(()) => Ok(true),
+        Err(takeover::Error::Timeout(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The version of the channel a worker speaks, from its `hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// Not known yet (no hello).
+    Unknown,
+    /// Version 1: the worker accepts and reports `opened` (docs/PROTOCOL.md).
+    V1,
+    /// Version 2: takeoverd accepts and `assign`s; staged handoffs.
+    V2,
+}
+
+/// A connection takeoverd holds.
+#[derive(Debug)]
+pub struct HeldConn {
+    /// takeoverd's copy.
+    pub fd: std::os::fd::OwnedFd,
+    /// The last state a worker reported, as raw JSON: moved, never parsed.
+    pub state: Option<RawState>,
+}
+
+/// Every connection held, by name.
+pub type Conns = HashMap<String, HeldConn>;
+
+/// Something queued for a worker.
+#[derive(Debug)]
+enum Out {
+    /// A connection to assign (looked up when sent: one that ended meanwhile
+    /// is skipped).
+    Assign(String),
+    /// An encoded message without fds.
+    Bytes(Vec<u8>),
+}
+
+/// What is queued for one worker, in order.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: VecDeque<Out>,
+}
+
+/// A worker process and its channel.
+#[derive(Debug)]
+pub struct Worker {
+    /// The process.
+    pub proc: WorkerProc,
+    /// Its channel version.
+    pub proto: Proto,
+    /// Its token in takeoverd's poll.
+    pub token: mio::Token,
+    /// When it started serving.
+    pub serving_since: Option<Instant>,
+    /// Whether the poll watches the channel for room (the outbox is stuck).
+    pub wants_room: bool,
+    outbox: Outbox,
+}
+
+impl Worker {
+    /// Wraps a started process.
+    pub fn new(proc: WorkerProc, token: mio::Token) -> Worker {
+        Worker { proc, proto: Proto::Unknown, token, serving_since: None, wants_room: false, outbox: Outbox::default() }
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The channel.
+    pub fn chan(&self) -> BorrowedFd<'_> {
+        self.proc.chan()
+    }
+
+    /// Queues `msg`.
+    pub fn send(&mut self, msg: &ToWorker) {
+        self.outbox.queue.push_back(Out::Bytes(msg.encode()));
+    }
+
+    /// Queues pre-encoded messages.
+    pub fn send_raw(&mut self, msgs: Vec<Vec<u8>>) {
+        self.outbox.queue.extend(msgs.into_iter().map(Out::Bytes));
+    }
+
+    /// Queues an `assign` of each named connection.
+    pub fn assign(&mut self, names: impl IntoIterator<Item = String>) {
+        self.outbox.queue.extend(names.into_iter().map(Out::Assign));
+    }
+
+    /// Whether everything queued has been sent.
+    pub fn drained(&self) -> bool {
+        self.outbox.queue.is_empty()
+    }
+
+    /// Sends what the channel takes now, assigns in batches of up to
+    /// [`MAX_FDS`]. `Ok(true)` when something went out; an error means the
+    /// channel is broken (the worker is gone or misbehaving).
+    pub fn flush(&mut self, conns: &Conns) -> takeover::Result<bool> {
+        let mut progress = false;
+        loop {
+            let (sent, count) = match self.outbox.queue.front() {
+                None => return Ok(progress),
+                Some(Out::Bytes(b)) => (try_send(self.chan(), b, &[])?, 1),
+                Some(Out::Assign(_)) => {
+                    let (bytes, fds, count) = self.next_assign(conns);
+                    // Only ended connections: nothing to send.
+                    (bytes.is_empty() || try_send(self.chan(), &bytes, &fds)?, count)
+                }
+            };
+            if !sent {
+                return Ok(progress);
+            }
+            self.outbox.queue.drain(..count);
+            progress = true;
+        }
+    }
+
+    /// The next `assign` batch: its bytes, its fds, and how many queue items
+    /// it takes (ended connections are skipped).
+    fn next_assign<'a>(&self, conns: &'a Conns) -> (Vec<u8>, Vec<BorrowedFd<'a>>, usize) {
+        let mut items = Vec::new();
+        let mut fds = Vec::new();
+        let mut bytes = 64;
+        let mut taken = 0;
+        for out in &self.outbox.queue {
+            let Out::Assign(name) = out else { break };
+            let Some(c) = conns.get(name) else {
+                taken += 1;
+                continue;
+            };
+            let size = name.len() + 48 + c.state.as_ref().map_or(0, |s| s.get().len());
+            if fds.len() == MAX_FDS || bytes + size > MAX_MESSAGE {
+                break;
+            }
+            bytes += size;
+            taken += 1;
+            items.push((name.as_str(), c.state.as_deref()));
+            fds.push(c.fd.as_fd());
+        }
+        if items.is_empty() {
+            return (Vec::new(), fds, taken);
+        }
+        (takeover::channel::encode_assign(items.into_iter()), fds, taken)
+    }
+}
+
+/// Why a handoff runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// takeoverd's first worker.
+    Start,
+    /// The serving worker died or hung.
+    Restart,
+    /// SIGHUP or `ctl reload`.
+    Reload,
+}
+
+/// Where a handoff is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// The new worker was started; waiting for its hello.
+    Hello,
+    /// The new worker is receiving every connection; the old one serves.
+    Staging,
+    /// The new worker is ready; the old one was told to stop.
+    Stopping,
+    /// The new worker was told to serve.
+    Committing,
+}
+
+impl Step {
+    /// For logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Hello => "waiting for the new worker's hello",
+            Step::Staging => "staging the new worker",
+            Step::Stopping => "stopping the old worker",
+            Step::Committing => "waiting for the new worker to serve",
+        }
+    }
+}
+
+/// A new worker taking over from an old one (or from nobody).
+#[derive(Debug)]
+pub struct Handoff {
+    /// Why.
+    pub why: Why,
+    /// The worker that serves until it is stopped (None at start, after a crash).
+    pub old: Option<Worker>,
+    /// The incoming worker.
+    pub new: Worker,
+    /// Where we are.
+    pub step: Step,
+    /// When the current step gives up (pushed out while a big staging progresses).
+    pub deadline: Instant,
+    /// Connection states may be stale: the last server of them died.
+    pub recovered: bool,
+    /// When it was asked for.
+    pub t0: Instant,
+    /// Unix time of the request.
+    pub at: u64,
+    /// When the new worker said hello.
+    pub hello_at: Option<Instant>,
+    /// When the new worker said ready.
+    pub ready_at: Option<Instant>,
+    /// When `stop` was queued for the old worker.
+    pub stop_at: Option<Instant>,
+    /// Connections accepted after the old worker was stopped: it never got
+    /// them, and gets them if the handoff rolls back.
+    pub since_stop: Vec<String>,
+    /// Control connections waiting for the outcome.
+    pub waiters: Vec<std::os::fd::OwnedFd>,
+}
+
+/// Who serves.
+#[derive(Debug)]
+pub enum Workers {
+    /// Nobody; the next worker starts at `at`.
+    Down {
+        /// When.
+        at: Instant,
+    },
+    /// One worker serves.
+    Serving(Worker),
+    /// A handoff is under way.
+    Handoff(Box<Handoff>),
+}
+
+impl Workers {
+    /// The worker that serves now (the old one during a handoff until it
+    /// is stopped).
+    pub fn serving(&self) -> Option<&Worker> {
+        match self {
+            Workers::Serving(w) => Some(w),
+            Workers::Handoff(h) if h.step <= Step::Staging => h.old.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Whether takeoverd accepts on the listeners itself: always, unless a
+    /// version-1 worker serves (it accepts).
+    pub fn takeoverd_accepts(&self) -> bool {
+        self.serving().is_none_or(|w| w.proto != Proto::V1)
+    }
+
+    /// The deadline of whatever waits.
+    pub fn deadline(&self, ping: Option<Instant>) -> Option<Instant> {
+        match self {
+            Workers::Down { at } => Some(*at),
+            Workers::Serving(_) => ping,
+            Workers::Handoff(h) => Some(h.deadline),
+        }
+    }
+}
+
+/// How long a retired worker may take to exit before it is killed.
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
