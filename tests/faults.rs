@@ -1,5 +1,6 @@
-//! Faults at every step of a reload (no systemd): SIGKILL of the new worker,
-//! SIGKILL of the old one, SIGSTOP of the new one until the deadline. The
+//! Faults at every step of a reload (no systemd): SIGKILL and SIGSTOP of the
+//! new worker and of the old one, at each step of the staged handoff
+//! (channel version 2) and of the version-1 handoff an old worker gets. The
 //! fault is injected deterministically by takeoverd itself
 //! (`TAKEOVERD_FAULT=STEP:ACTION:MARKER`, see crates/takeoverd/src/fault.rs).
 //! After each: the clients connected before the fault got every echo in
@@ -12,10 +13,18 @@ use std::time::Duration;
 use testkit::*;
 
 fn case(step: &str, action: &str, reload_ok: bool) {
-    let dir = TempDir::new(&format!("fault-{step}-{action}"));
+    run_case(step, action, reload_ok, 2);
+}
+
+fn run_case(step: &str, action: &str, reload_ok: bool, channel: u32) {
+    let dir = TempDir::new(&format!("fault-{step}-{action}-v{channel}"));
     let fault = ("TAKEOVERD_FAULT", format!("{step}:{action}:{}", dir.path("fired").display()));
-    let Takeoverd { proc: mut d, pid: dpid, port, sock, log } =
-        Takeoverd::start(&dir, &["--ack-timeout-ms", "500"], &[fault]);
+    let channel_arg = channel.to_string();
+    let Takeoverd { proc: mut d, pid: dpid, port, sock, log } = Takeoverd::start(
+        &dir,
+        &["--ack-timeout-ms", "500", "--", "--takeoverd-channel", &channel_arg],
+        &[fault],
+    );
     let fds_before = settled_fd_count(dpid);
 
     let load = client(port, &["--connections", "20", "--interval-ms", "5", "--duration", "3", "--timeout-ms", "5000"]);
@@ -41,7 +50,10 @@ fn case(step: &str, action: &str, reload_ok: bool) {
     assert_eq!(kids.len(), 1, "{step}:{action}: exactly one worker should run, found {kids:?}");
     assert_eq!(settled_fd_count(dpid), fds_before, "{step}:{action}: takeoverd leaked fds: {:?}", fds_of(dpid));
     let worker_sockets = fds_of(kids[0]).iter().filter(|f| f.starts_with("socket:")).count();
-    assert_eq!(worker_sockets, 2, "{step}:{action}: the worker should hold its listener and its channel only");
+    // A version-2 worker holds its channel only (takeoverd accepts); a
+    // version-1 worker also the listener.
+    let want = if channel == 2 { 1 } else { 2 };
+    assert_eq!(worker_sockets, want, "{step}:{action}: the worker should hold its channel (and v1: the listener) only");
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(dpid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = wait_timeout(&mut d.0, Duration::from_secs(5)).expect("takeoverd did not stop on SIGTERM");
@@ -55,22 +67,43 @@ macro_rules! fault_cases {
     };
 }
 
+// Before `serve` the old worker owns everything: a failure of the new one
+// rolls back (the reload fails), a failure of the old one makes the new one
+// recover its connections (the reload succeeds). After `serve` the new one
+// is committed: if it fails, a fresh worker recovers the connections.
 fault_cases! {
     kill_new_when_started: "new-started", "kill-new" => false;
     kill_old_when_started: "new-started", "kill-old" => true;
     stop_new_when_started: "new-started", "stop-new" => false;
-    kill_new_when_old_quiesced: "old-quiesced", "kill-new" => false;
-    kill_old_when_old_quiesced: "old-quiesced", "kill-old" => true;
-    stop_new_when_old_quiesced: "old-quiesced", "stop-new" => false;
-    kill_new_when_sockets_sent: "sockets-sent", "kill-new" => false;
-    kill_old_when_sockets_sent: "sockets-sent", "kill-old" => true;
-    stop_new_when_sockets_sent: "sockets-sent", "stop-new" => false;
-    kill_new_when_acked: "new-acked", "kill-new" => true;
-    kill_old_when_acked: "new-acked", "kill-old" => true;
-    stop_new_when_acked: "new-acked", "stop-new" => true;
-    kill_new_when_old_exiting: "old-exiting", "kill-new" => true;
-    kill_old_when_old_exiting: "old-exiting", "kill-old" => true;
-    stop_new_when_old_exiting: "old-exiting", "stop-new" => true;
+    stop_old_when_started: "new-started", "stop-old" => true;
+    kill_new_when_ready: "new-ready", "kill-new" => false;
+    kill_old_when_ready: "new-ready", "kill-old" => true;
+    stop_new_when_ready: "new-ready", "stop-new" => false;
+    stop_old_when_ready: "new-ready", "stop-old" => true;
+    kill_new_when_old_stopped: "old-stopped", "kill-new" => false;
+    kill_old_when_old_stopped: "old-stopped", "kill-old" => true;
+    stop_new_when_old_stopped: "old-stopped", "stop-new" => false;
+    stop_old_when_old_stopped: "old-stopped", "stop-old" => true;
+    kill_new_when_serving: "new-serving", "kill-new" => true;
+    kill_old_when_serving: "new-serving", "kill-old" => true;
+    stop_new_when_serving: "new-serving", "stop-new" => true;
+    stop_old_when_serving: "new-serving", "stop-old" => true;
+}
+
+macro_rules! v1_fault_cases {
+    ($($name:ident: $step:literal, $action:literal => $ok:literal;)*) => {
+        $(#[test] fn $name() { run_case($step, $action, $ok, 1); })*
+    };
+}
+
+// Workers that speak version 1 of the channel get the version-1 handoff.
+v1_fault_cases! {
+    v1_kill_new_when_started: "new-started", "kill-new" => false;
+    v1_kill_old_when_started: "new-started", "kill-old" => true;
+    v1_kill_new_when_sockets_sent: "sockets-sent", "kill-new" => false;
+    v1_stop_new_when_sockets_sent: "sockets-sent", "stop-new" => false;
+    v1_kill_old_when_sockets_sent: "sockets-sent", "kill-old" => true;
+    v1_kill_new_when_serving: "new-serving", "kill-new" => true;
 }
 
 /// Reloads asked for while one runs wait for it and report its outcome;

@@ -10,7 +10,9 @@
 //! to be stopped), `old-stopped` (the old one stopped; the new one is about
 //! to be told to serve), `new-serving` (it serves; the old one is about to be
 //! told to exit). A version-1 new worker passes `sockets-sent` (the offer went
-//! out) instead of `new-ready` and `old-stopped`.
+//! out) instead of `new-ready` and `old-stopped`. Outside reloads,
+//! `accepted` is reached when takeoverd has accepted a connection and queued
+//! it for the serving worker (the "old" worker of the actions).
 //! Actions: `kill-new`, `kill-old` (SIGKILL), `stop-new`, `stop-old` (SIGSTOP,
 //! so the step's deadline runs out), `kill-self` (SIGKILL takeoverd).
 
@@ -25,6 +27,7 @@ pub enum Step {
     OldStopped,
     SocketsSent,
     NewServing,
+    Accepted,
 }
 
 impl Step {
@@ -35,6 +38,7 @@ impl Step {
             Step::OldStopped => "old-stopped",
             Step::SocketsSent => "sockets-sent",
             Step::NewServing => "new-serving",
+            Step::Accepted => "accepted",
         }
     }
 }

@@ -166,7 +166,6 @@ impl Supervisor {
     fn new_said_hello(&mut self, version: u32) -> Result<(), String> {
         let Workers::Handoff(h) = &mut self.workers else { return Ok(()) };
         h.hello_at = Some(Instant::now());
-        let (new, old) = (Some(h.new.pid()), h.old.as_ref().map(|o| o.pid()));
         match version {
             2 => {
                 h.new.proto = Proto::V2;
@@ -174,12 +173,12 @@ impl Supervisor {
                 h.deadline = Instant::now() + self.cfg.ack_timeout;
                 h.new.assign(self.conns.keys().cloned());
                 h.new.send(&ToWorker::Sync { count: self.conns.len() });
-                fault::at(Fault::NewStarted, new, old);
+                self.inject(Fault::NewStarted);
                 Ok(())
             }
             1 => {
                 h.new.proto = Proto::V1;
-                fault::at(Fault::NewStarted, new, old);
+                self.inject(Fault::NewStarted);
                 self.legacy_handoff();
                 Ok(())
             }
@@ -191,14 +190,22 @@ impl Supervisor {
         }
     }
 
+    /// Injects the configured fault at `step` of a reload (tests only).
+    fn inject(&self, step: Fault) {
+        if let Workers::Handoff(h) = &self.workers {
+            if h.why == Why::Reload {
+                fault::at(step, Some(h.new.pid()), h.old.as_ref().map(|o| o.pid()));
+            }
+        }
+    }
+
     /// The new worker holds every connection: stop the old one.
     fn new_ready(&mut self, _count: usize) {
         let Workers::Handoff(h) = &mut self.workers else { return };
         let now = Instant::now();
         h.ready_at = Some(now);
         h.deadline = now + self.cfg.ack_timeout;
-        let (new, old) = (Some(h.new.pid()), h.old.as_ref().map(|o| o.pid()));
-        fault::at(Fault::NewReady, new, old);
+        self.inject(Fault::NewReady);
         let Workers::Handoff(h) = &mut self.workers else { return };
         match &mut h.old {
             Some(o) => {
@@ -218,9 +225,7 @@ impl Supervisor {
 
     /// The old worker stopped; every state and wake it had came before.
     fn old_stopped(&mut self) {
-        let Workers::Handoff(h) = &mut self.workers else { return };
-        let (new, old) = (Some(h.new.pid()), h.old.as_ref().map(|o| o.pid()));
-        fault::at(Fault::OldStopped, new, old);
+        self.inject(Fault::OldStopped);
         let Workers::Handoff(h) = &mut self.workers else { return };
         h.step = Step::Committing;
         h.deadline = Instant::now() + self.cfg.ack_timeout;
@@ -362,7 +367,9 @@ impl Supervisor {
         let mut h = *h;
         let now = Instant::now();
         let (new_pid, old_pid) = (h.new.pid(), h.old.as_ref().map(|o| o.pid()));
-        fault::at(Fault::NewServing, Some(new_pid), old_pid);
+        if h.why == Why::Reload {
+            fault::at(Fault::NewServing, Some(new_pid), old_pid);
+        }
         self.generation += 1;
         h.new.serving_since = Some(now);
         let phases = Phases {
@@ -377,7 +384,7 @@ impl Supervisor {
             pid = new_pid,
             generation = self.generation,
             connections = self.conns.len(),
-            pause_ms = %format_args!("{:.3}", phases.pause.map_or(0.0, ms)),
+            pause_ms = %phases.pause.map_or("none".into(), |p| format!("{:.3}", ms(p))),
             stage_ms = %format_args!("{:.2}", phases.stage.map_or(0.0, ms)),
             total_ms = %format_args!("{:.2}", ms(phases.total)),
             "{}",
@@ -502,7 +509,7 @@ impl Supervisor {
         }
         let app = serde_json::json!({ "generation": self.generation + 1 });
         takeover::offer(h.new.chan(), &items, &app, recovered, Some(deadline))?;
-        fault::at(Fault::SocketsSent, Some(h.new.pid()), h.old.as_ref().map(|o| o.pid()));
+        self.inject(Fault::SocketsSent);
         takeover::await_ack(h.new.chan(), Some(deadline))
     }
 

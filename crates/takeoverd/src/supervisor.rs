@@ -270,7 +270,7 @@ impl Supervisor {
             tracing::warn!(
                 pid = w.pid(),
                 "an old worker did not exit within {:?}; killing it",
-                crate::workers::EXIT_GRACE
+                self.cfg.ack_timeout
             );
             let mut proc = w.proc;
             proc.kill();
@@ -426,6 +426,8 @@ impl Supervisor {
         }
         self.status_dirty = true;
         self.assign_new(names);
+        let serving = self.workers.serving().map(|w| w.pid());
+        crate::fault::at(crate::fault::Step::Accepted, None, serving);
     }
 
     // ---- workers ----
@@ -498,7 +500,7 @@ impl Supervisor {
         } else {
             let _ = w.flush(&self.conns);
         }
-        self.retiring.push((w, Instant::now() + crate::workers::EXIT_GRACE));
+        self.retiring.push((w, Instant::now() + self.cfg.ack_timeout));
     }
 
     fn on_worker_event(&mut self, token: Token, writable: bool) {

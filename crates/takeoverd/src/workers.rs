@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use takeover::channel::ToWorker;
 use takeover::wire::{MAX_FDS, MAX_MESSAGE};
@@ -284,6 +284,3 @@ impl Workers {
         }
     }
 }
-
-/// How long a retired worker may take to exit before it is killed.
-pub const EXIT_GRACE: Duration = Duration::from_secs(5);
