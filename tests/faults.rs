@@ -20,11 +20,8 @@ fn run_case(step: &str, action: &str, reload_ok: bool, channel: u32) {
     let dir = TempDir::new(&format!("fault-{step}-{action}-v{channel}"));
     let fault = ("TAKEOVERD_FAULT", format!("{step}:{action}:{}", dir.path("fired").display()));
     let channel_arg = channel.to_string();
-    let Takeoverd { proc: mut d, pid: dpid, port, sock, log } = Takeoverd::start(
-        &dir,
-        &["--ack-timeout-ms", "500", "--", "--takeoverd-channel", &channel_arg],
-        &[fault],
-    );
+    let Takeoverd { proc: mut d, pid: dpid, port, sock, log } =
+        Takeoverd::start(&dir, &["--ack-timeout-ms", "500", "--", "--takeoverd-channel", &channel_arg], &[fault]);
     let fds_before = settled_fd_count(dpid);
 
     let load = client(port, &["--connections", "20", "--interval-ms", "5", "--duration", "3", "--timeout-ms", "5000"]);

@@ -32,12 +32,13 @@ pub(crate) const CTL_CONN_BASE: usize = 1 << 40;
 
 /// Reloads kept for `ctl status`.
 const HISTORY: usize = 20;
-/// Crash-restart backoff: the first restart is immediate; a worker that dies
-/// before it served a second backs off from 100 ms to 5 s; one that served
-/// longer resets it.
+/// Crash-restart backoff: a worker that served (for 100 ms: it completed its
+/// handoff and ran) is healthy, and its death is followed by an immediate
+/// restart however often it happens; workers that die before they serve
+/// back off from 100 ms to 5 s.
 const BACKOFF_STEP: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-const HEALTHY_AFTER: Duration = Duration::from_secs(1);
+const HEALTHY_AFTER: Duration = Duration::from_millis(100);
 /// How often the serving worker is pinged; one that does not answer within
 /// the ack timeout is hung (or stopped) and is replaced.
 const PING_EVERY: Duration = Duration::from_secs(1);
@@ -267,11 +268,7 @@ impl Supervisor {
             std::mem::take(&mut self.retiring).into_iter().partition(|(_, d)| now >= *d);
         self.retiring = keep;
         for (w, _) in late {
-            tracing::warn!(
-                pid = w.pid(),
-                "an old worker did not exit within {:?}; killing it",
-                self.cfg.ack_timeout
-            );
+            tracing::warn!(pid = w.pid(), "an old worker did not exit within {:?}; killing it", self.cfg.ack_timeout);
             let mut proc = w.proc;
             proc.kill();
         }
