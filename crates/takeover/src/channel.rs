@@ -12,10 +12,10 @@
 //! worker                                   supervisor
 //!   hello {version:2, pid}          ──▶
 //!                                   ◀──    assign {entries} + fds     (×n, hold: do not read yet)
-//!                                   ◀──    release {names}            (they ended before you served them)
+//!                                   ◀──    release {names}            (they ended; until `serve`)
 //!                                   ◀──    sync {count}
 //!   ready {count}                   ──▶
-//!                                   ◀──    state {entries}*, wake {names}*
+//!                                   ◀──    assign*, release*, state {entries}*, wake {names}*
 //!                                   ◀──    serve {recovered}
 //!   serving {count}                 ──▶
 //!   closed {name}, state {entries}  ──▶    (while serving)

@@ -79,7 +79,9 @@ impl Supervisor {
         };
         self.workers = Workers::Handoff(Box::new(Handoff {
             why,
-            recovered: recovered || old.is_none() && !self.conns.is_empty(),
+            // Without an old worker nobody serves the connections while the
+            // new one is staged: it must serve each once (and reconcile it).
+            recovered: recovered || old.is_none(),
             old,
             new,
             step: Step::Hello,
@@ -141,7 +143,9 @@ impl Supervisor {
                 FromWorker::Pong => {}
                 FromWorker::Closed { name } => self.conn_closed(&name),
                 FromWorker::State { entries } => {
-                    if h.step == Step::Stopping {
+                    // The staged worker has (or will get with its assign)
+                    // the state we knew; this one is newer.
+                    if h.step >= Step::Staging {
                         h.new.send(&ToWorker::State { entries: entries.clone() });
                     }
                     self.update_states(entries);
@@ -156,6 +160,9 @@ impl Supervisor {
             (Step::Hello, FromWorker::Hello { version, pid: _ }) => self.new_said_hello(version)?,
             (Step::Staging, FromWorker::Ready { count }) => self.new_ready(count),
             (Step::Committing, FromWorker::Serving { count: _ }) => self.commit(),
+            // A worker told to serve may find connections ended before it says so.
+            (Step::Committing, FromWorker::Closed { name }) => self.conn_closed(&name),
+            (Step::Committing, FromWorker::State { entries }) => self.update_states(entries),
             (_, FromWorker::Nack { reason }) => return Err(format!("it refused: {reason}")),
             (_, FromWorker::Pong) => {}
             (step, other) => return Err(format!("unexpected {} ({})", other.name(), step.name())),
@@ -183,9 +190,15 @@ impl Supervisor {
                 Ok(())
             }
             v => {
-                let refuse = Message::Refuse { reason: takeover::Error::Version { theirs: v }.to_string() };
-                h.new.send_raw(vec![refuse.encode()]);
-                Err(format!("it speaks version {v} of the channel; this takeoverd speaks 1 and 2"))
+                let reason = format!("this takeoverd speaks versions 1 and 2 of the supervisor channel, not {v}");
+                let refuse = Message::Refuse { reason: reason.clone() };
+                let _ = takeover::manifest::send(
+                    h.new.chan(),
+                    &refuse,
+                    &[],
+                    Some(Instant::now() + Duration::from_millis(100)),
+                );
+                Err(reason)
             }
         }
     }
@@ -295,6 +308,7 @@ impl Supervisor {
         // The old worker: its connections are all here; the new worker
         // takes them as after a crash.
         let Some(old) = h.old.take() else { return };
+        // (From here the new worker serves every connection once: recovered.)
         self.unwatch(&old);
         let pid = old.pid();
         let mut proc = old.proc;
@@ -349,11 +363,7 @@ impl Supervisor {
                     "; its connections are held here and go to a new worker"
                 });
                 tracing::error!("{error}");
-                if committed {
-                    self.workers = Workers::Down { at: Instant::now() };
-                } else {
-                    self.schedule_restart();
-                }
+                self.schedule_restart();
             }
         }
         self.finish(h.why, h.at, h.t0, Err(error), None, h.waiters);

@@ -216,6 +216,9 @@ impl Supervisor {
                     _ => {}
                 }
             }
+            // Who accepts may have changed in this turn (a version-1 worker
+            // took over): never assign to a worker that accepts itself.
+            self.sync_accepting();
             if accept && self.accepting {
                 self.accept_all();
             }
@@ -546,6 +549,8 @@ impl Supervisor {
             FromWorker::Pong => self.ping.1 = false,
             FromWorker::Closed { name } => self.conn_closed(&name),
             FromWorker::State { entries } => self.update_states(entries),
+            // The tail of a stop that a rollback overtook (it was told to resume).
+            FromWorker::Wake { .. } | FromWorker::Stopped => {}
             other => return Err(format!("unexpected {} from a serving worker", other.name())),
         }
         Ok(())

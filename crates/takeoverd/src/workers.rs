@@ -160,7 +160,8 @@ impl Worker {
                 taken += 1;
                 continue;
             };
-            let size = name.len() + 48 + c.state.as_ref().map_or(0, |s| s.get().len());
+            // A name may need escaping in JSON: count it twice.
+            let size = 2 * name.len() + 48 + c.state.as_ref().map_or(0, |s| s.get().len());
             if fds.len() == MAX_FDS || bytes + size > MAX_MESSAGE {
                 break;
             }
@@ -270,9 +271,14 @@ impl Workers {
     }
 
     /// Whether takeoverd accepts on the listeners itself: always, unless a
-    /// version-1 worker serves (it accepts).
+    /// version-1 worker serves (it accepts), or takes over, or may be
+    /// resumed (it could not be given what takeoverd accepted meanwhile).
     pub fn takeoverd_accepts(&self) -> bool {
-        self.serving().is_none_or(|w| w.proto != Proto::V1)
+        match self {
+            Workers::Serving(w) => w.proto != Proto::V1,
+            Workers::Handoff(h) => h.new.proto != Proto::V1 && h.old.as_ref().is_none_or(|o| o.proto != Proto::V1),
+            Workers::Down { .. } => true,
+        }
     }
 
     /// The deadline of whatever waits.

@@ -75,7 +75,8 @@ pub struct Worker {
     pub(super) by_cookie: std::collections::HashMap<u64, usize>,
     /// Connections whose echo is waiting for room in the send buffer.
     pub(super) blocked: std::collections::HashSet<usize>,
-    /// Connections in the middle of a message (after a partial echo).
+    /// Connections whose state takeoverd does not know: in the middle of a
+    /// message (after a partial echo) now, or since the last report.
     pub(super) mid_message: std::collections::HashSet<usize>,
     accept_retry: Option<Instant>,
     /// accept() is failing (EMFILE...): warn once per burst, not per retry.
@@ -346,9 +347,8 @@ impl Worker {
             self.blocked.remove(&key);
         }
         if mid {
+            // Left in the set when back at a boundary: that state is news too.
             self.mid_message.insert(key);
-        } else if !self.mid_message.is_empty() {
-            self.mid_message.remove(&key);
         }
         if let Some(end) = end {
             self.close(key, end);

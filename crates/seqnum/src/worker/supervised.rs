@@ -185,6 +185,9 @@ impl Worker {
             .filter_map(|k| self.conns.get(*k))
             .map(|c| (conn_name(c.cookie), Some(to_raw_value(&c.state()).expect("state serialises"))))
             .collect();
+        // Reported: only those still in the middle of a message stay news.
+        let conns = &self.conns;
+        self.mid_message.retain(|k| conns.get(*k).is_some_and(|c| c.phase() != 0));
         let sent = (|| {
             let chan = self.control.as_ref().expect("supervised");
             let deadline = Some(Instant::now() + self.ack_timeout);
