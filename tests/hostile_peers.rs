@@ -188,9 +188,10 @@ fn a_worker_that_never_says_hello_is_retried_with_backoff() {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(v["worker_pid"].is_null(), "no worker should be serving: {v}");
     let text = std::fs::read_to_string(&log).unwrap();
-    let attempts = text.matches("failed before taking over").count();
+    let attempts = text.matches("did not answer within 300ms (waiting for the new worker's hello)").count();
     assert!((2..=6).contains(&attempts), "expected a few attempts with backoff in 2 s, got {attempts}:\n{text}");
-    // No sleeping worker is left behind by the failed attempts.
+    // No sleeping worker is left behind by the failed attempts (takeoverd
+    // answers while the current attempt waits for its hello).
     let sleepers = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -200,5 +201,6 @@ fn a_worker_that_never_says_hello_is_retried_with_backoff() {
                 && s.rsplit_once(')').unwrap().1.split_whitespace().nth(1) == Some(&d.0.id().to_string())
         })
         .count();
-    assert_eq!(sleepers, 0, "failed workers were not killed");
+    // The attempt under way may be waiting for its hello; none before it is left.
+    assert!(sleepers <= 1, "failed workers were not killed: {sleepers} left");
 }

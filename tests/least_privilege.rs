@@ -42,15 +42,18 @@ fn a_worker_holds_only_its_own_fds_and_takeoverd_leaks_none_into_it() {
     let dir = TempDir::new("fds");
     let (d, port, sock) = start(&dir, &[]);
     let conns: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(200));
     let wpid = worker_pid(&sock);
+    wait_until("the worker holds the five connections", Duration::from_secs(5), || {
+        socket_count(wpid) == 1 + conns.len()
+    });
     let fds = fds_of(wpid);
     let count = |p: &str| fds.iter().filter(|f| f.starts_with(p)).count();
     // stdin (/dev/null), stdout, stderr; the control channel; epoll; signalfd;
-    // one listener and five connections. Nothing else: takeoverd closes every
-    // fd above 3 in the child, so not even a stray of the test harness's.
-    assert_eq!(fds.len(), 3 + 1 + 1 + 1 + 1 + conns.len(), "the worker holds stray fds: {fds:?}");
-    assert_eq!(count("socket:"), 1 + 1 + conns.len(), "{fds:?}");
+    // five connections (takeoverd accepts: no listener). Nothing else:
+    // takeoverd closes every fd above 3 in the child, so not even a stray of
+    // the test harness's.
+    assert_eq!(fds.len(), 3 + 1 + 1 + 1 + conns.len(), "the worker holds stray fds: {fds:?}");
+    assert_eq!(count("socket:"), 1 + conns.len(), "{fds:?}");
     assert_eq!(count("anon_inode:[eventpoll]"), 1, "{fds:?}");
     assert_eq!(count("anon_inode:[signalfd]"), 1, "{fds:?}");
 

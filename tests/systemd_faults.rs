@@ -106,23 +106,18 @@ fn takeoverd_killed_when_the_new_worker_started() {
 }
 
 #[test]
-fn takeoverd_killed_when_the_old_worker_quiesced() {
-    kill_self_at("old-quiesced");
+fn takeoverd_killed_when_the_new_worker_is_ready() {
+    kill_self_at("new-ready");
 }
 
 #[test]
-fn takeoverd_killed_when_the_sockets_were_sent() {
-    kill_self_at("sockets-sent");
+fn takeoverd_killed_when_the_old_worker_stopped() {
+    kill_self_at("old-stopped");
 }
 
 #[test]
-fn takeoverd_killed_when_the_new_worker_acked() {
-    kill_self_at("new-acked");
-}
-
-#[test]
-fn takeoverd_killed_when_the_old_worker_is_exiting() {
-    kill_self_at("old-exiting");
+fn takeoverd_killed_when_the_new_worker_serves() {
+    kill_self_at("new-serving");
 }
 
 /// With room for only 8 fds by name (a listener, the state and 6

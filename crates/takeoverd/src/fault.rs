@@ -55,9 +55,6 @@ pub fn at(step: Step, new: Option<u32>, old: Option<u32>) {
     if s != step.name() {
         return;
     }
-    if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
-        return; // fired already
-    }
     let (target, signal) = match action {
         "kill-new" => (new, Signal::SIGKILL),
         "kill-old" => (old, Signal::SIGKILL),
@@ -69,7 +66,11 @@ pub fn at(step: Step, new: Option<u32>, old: Option<u32>) {
             return;
         }
     };
+    // No such process at this step (yet): wait for a step that has one.
     let Some(pid) = target else { return };
+    if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
+        return; // fired already
+    }
     tracing::warn!(step = step.name(), action, pid, "injecting a fault (TAKEOVERD_FAULT)");
     let _ = kill(Pid::from_raw(pid as i32), signal);
     // Let the kernel deliver it before the next step runs.

@@ -82,6 +82,13 @@ pub fn restore(cfg: &Config) -> anyhow::Result<Restored> {
     } else if !cfg.listen.is_empty() {
         tracing::info!("listeners came from systemd; --listen is not used");
     }
+    // takeoverd accepts from its event loop: a listener from a .socket unit
+    // comes blocking.
+    for l in &listeners {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let flags = OFlag::from_bits_truncate(fcntl(&l.fd, FcntlArg::F_GETFL)?);
+        fcntl(&l.fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    }
     if restored > 0 {
         tracing::info!(connections = restored, listeners = listeners.len(), "restored from the fd store");
     }

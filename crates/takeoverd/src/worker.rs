@@ -18,7 +18,6 @@ const PRIVATE_ENV: &[&str] =
 pub struct WorkerProc {
     child: Child,
     chan: OwnedFd,
-    started: Instant,
 }
 
 impl WorkerProc {
@@ -43,7 +42,7 @@ impl WorkerProc {
         takeover::pass_fd(&mut cmd, theirs, 3);
         let child = cmd.spawn().with_context(|| format!("starting worker {}", path.display()))?;
         // `cmd` (and with it our copy of the worker's end) is dropped here.
-        Ok(WorkerProc { child, chan: ours, started: Instant::now() })
+        Ok(WorkerProc { child, chan: ours })
     }
 
     /// The worker's pid.
@@ -54,11 +53,6 @@ impl WorkerProc {
     /// Our end of the control channel.
     pub fn chan(&self) -> BorrowedFd<'_> {
         self.chan.as_fd()
-    }
-
-    /// How long it has been running.
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
     }
 
     /// `Some(status)` once it has exited (reaped).
