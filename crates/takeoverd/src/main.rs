@@ -12,6 +12,7 @@ mod state;
 mod status;
 mod supervisor;
 mod worker;
+mod worker_channel;
 mod workers;
 
 use std::net::SocketAddr;

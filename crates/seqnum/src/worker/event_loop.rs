@@ -71,6 +71,8 @@ pub struct Worker {
     pub(super) record: bool,
     /// A `stop` is being answered at the end of this loop turn.
     pub(super) stop_pending: bool,
+    /// A `sync` is answered once a loop turn finds no more events waiting.
+    pub(super) sync_pending: bool,
     /// Connection keys by socket cookie (connections are named by cookie).
     pub(super) by_cookie: std::collections::HashMap<u64, usize>,
     /// Connections whose echo is waiting for room in the send buffer.
@@ -121,6 +123,7 @@ impl Worker {
             serving: true,
             record: true,
             stop_pending: false,
+            sync_pending: false,
             by_cookie: std::collections::HashMap::new(),
             blocked: std::collections::HashSet::new(),
             mid_message: std::collections::HashSet::new(),
@@ -208,7 +211,7 @@ impl Worker {
         const EVENTS: usize = 1024;
         let mut events = Events::with_capacity(EVENTS);
         loop {
-            let timeout = if self.stop_pending || (!self.ready.is_empty() && self.serving) {
+            let timeout = if self.stop_pending || self.sync_pending || (!self.ready.is_empty() && self.serving) {
                 Some(Duration::ZERO)
             } else {
                 self.next_timeout()
@@ -256,8 +259,15 @@ impl Worker {
                 }
             }
             // A full batch may have left events in the kernel: drain them
-            // (remembered) before saying we stopped.
-            if self.stop_pending && events.iter().count() < EVENTS {
+            // (remembered after a stop, dropped before a sync) first.
+            let drained = events.iter().count() < EVENTS;
+            if self.sync_pending && drained {
+                self.sync_pending = false;
+                if let Flow::Exit(code) = self.report_ready() {
+                    return code;
+                }
+            }
+            if self.stop_pending && drained {
                 self.stop_pending = false;
                 if let Flow::Exit(code) = self.report_stopped() {
                     return code;

@@ -73,13 +73,10 @@ impl Worker {
                 }
             }
             ToWorker::Sync { count: _ } => {
-                // Events until now were our predecessor's to serve.
-                self.forget_deferred();
-                self.record = true;
-                if let Err(e) = self.tell(&FromWorker::Ready { count: self.conns.len() }) {
-                    tracing::error!("telling takeoverd we are ready: {e}");
-                    return Flow::Exit(1);
-                }
+                // Answered at the end of the loop turn that finds no more
+                // events waiting: each connection registered raised one, and
+                // every event until `ready` is our predecessor's to serve.
+                self.sync_pending = true;
             }
             ToWorker::State { entries } => {
                 for e in entries {
@@ -168,6 +165,18 @@ impl Worker {
 
     fn key_of(&self, name: &str) -> Option<usize> {
         self.by_cookie.get(&cookie_of_name(name)?).copied()
+    }
+
+    /// Tells takeoverd we hold every connection it assigned: events from
+    /// now on are remembered for when we serve.
+    pub(super) fn report_ready(&mut self) -> Flow {
+        self.forget_deferred();
+        self.record = true;
+        if let Err(e) = self.tell(&FromWorker::Ready { count: self.conns.len() }) {
+            tracing::error!("telling takeoverd we are ready: {e}");
+            return Flow::Exit(1);
+        }
+        Flow::Continue
     }
 
     /// Tells takeoverd we stopped: the states it does not know (a

@@ -1,0 +1,250 @@
+//! What takeoverd does with its workers' channels: sends what each
+//! worker's outbox holds when the channel has room, reads what workers say
+//! (version 2: `closed`, `state`, `pong` and the handoff's messages;
+//! version 1: `opened` too), and replaces a worker whose channel breaks.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use takeover::channel::{FromWorker, ToWorker};
+use takeover::Message;
+
+use crate::supervisor::{Supervisor, BACKOFF_MAX, BACKOFF_STEP, HEALTHY_AFTER, WORKER_BASE};
+use crate::workers::{HeldConn, Proto, Worker, Workers};
+
+impl Supervisor {
+    /// A fresh token for a worker's channel.
+    pub(crate) fn worker_token(&mut self) -> Token {
+        self.next_token += 1;
+        Token(WORKER_BASE + self.next_token)
+    }
+
+    /// Sends every worker what the channel takes; a broken channel is the
+    /// worker's end.
+    pub(crate) fn flush_workers(&mut self) {
+        let conns = &self.conns;
+        let mut broken = Vec::new();
+        let mut progressed = Vec::new();
+        let mut each = |w: &mut Worker| match w.flush(conns) {
+            Ok(p) => {
+                if p {
+                    progressed.push(w.token);
+                }
+                let want_room = !w.drained();
+                if want_room != w.wants_room {
+                    w.wants_room = want_room;
+                    let interest = if want_room { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+                    let _ = self.poll.registry().reregister(&mut SourceFd(&w.chan().as_raw_fd()), w.token, interest);
+                }
+            }
+            Err(e) => broken.push((w.token, e)),
+        };
+        match &mut self.workers {
+            Workers::Serving(w) => each(w),
+            Workers::Handoff(h) => {
+                if let Some(o) = &mut h.old {
+                    each(o);
+                }
+                each(&mut h.new);
+            }
+            Workers::Down { .. } => {}
+        }
+        for token in progressed {
+            self.handoff_progress(token);
+        }
+        for (token, e) in broken {
+            self.channel_broken(token, &format!("its channel broke ({e})"));
+        }
+    }
+
+    /// Registers a worker's channel in the poll.
+    pub(crate) fn watch(&self, w: &Worker) {
+        if let Err(e) = self.poll.registry().register(&mut SourceFd(&w.chan().as_raw_fd()), w.token, Interest::READABLE)
+        {
+            tracing::error!("watching a worker's channel: {e}");
+        }
+    }
+
+    /// Takes a worker's channel out of the poll.
+    pub(crate) fn unwatch(&self, w: &Worker) {
+        let _ = self.poll.registry().deregister(&mut SourceFd(&w.chan().as_raw_fd()));
+    }
+
+    /// Tells `w` to exit, and reaps it later.
+    pub(crate) fn retire(&mut self, mut w: Worker) {
+        self.unwatch(&w);
+        // Best effort and never blocking: a worker that cannot hear it is
+        // killed past its grace.
+        w.send(&ToWorker::Exit);
+        if w.proto == Proto::V1 {
+            let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], Some(Instant::now()));
+        } else {
+            let _ = w.flush(&self.conns);
+        }
+        self.retiring.push((w, Instant::now() + self.cfg.ack_timeout));
+    }
+
+    pub(crate) fn on_worker_event(&mut self, token: Token, writable: bool) {
+        if writable {
+            return; // the flush at the end of the turn sends what waits
+        }
+        loop {
+            let Some(w) = self.worker_by_token(token) else { return };
+            let proto = w.proto;
+            let received = match takeover::wire::try_recv(w.chan()) {
+                Ok(None) => return,
+                Ok(Some(None)) => return self.channel_broken(token, "closed its control channel"),
+                Ok(Some(Some(r))) => r,
+                Err(e @ takeover::Error::Truncated { .. }) => {
+                    // Out of fds: a version-1 worker's new connection could
+                    // not be held. It is served; it would not survive a
+                    // crash of the worker. Not the worker's fault.
+                    self.accept_log.warn(format!(
+                        "could not receive a new connection from the worker ({e}): it is served but not held here; raise LimitNOFILE="
+                    ));
+                    continue;
+                }
+                Err(e) => return self.channel_broken(token, &format!("broke the control protocol ({e})")),
+            };
+            let outcome = if proto == Proto::V1 {
+                self.on_v1_message(token, received)
+            } else {
+                match FromWorker::decode(&received.bytes) {
+                    Ok(_) if !received.fds.is_empty() => Err(format!("sent {} fds with a message", received.fds.len())),
+                    Ok(msg) => self.on_message(token, msg),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            if let Err(why) = outcome {
+                return self.channel_broken(token, &format!("broke the control protocol: {why}"));
+            }
+        }
+    }
+
+    /// A message from a version-2 worker (or a hello from any).
+    fn on_message(&mut self, token: Token, msg: FromWorker) -> Result<(), String> {
+        if self.is_handoff_worker(token) {
+            return self.on_handoff_message(token, msg);
+        }
+        match msg {
+            FromWorker::Pong => self.ping.1 = false,
+            FromWorker::Closed { name } => self.conn_closed(&name),
+            FromWorker::State { entries } => self.update_states(entries),
+            // The tail of a stop that a rollback overtook (it was told to resume).
+            FromWorker::Wake { .. } | FromWorker::Stopped => {}
+            other => return Err(format!("unexpected {} from a serving worker", other.name())),
+        }
+        Ok(())
+    }
+
+    /// A message from a version-1 worker: `opened`, `closed`, `pong`, and
+    /// what it says when it is quiesced.
+    fn on_v1_message(&mut self, token: Token, received: takeover::wire::Received) -> Result<(), String> {
+        let msg = Message::decode(&received.bytes).map_err(|e| e.to_string())?;
+        match msg {
+            Message::Opened { entry } => {
+                let name = self.v1_opened(entry, received.fds)?;
+                // A staged successor gets it too.
+                if let Workers::Handoff(h) = &mut self.workers {
+                    if h.step >= crate::workers::Step::Staging {
+                        h.new.assign([name]);
+                    }
+                }
+            }
+            Message::Closed { name } => self.conn_closed(&name),
+            Message::Pong => self.ping.1 = false,
+            Message::State { .. } | Message::Quiesced { .. } => return self.on_handoff_v1_quiesce(token, msg),
+            other => return Err(format!("unexpected {} from a worker", other.name())),
+        }
+        Ok(())
+    }
+
+    /// Holds a connection a version-1 worker accepted; returns its name.
+    pub(crate) fn v1_opened(&mut self, entry: takeover::Entry, fds: Vec<OwnedFd>) -> Result<String, String> {
+        let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|f| format!("'opened' came with {} fds", f.len()))?;
+        if entry.kind != takeover::Kind::TcpStream {
+            return Err(format!("'opened' of a {}", entry.kind));
+        }
+        takeover::validate(fd.as_fd(), takeover::Kind::TcpStream).map_err(|p| format!("bad fd: {p}"))?;
+        takeover::check_name(&entry.name)?;
+        self.store.store(&entry.name, fd.as_fd(), false);
+        let state = Some(&entry.state).filter(|s| !s.is_null()).and_then(|s| serde_json::value::to_raw_value(s).ok());
+        self.conns.insert(entry.name.clone(), HeldConn { fd, state });
+        self.status_dirty = true;
+        Ok(entry.name)
+    }
+
+    /// A worker reported that a connection ended: drop our copy; a staged
+    /// successor drops its own.
+    pub(crate) fn conn_closed(&mut self, name: &str) {
+        if self.conns.remove(name).is_none() {
+            return;
+        }
+        self.store.remove(name);
+        self.status_dirty = true;
+        if let Workers::Handoff(h) = &mut self.workers {
+            if h.step >= crate::workers::Step::Staging && h.step < crate::workers::Step::Committing {
+                h.new.send(&ToWorker::Release { names: vec![name.to_string()] });
+            }
+        }
+    }
+
+    /// Keeps the states a worker reported (for its successor and the store).
+    pub(crate) fn update_states(&mut self, entries: Vec<takeover::StateEntry>) {
+        for e in entries {
+            if let Some(c) = self.conns.get_mut(&e.name) {
+                c.state = if e.state.is_null() { None } else { serde_json::value::to_raw_value(&e.state).ok() };
+            }
+        }
+    }
+
+    /// The worker behind `token` among the live ones.
+    pub(crate) fn worker_by_token(&self, token: Token) -> Option<&Worker> {
+        match &self.workers {
+            Workers::Serving(w) if w.token == token => Some(w),
+            Workers::Handoff(h) if h.new.token == token => Some(&h.new),
+            Workers::Handoff(h) => h.old.as_ref().filter(|o| o.token == token),
+            _ => None,
+        }
+    }
+
+    /// The worker behind `token` has a broken channel (or exited): it is gone.
+    pub(crate) fn channel_broken(&mut self, token: Token, why: &str) {
+        if self.is_handoff_worker(token) {
+            return self.handoff_worker_failed(token, why);
+        }
+        if matches!(&self.workers, Workers::Serving(w) if w.token == token) {
+            self.worker_gone(why);
+        }
+    }
+
+    /// The serving worker died or hung: its connections are held here and
+    /// go to a new worker.
+    pub(crate) fn worker_gone(&mut self, why: &str) {
+        let Workers::Serving(w) = std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) else {
+            return;
+        };
+        self.unwatch(&w);
+        let pid = w.pid();
+        let healthy = w.serving_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
+        let mut proc = w.proc;
+        proc.kill();
+        let status = proc.finish(Duration::from_millis(500));
+        tracing::error!(pid, %status, "worker {why}; its connections are held here and go to a new worker");
+        if healthy {
+            self.backoff = Duration::ZERO;
+        }
+        self.schedule_restart();
+    }
+
+    /// Starts a new worker after the backoff.
+    pub(crate) fn schedule_restart(&mut self) {
+        let at = Instant::now() + self.backoff;
+        tracing::warn!(in_ms = self.backoff.as_millis() as u64, "restarting the worker");
+        self.backoff = (self.backoff * 2).clamp(BACKOFF_STEP, BACKOFF_MAX);
+        self.workers = Workers::Down { at };
+        self.status_dirty = true;
+    }
+}
