@@ -5,6 +5,9 @@
 //! and connect deadlines go into a min-heap holding at most one entry per
 //! connection, re-armed lazily when it fires early (the connection has
 //! sent again since), so a fast connection costs no heap work per message.
+//!
+//! With churn (`--churn-messages K`) a connection that has its K-th echo
+//! closes cleanly and a new one takes its slot (and its token) at once.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -31,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) timeout: Duration,
     pub(crate) ramp: Duration,
     pub(crate) count: Option<u64>,
+    /// `--churn-messages`: replace each connection after this many echoes.
+    pub(crate) churn: Option<u64>,
     pub(crate) duration: Option<Duration>,
     /// Spread connections over 127.0.0.1..=127.0.0.N (1 = no binding).
     pub(crate) source_addresses: u32,
@@ -222,6 +227,7 @@ impl Driver {
                 ConnectStep::Failed(e) => self.fail(i, ErrorKind::Connect, connect_detail(&e)),
                 ConnectStep::Connected => {
                     self.live += 1;
+                    self.counters.connects += 1;
                     if let Some(s) = &self.conns[i].stream {
                         let _ = s.set_nodelay(true);
                     }
@@ -299,6 +305,7 @@ impl Driver {
         c.seq = c.seq.wrapping_add(1);
         c.state = State::Idle;
         let done = self.cfg.count.is_some_and(|k| c.sent >= k);
+        let churned = self.cfg.churn.is_some_and(|k| c.sent >= k);
         self.counters.echoed += 1;
         self.latency.record(us);
         if let Some(p) = self.progress.as_mut() {
@@ -311,6 +318,10 @@ impl Driver {
         }
         if done || self.stopping {
             self.close(i, true);
+            false
+        } else if churned {
+            self.close(i, true);
+            self.replace(i);
             false
         } else if self.cfg.interval.is_zero() {
             true
@@ -395,6 +406,20 @@ impl Driver {
         }
         c.close(&self.registry, clean);
         self.active -= 1;
+    }
+
+    /// Churn: a new connection in the slot of connection `i`, which was
+    /// just closed cleanly; it connects at once.
+    fn replace(&mut self, i: usize) {
+        let now = Instant::now();
+        // A deadline of the old connection may still sit in the heap: keep
+        // the flag that says so, and that entry re-arms itself lazily for the
+        // new one (see `fire_timers`), so the heap keeps one entry per slot.
+        let armed = self.conns[i].timeout_armed;
+        self.conns[i] = Conn::new(now);
+        self.conns[i].timeout_armed = armed;
+        self.active += 1;
+        self.connect(i);
     }
 
     /// Records an error on connection `i`, logs it (rate-limited) and
