@@ -4,6 +4,7 @@
 
 mod client;
 mod diagnosis;
+mod floor;
 mod procs;
 mod profile;
 mod report;
@@ -11,6 +12,7 @@ mod scenarios;
 mod server;
 mod stats;
 mod systemd;
+mod target;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -147,7 +149,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let bins = {
         let dir = scratch.join("bin");
         std::fs::create_dir_all(&dir)?;
-        for b in [&bins.takeoverd, &bins.worker, &bins.client] {
+        for b in bins.all() {
             let to = dir.join(b.file_name().context("binary name")?);
             std::fs::copy(b, &to).with_context(|| format!("copying {} to {}", b.display(), to.display()))?;
         }
@@ -216,17 +218,20 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
     }
 
-    // 3. Echo cost.
+    // 3. Echo cost, each size against takeoverd and then against the floor.
     let mut echo = Vec::new();
+    let mut floor_echo = Vec::new();
     let echo_sizes: &[u64] = if cli.quick { &[1, 100] } else { &[1, 100, 1_000, 10_000] };
     let placements: &[bool] = if cli.quick { &[true] } else { &[true, false] };
     for &pinned in placements.iter().filter(|_| cli.wants(Part::Echo)) {
         for &n in echo_sizes {
-            match scenarios::echo(&mut ctx, n, pinned) {
-                Ok(e) => echo.push(e),
-                Err(e) => {
-                    failures += 1;
-                    ctx.note(format!("the echo measurement at {n} connections failed: {e:#}"));
+            for (kind, out) in [(target::Kind::Takeoverd, &mut echo), (target::Kind::Floor, &mut floor_echo)] {
+                match scenarios::echo(&mut ctx, n, pinned, kind) {
+                    Ok(e) => out.push(e),
+                    Err(e) => {
+                        failures += 1;
+                        ctx.note(format!("the echo measurement at {n} connections ({}) failed: {e:#}", kind.name()));
+                    }
                 }
             }
         }
@@ -308,7 +313,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     };
 
     let total_errors = handoff.iter().map(|h| h.errors).sum::<u64>()
-        + echo.iter().map(|e| e.errors).sum::<u64>()
+        + echo.iter().chain(&floor_echo).map(|e| e.errors).sum::<u64>()
         + memory.as_ref().map_or(0, |m| m.errors)
         + systemd.runs.iter().map(|s| s.errors).sum::<u64>()
         + scale.as_ref().map_or(0, |s| s.steps.iter().filter(|st| st.ok).map(|st| st.errors).sum::<u64>());
@@ -342,6 +347,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         handoff,
         systemd,
         echo,
+        floor_echo,
         memory,
         scale,
         profiles,
@@ -449,6 +455,7 @@ fn profile_echo(ctx: &mut Ctx) -> anyhow::Result<profile::Profile> {
         ramp_ms: 100,
         source_addresses: 1,
         cpu: ctx.client_cpu,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, "profile-echo", &spec)?;
     server.wait_connections(n, Duration::from_secs(10))?;
@@ -497,6 +504,7 @@ fn profile_reload(ctx: &mut Ctx) -> anyhow::Result<profile::Profile> {
         ramp_ms: 1000,
         source_addresses: 1,
         cpu: ctx.client_cpu,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, "profile-reload", &spec)?;
     server.wait_connections(n, Duration::from_secs(15))?;
@@ -542,7 +550,8 @@ fn fingerprint(bins: &Bins) -> report::Build {
     };
     let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
     let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    let binaries = [&bins.takeoverd, &bins.worker, &bins.client]
+    let binaries = bins
+        .all()
         .iter()
         .map(|p| {
             let meta = std::fs::metadata(p).ok();

@@ -100,6 +100,8 @@ pub struct Results {
     pub systemd: SystemdSection,
     /// 3. Echo cost.
     pub echo: Vec<EchoResult>,
+    /// The same echo loads against floor-echo.
+    pub floor_echo: Vec<EchoResult>,
     /// 4. Memory.
     pub memory: Option<MemoryResult>,
     /// 5. Scale.

@@ -10,6 +10,7 @@ use crate::client::{self, ClientRun, ClientSpec, Row, Summary, Window};
 use crate::procs::{self, Bins, Clock};
 use crate::server::Server;
 use crate::stats::Spread;
+use crate::target::{Kind, Running};
 
 /// What every scenario needs.
 #[derive(Debug)]
@@ -203,6 +204,7 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         ramp_ms: ramp,
         source_addresses: 1,
         cpu: ccpu,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("handoff-{n}-{placement}"), &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
@@ -293,15 +295,17 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
 /// Echo throughput and cost at one size and placement.
 #[derive(Debug, Clone, Serialize)]
 pub struct EchoResult {
+    /// "takeoverd" (takeoverd + seqnum-worker) or "floor-echo".
+    pub server: String,
     /// Connections (each sends its next message as soon as the echo is in).
     pub connections: u64,
     /// "pinned" (server on one CPU, client on the other) or "shared".
     pub placement: String,
     /// Echoes per second in the measured window.
     pub echoes_per_sec: f64,
-    /// CPU time of takeoverd + worker per echo, µs.
+    /// CPU time of takeoverd + worker (or of floor-echo) per echo, µs.
     pub server_cpu_us_per_echo: f64,
-    /// Of which the worker.
+    /// Of which the worker (floor-echo: all of it).
     pub worker_cpu_us_per_echo: f64,
     /// CPU time of the client per echo, µs.
     pub client_cpu_us_per_echo: f64,
@@ -319,18 +323,23 @@ pub struct EchoResult {
     pub window_s: f64,
 }
 
-/// Echo cost with `n` connections at `--interval-ms 0`.
-pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
+/// Echo cost with `n` connections at `--interval-ms 0`, against takeoverd
+/// or against the floor.
+pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<EchoResult> {
     let placement = if pinned { "pinned" } else { "shared" };
-    ctx.say(&format!("echo cost: {n} connections, {placement}"));
+    ctx.say(&format!("echo cost: {n} connections, {placement}, {}", kind.name()));
     let (scpu, ccpu) = if pinned { (ctx.server_cpu, ctx.client_cpu) } else { (None, None) };
     let ramp = ramp_for(n);
     let warm_ms = if ctx.quick { 300.0 } else { 1000.0 };
     let measure_ms = if ctx.quick { 1000.0 } else { 3000.0 };
     let slack_ms = 500.0 + n as f64 / 10.0;
-    let server = Server::start(&ctx.bins, &ctx.dir, &format!("echo-{n}-{placement}"), scpu)?;
+    let tag = match kind {
+        Kind::Takeoverd => format!("echo-{n}-{placement}"),
+        Kind::Floor => format!("floor-echo-{n}-{placement}"),
+    };
+    let server = Running::start(&ctx.bins, &ctx.dir, kind, &tag, scpu)?;
     let spec = ClientSpec {
-        port: server.port,
+        port: server.port(),
         connections: n,
         interval_ms: 0,
         duration_s: (ramp as f64 + slack_ms + warm_ms + measure_ms + 500.0) / 1e3,
@@ -338,17 +347,20 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
         ramp_ms: ramp,
         source_addresses: 1,
         cpu: ccpu,
+        churn_messages: None,
     };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("echo-{n}-{placement}"), &spec)?;
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &tag, &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
-    let worker = server.worker_pid()?;
+    let worker = server.echo_pid()?;
+    let others = server.other_pids();
     procs::sleep_until(&ctx.clock, ctx.clock.now_ms() + warm_ms);
     let pids = run.pids();
     let client_ticks = |ps: &[u32]| ps.iter().filter_map(|p| procs::cpu_ticks(*p)).sum::<u64>();
+    let server_ticks = |ps: &[u32]| ps.iter().map(|p| procs::cpu_ticks(*p)).sum::<Option<u64>>();
     let t1 = ctx.clock.now_ms();
-    let (w1, d1, c1) = (procs::cpu_ticks(worker), procs::cpu_ticks(server.pid), client_ticks(&pids));
+    let (w1, d1, c1) = (procs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
     procs::sleep_until(&ctx.clock, t1 + measure_ms);
-    let (w2, d2, c2) = (procs::cpu_ticks(worker), procs::cpu_ticks(server.pid), client_ticks(&pids));
+    let (w2, d2, c2) = (procs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
     let t2 = ctx.clock.now_ms();
     let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
     server.stop();
@@ -361,7 +373,7 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
     let secs = (t2 - t1) / 1e3;
     let tick_us = 1e6 / procs::clk_tck() as f64;
     let (Some(w1), Some(w2), Some(d1), Some(d2)) = (w1, w2, d1, d2) else {
-        anyhow::bail!("could not read the CPU times of takeoverd/worker")
+        anyhow::bail!("could not read the CPU times of the server ({})", kind.name())
     };
     let server_us = ((w2 - w1) + (d2 - d1)) as f64 * tick_us;
     let worker_us = (w2 - w1) as f64 * tick_us;
@@ -370,11 +382,14 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
     let per = |us: f64| if total_echoes > 0.0 { us / total_echoes } else { f64::NAN };
     if result.summary.errors > 0 || result.summary.failed_processes > 0 {
         ctx.note(format!(
-            "ERRORS in the echo run ({n}, {placement}): {} ({:?})",
-            result.summary.errors, result.summary.failure
+            "ERRORS in the echo run ({n}, {placement}, {}): {} ({:?})",
+            kind.name(),
+            result.summary.errors,
+            result.summary.failure
         ));
     }
     Ok(EchoResult {
+        server: kind.name().into(),
         connections: n,
         placement: placement.into(),
         echoes_per_sec: rate,
@@ -435,6 +450,7 @@ pub fn memory(ctx: &mut Ctx, n: u64) -> anyhow::Result<MemoryResult> {
         ramp_ms: ramp,
         source_addresses: 1,
         cpu: None,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("memory-{n}"), &spec)?;
     let up = server.wait_connections(n, Duration::from_secs_f64(ramp as f64 / 1e3 + 20.0));
@@ -574,6 +590,7 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
         ramp_ms: ramp,
         source_addresses,
         cpu: None,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("scale-{n}"), &spec)?;
     let client_processes = run.pids().len() as u64;
