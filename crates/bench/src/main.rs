@@ -5,9 +5,11 @@
 mod client;
 mod diagnosis;
 mod floor;
+mod phases;
 mod procs;
 mod profile;
 mod report;
+mod report_floor;
 mod scenarios;
 mod server;
 mod stats;
@@ -41,10 +43,11 @@ and docs/latency.svg.\n\n\
 seqnum-bench builds nothing itself: it runs the takeoverd, seqnum-worker and seqnum-client binaries that sit beside \
 its own executable (target/release/ for `cargo run --release`), or those in --bin-dir, and fails if one is missing. \
 Build them first:\n\n    cargo build --release --workspace && cargo run --release -p seqnum-bench\n\n\
-It measures (1) reload handoff at 100, 1 000 and 10 000 live connections, (2) `systemctl --user restart` and \
-kill -9 + automatic restart through the fd store under a private systemd --user manager (root, systemd 252+), \
-(3) echo throughput and server CPU per echo, (4) RSS per idle connection, (5) the largest number of connections \
-that survives a reload. A full run takes about 10 minutes and uses both cores; run it on an otherwise idle machine. \
+It measures (1) reload handoff at 100, 1 000, 10 000 and 19 900 live connections, against the same windows \
+without a reload, (2) `systemctl --user restart` and kill -9 + automatic restart through the fd store under a \
+private systemd --user manager (root, systemd 252+), (3) echo throughput and server CPU per echo (and the same \
+against floor-echo, a minimal epoll echo server), (4) RSS per idle connection, (5) the largest number of \
+connections that survives a reload. A full run takes about 10 minutes and uses both cores; run it on an otherwise idle machine. \
 Every process it starts is killed when it ends, fails or is interrupted.",
     after_help = "Examples:\n  cargo build --release --workspace && cargo run --release -p seqnum-bench\n  \
 seqnum-bench --quick                          a seconds-long smoke run into a temp dir\n  \
@@ -203,6 +206,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             (100, 10, 500.0, true),
             (1_000, 10, 700.0, true),
             (10_000, 10, 1500.0, true),
+            (19_900, 10, 2000.0, true),
             (1_000, 10, 700.0, false),
             (10_000, 10, 1500.0, false),
         ]
@@ -359,6 +363,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         duration_s: ctx.clock.now_ms() / 1e3,
     };
     results.targets = report::targets(&results);
+    results.targets.extend(report_floor::targets(&results));
     let diagnosis = diagnosis::text(&results);
 
     let json = serde_json::to_string_pretty(&results)?;

@@ -288,6 +288,8 @@ pub fn console(r: &Results) -> String {
             sc.stopped_by
         );
     }
+    let _ = writeln!(s);
+    s.push_str(&crate::report_floor::console(r));
     let _ = writeln!(s, "\nTargets");
     for t in &r.targets {
         let _ = writeln!(
@@ -419,10 +421,11 @@ pub fn markdown(r: &Results, diagnosis: &str) -> String {
          is over when a new main process runs and `ctl status` shows every connection again. The pause is the \
          highest client latency in the event's window. The client is killed after the last event; its errors \
          are counted from its timeline.\n\
-         - Clients, servers, timelines and logs live in a temporary directory that is removed at the end.\n",
+         - Clients, servers, timelines and logs live in a temporary directory that is removed at the end.",
         r.placement,
         crate::client::MAX_PER_CLIENT,
     );
+    crate::report_floor::method(w);
 
     // 1. handoff
     let _ = writeln!(w, "## 1. Reload handoff\n");
@@ -457,25 +460,8 @@ pub fn markdown(r: &Results, diagnosis: &str) -> String {
             bold_if(h.errors)
         );
     }
-    let _ =
-        writeln!(w, "\nWhere a reload's time goes, from the timestamps of takeoverd's and the workers' logs (ms):\n");
-    let _ = writeln!(
-        w,
-        "| connections | placement | request → old worker quiesced (new worker started, said hello) | quiesced → \
-         new worker serving (offer, receive, adopt: every connection waits) | serving → reload complete (old worker \
-         exit, state saved) |\n|---:|---|---|---|---|"
-    );
-    for h in &r.handoff {
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} |",
-            h.connections,
-            h.placement,
-            ms(&h.phases.start_to_quiesced_ms),
-            ms(&h.phases.quiesced_to_serving_ms),
-            ms(&h.phases.serving_to_complete_ms)
-        );
-    }
+    crate::report_floor::reload_pause(w, r);
+    crate::report_floor::reload_phases(w, r);
     let _ = writeln!(w, "\nWhole-run client figures (µs):\n");
     let _ =
         writeln!(w, "| connections | run | echoed | p50 | p99 | max | errors |\n|---:|---|---:|---:|---:|---:|---:|");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::client::{self, ClientRun, ClientSpec, Row, Summary, Window};
+use crate::phases::Phases;
 use crate::procs::{self, Bins, Clock};
 use crate::server::Server;
 use crate::stats::Spread;
@@ -102,47 +103,6 @@ pub fn spread_windows(ws: &[Window]) -> WindowSpread {
     }
 }
 
-/// Where the time of a reload goes, from the timestamps in the logs.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Phases {
-    /// Request → old worker quiesced (new worker started and said hello, old one stopped).
-    pub start_to_quiesced_ms: Option<Spread>,
-    /// Old worker quiesced → new worker serving (offer, receive, adopt): the pause every connection sees.
-    pub quiesced_to_serving_ms: Option<Spread>,
-    /// New worker serving → takeoverd's "reload complete" (old worker's exit, state saved).
-    pub serving_to_complete_ms: Option<Spread>,
-}
-
-/// Reads the reload phases out of a takeoverd log (its workers write to the
-/// same file). Best effort: unknown messages give empty phases.
-pub fn reload_phases(log: &std::path::Path) -> Phases {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut req, mut q, mut s) = (None, None, None);
-    for line in text.lines() {
-        let Some(t) = procs::parse_log_time(line) else { continue };
-        if line.contains("reload: starting a new worker") {
-            (req, q, s) = (Some(t), None, None);
-        } else if line.contains("quiesced for a handoff") && req.is_some() && q.is_none() {
-            q = Some(t);
-        } else if line.contains("serving for takeoverd") && q.is_some() && s.is_none() {
-            s = Some(t);
-        } else if line.contains("reload complete") {
-            if let (Some(r), Some(qq), Some(ss)) = (req, q, s) {
-                a.push((qq - r) * 1e3);
-                b.push((ss - qq) * 1e3);
-                c.push((t - ss) * 1e3);
-            }
-            (req, q, s) = (None, None, None);
-        }
-    }
-    Phases {
-        start_to_quiesced_ms: Spread::of(&a),
-        quiesced_to_serving_ms: Spread::of(&b),
-        serving_to_complete_ms: Spread::of(&c),
-    }
-}
-
 /// Reload handoff at one size.
 #[derive(Debug, Clone, Serialize)]
 pub struct HandoffResult {
@@ -160,12 +120,14 @@ pub struct HandoffResult {
     pub handoff_ms: Option<Spread>,
     /// takeoverd's request → old worker exited, ms.
     pub old_exit_ms: Option<Spread>,
-    /// Where the time goes, from the logs.
+    /// Where the time goes, from takeoverd's reload records.
     pub phases: Phases,
     /// Client latency in the windows holding a reload.
     pub during_reload: WindowSpread,
     /// The same windows in a run without reloads.
     pub without_reload: WindowSpread,
+    /// Those windows one by one, in the order of `events`.
+    pub baseline_windows: Vec<Window>,
     /// The reload run's client summary.
     pub client_reload_run: Summary,
     /// The baseline run's client summary.
@@ -234,6 +196,7 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         ctx.note(format!("handoff {n}: the reloads ran past the client's planned end; late windows may be empty"));
     }
     let status = server.status()?;
+    let phases = Phases::from_status(&status, reloads);
     let records: Vec<serde_json::Value> = status["reloads"].as_array().cloned().unwrap_or_default();
     let records = &records[records.len().saturating_sub(reloads)..];
     for (e, r) in events.iter_mut().zip(records) {
@@ -244,12 +207,10 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         }
     }
     let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
-    let log = server.log.clone();
     server.stop();
     for e in &mut events {
         e.window = client::window(&result.timelines, e.at_ms, e.done_ms + 50.0);
     }
-    let phases = reload_phases(&log);
 
     // The same without reloads: the same windows, relative to the moment
     // every connection was up.
@@ -284,6 +245,7 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         phases,
         during_reload: spread_windows(&windows),
         without_reload: spread_windows(&base_windows),
+        baseline_windows: base_windows,
         client_reload_run: result.summary,
         client_baseline_run: base.summary,
         errors,

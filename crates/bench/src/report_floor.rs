@@ -1,0 +1,211 @@
+//! The parts of BENCHMARKS.md (and of the console summary) that set a
+//! figure against its floor, for the "Constant-time reload" issue: the
+//! reload pause against the same windows without a reload, and the reload
+//! phases from takeoverd's own records; with their targets. report.rs calls
+//! each function at its place in the page.
+
+use std::fmt::Write as _;
+
+use crate::report::{Results, Target};
+use crate::scenarios::HandoffResult;
+use crate::stats::show;
+
+/// Sizes of the issue's reload-pause target (pinned placement).
+pub const PAUSE_SIZES: [u64; 3] = [1_000, 10_000, 19_900];
+/// How much the worst latency in a reload window may exceed the worst in
+/// the same windows without a reload, ms.
+pub const PAUSE_SLACK_MS: f64 = 2.0;
+/// `19900` → `19 900`.
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn met(m: Option<bool>) -> &'static str {
+    match m {
+        Some(true) => "✔ met",
+        Some(false) => "✘ missed",
+        None => "–",
+    }
+}
+
+/// The reload-pause comparison of one handoff run.
+struct Pause {
+    /// Worst latency in any reload window, ms.
+    during: Option<f64>,
+    /// Worst latency in the same windows without a reload, ms.
+    without: Option<f64>,
+    /// Windows whose worst latency is within its own baseline window + slack.
+    within: usize,
+    /// Windows compared.
+    windows: usize,
+}
+
+impl Pause {
+    fn of(h: &HandoffResult) -> Pause {
+        let pairs: Vec<(u64, u64)> =
+            h.events.iter().zip(&h.baseline_windows).map(|(e, b)| (e.window.max_us, b.max_us)).collect();
+        Pause {
+            during: h.during_reload.max_ms.map(|s| s.max),
+            without: h.without_reload.max_ms.map(|s| s.max),
+            within: pairs.iter().filter(|(d, b)| *d as f64 <= *b as f64 + PAUSE_SLACK_MS * 1e3).count(),
+            windows: pairs.len(),
+        }
+    }
+
+    fn met(&self) -> Option<bool> {
+        Some(self.during? <= self.without? + PAUSE_SLACK_MS)
+    }
+}
+
+fn pinned(r: &Results, n: u64) -> Option<&HandoffResult> {
+    r.handoff.iter().find(|h| h.connections == n && h.placement == "pinned")
+}
+
+/// Section 1: the worst latency in reload windows against the same
+/// windows without reload, per size.
+pub fn reload_pause(w: &mut String, r: &Results) {
+    let _ = writeln!(
+        w,
+        "\nThe reload pause against its floor, the same windows in the run without reloads (the issue's target: \
+         worst echo latency in a reload window ≤ the worst in the same windows without a reload + {PAUSE_SLACK_MS} \
+         ms, pinned placement, at 1 000, 10 000 and 19 900 connections). *Worst* is the highest latency of any \
+         echo in any of the windows; \"windows within\" compares each reload window with its own baseline window. \
+         The pause is takeoverd's `pause_ms` (old worker told to stop → new worker serving), or its `handoff_ms` \
+         where this takeoverd does not report `pause_ms`.\n\n\
+         | connections | placement | reloads ok | pause, median (max), ms | worst latency, reload windows (ms) | worst \
+         latency, same windows without reload (ms) | bound: without + {PAUSE_SLACK_MS} ms | windows within their own \
+         bound | target |\n|---:|---|---:|---|---:|---:|---:|---:|---|"
+    );
+    let mut sizes: Vec<u64> = r.handoff.iter().filter(|h| h.placement == "pinned").map(|h| h.connections).collect();
+    sizes.extend(PAUSE_SIZES.iter().filter(|n| !sizes.contains(n)).collect::<Vec<_>>());
+    sizes.sort_unstable();
+    for n in sizes {
+        let Some(h) = pinned(r, n) else {
+            let _ = writeln!(w, "| {} | pinned | not measured in this run | | | | | | – |", group(n));
+            continue;
+        };
+        let p = Pause::of(h);
+        let (pause, figure) = h.phases.pause();
+        let f = |x: Option<f64>| x.map_or("–".into(), |v| format!("{v:.2}"));
+        let target = if PAUSE_SIZES.contains(&n) { met(p.met()) } else { "(not a target size)" };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {}/{} | {} ({}) | {} | {} | {} | {}/{} | {} |",
+            group(n),
+            h.placement,
+            h.reloads_ok,
+            h.reloads,
+            pause.map_or("–".into(), |s| format!("{:.2} ({:.2})", s.median, s.max)),
+            figure,
+            f(p.during),
+            f(p.without),
+            f(p.without.map(|x| x + PAUSE_SLACK_MS)),
+            p.within,
+            p.windows,
+            target
+        );
+    }
+}
+
+/// Section 1: where a reload's time goes, from takeoverd's records.
+pub fn reload_phases(w: &mut String, r: &Results) {
+    let _ = writeln!(
+        w,
+        "\nWhere a reload's time goes, from takeoverd's own records (`takeoverd ctl status --json`, `reloads`, read \
+         once after the run's reloads; takeoverd keeps the last {}), ms, median (min–max):\n\n\
+         | connections | placement | records | pause_ms: old worker told to stop → new worker serving | stage_ms: \
+         new worker's hello → every connection registered | total_ms: request → done | handoff_ms: request → new \
+         worker's ack |\n|---:|---|---:|---|---|---|---|",
+        crate::phases::HISTORY
+    );
+    for h in &r.handoff {
+        let p = &h.phases;
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            h.connections,
+            h.placement,
+            p.records,
+            show(&p.pause_ms, 2),
+            show(&p.stage_ms, 2),
+            show(&p.total_ms, 2),
+            show(&p.handoff_ms, 2)
+        );
+    }
+    if !r.handoff.is_empty() && r.handoff.iter().all(|h| h.phases.pause_ms.is_none()) {
+        let _ = writeln!(
+            w,
+            "\nThis takeoverd reports no `pause_ms`, `stage_ms` or `total_ms` (–): only `handoff_ms`, which holds \
+             the pause and the new worker's start-up, and stands in for the pause above."
+        );
+    }
+}
+
+/// A bullet for the Method section.
+pub fn method(w: &mut String) {
+    let _ = writeln!(
+        w,
+        "- **Floors:** each new figure stands next to what it is compared with, measured in the same run: the \
+         reload windows next to the same windows without a reload (section 1). Reload phases come from \
+         takeoverd's `ctl status --json` records, not from its logs.\n"
+    );
+}
+
+/// The targets of the "Constant-time reload" issue.
+pub fn targets(r: &Results) -> Vec<Target> {
+    let mut t = Vec::new();
+    for n in PAUSE_SIZES {
+        let p = pinned(r, n).map(Pause::of);
+        let without = p.as_ref().and_then(|p| p.without);
+        t.push(Target {
+            name: format!("{} conns: worst echo latency in a reload window, against none", group(n)),
+            target: match without {
+                Some(b) => format!("≤ {:.2} ms (no reload {b:.2} + {PAUSE_SLACK_MS})", b + PAUSE_SLACK_MS),
+                None => format!("≤ no reload + {PAUSE_SLACK_MS} ms"),
+            },
+            measured: p.as_ref().and_then(|p| p.during),
+            unit: "ms".into(),
+            met: p.as_ref().and_then(Pause::met),
+            basis: "highest client latency in any reload window against the same windows of a run without \
+                    reloads, pinned placement"
+                .into(),
+        });
+    }
+    t
+}
+
+/// Lines for the console summary.
+pub fn console(r: &Results) -> String {
+    let mut s = String::new();
+    for h in r.handoff.iter().filter(|h| h.placement == "pinned") {
+        let p = Pause::of(h);
+        let _ = writeln!(
+            s,
+            "reload pause {:>6} conns: worst {} ms in reload windows, {} ms without reload: {}",
+            h.connections,
+            p.during.map_or("–".into(), |v| format!("{v:.2}")),
+            p.without.map_or("–".into(), |v| format!("{v:.2}")),
+            met(p.met())
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(super::group(19_900), "19 900");
+        assert_eq!(super::group(1_000), "1 000");
+        assert_eq!(super::group(100), "100");
+        assert_eq!(super::group(100_000), "100 000");
+    }
+}
