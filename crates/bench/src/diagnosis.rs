@@ -62,7 +62,7 @@ pub fn text(r: &Results) -> String {
     if missed(r, "10 000 conns: `systemctl restart`") {
         restart(&mut s, r);
     }
-    if missed(r, "1 000 conns: server CPU") {
+    if missed(r, "1 000 conns: server CPU") || missed(r, "1 000 conns: echo CPU against the floor") {
         echo(&mut s, r, echo_prof);
     }
     if missed(r, "worker RSS") || missed(r, "takeoverd RSS") {

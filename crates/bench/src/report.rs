@@ -579,6 +579,8 @@ pub fn markdown(r: &Results, diagnosis: &str) -> String {
         );
     }
 
+    crate::report_floor::echo_floor(w, r);
+
     // 4. memory
     let _ = writeln!(w, "\n## 4. Memory\n");
     if let Some(mm) = &r.memory {

@@ -1,13 +1,14 @@
 //! The parts of BENCHMARKS.md (and of the console summary) that set a
 //! figure against its floor, for the "Constant-time reload" issue: the
-//! reload pause against the same windows without a reload, and the reload
-//! phases from takeoverd's own records; with their targets. report.rs calls
+//! reload pause against the same windows without a reload, the reload
+//! phases from takeoverd's own records, and echo cost against floor-echo;
+//! with their targets. report.rs calls
 //! each function at its place in the page.
 
 use std::fmt::Write as _;
 
 use crate::report::{Results, Target};
-use crate::scenarios::HandoffResult;
+use crate::scenarios::{EchoResult, HandoffResult};
 use crate::stats::show;
 
 /// Sizes of the issue's reload-pause target (pinned placement).
@@ -15,6 +16,9 @@ pub const PAUSE_SIZES: [u64; 3] = [1_000, 10_000, 19_900];
 /// How much the worst latency in a reload window may exceed the worst in
 /// the same windows without a reload, ms.
 pub const PAUSE_SLACK_MS: f64 = 2.0;
+/// The most takeoverd + worker's CPU per echo may be, in floor-echo's.
+pub const ECHO_RATIO: f64 = 1.2;
+
 /// `19900` → `19 900`.
 fn group(n: u64) -> String {
     let s = n.to_string();
@@ -149,19 +153,69 @@ pub fn reload_phases(w: &mut String, r: &Results) {
     }
 }
 
+fn echo_pair<'a>(r: &'a Results, e: &EchoResult) -> Option<&'a EchoResult> {
+    r.floor_echo.iter().find(|f| f.connections == e.connections && f.placement == e.placement)
+}
+
+/// Section 3: echo cost against floor-echo.
+pub fn echo_floor(w: &mut String, r: &Results) {
+    let _ = writeln!(w, "\n### Against the floor\n");
+    if r.floor_echo.is_empty() {
+        let _ = writeln!(w, "Not measured in this run.");
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "The same client load, in the same run and placement, against `floor-echo` \
+         (`crates/bench/src/bin/floor-echo.rs`: one thread, mio edge-triggered epoll, accept, read then write, no \
+         framing, no handoff, no supervisor): the least an echo can cost here. Server CPU per echo = utime+stime \
+         from `/proc` (takeoverd + worker; floor-echo) over the same 3 s window, divided by the client's echoes in \
+         it. The issue's target: takeoverd + worker within {ECHO_RATIO}× of the floor at 1 000 connections.\n\n\
+         | connections | placement | takeoverd + worker µs/echo | floor-echo µs/echo | ratio | takeoverd echoes/s | \
+         floor-echo echoes/s | p99 µs, takeoverd / floor | errors |\n|---:|---|---:|---:|---:|---:|---:|---|---:|"
+    );
+    for e in &r.echo {
+        let Some(f) = echo_pair(r, e) else { continue };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {:.2} | {:.2} | {:.2}× | {:.0} | {:.0} | {} / {} | {} |",
+            e.connections,
+            e.placement,
+            e.server_cpu_us_per_echo,
+            f.server_cpu_us_per_echo,
+            e.server_cpu_us_per_echo / f.server_cpu_us_per_echo,
+            e.echoes_per_sec,
+            f.echoes_per_sec,
+            e.p99_us,
+            f.p99_us,
+            e.errors + f.errors
+        );
+    }
+}
+
 /// A bullet for the Method section.
 pub fn method(w: &mut String) {
     let _ = writeln!(
         w,
         "- **Floors:** each new figure stands next to what it is compared with, measured in the same run: the \
-         reload windows next to the same windows without a reload (section 1). Reload phases come from \
-         takeoverd's `ctl status --json` records, not from its logs.\n"
+         reload windows next to the same windows without a reload (section 1), takeoverd's echo cost next to \
+         `floor-echo`'s, a minimal epoll echo server built with the benchmark (section 3). Reload phases come from takeoverd's `ctl status --json` records, not from its logs.\n"
     );
 }
 
 /// The targets of the "Constant-time reload" issue.
 pub fn targets(r: &Results) -> Vec<Target> {
     let mut t = Vec::new();
+    let e = r.echo.iter().find(|e| e.connections == 1_000 && e.placement == "pinned");
+    let ratio = e.and_then(|e| echo_pair(r, e).map(|f| e.server_cpu_us_per_echo / f.server_cpu_us_per_echo));
+    t.push(Target {
+        name: "1 000 conns: echo CPU against the floor".into(),
+        target: format!("≤ {ECHO_RATIO} ×"),
+        measured: ratio.filter(|x| x.is_finite()),
+        unit: "×".into(),
+        met: ratio.filter(|x| x.is_finite()).map(|x| x <= ECHO_RATIO),
+        basis: "takeoverd + worker µs/echo ÷ floor-echo µs/echo, same load and run, pinned".into(),
+    });
     for n in PAUSE_SIZES {
         let p = pinned(r, n).map(Pause::of);
         let without = p.as_ref().and_then(|p| p.without);
@@ -185,6 +239,19 @@ pub fn targets(r: &Results) -> Vec<Target> {
 /// Lines for the console summary.
 pub fn console(r: &Results) -> String {
     let mut s = String::new();
+    for e in &r.echo {
+        if let Some(f) = echo_pair(r, e) {
+            let _ = writeln!(
+                s,
+                "echo vs floor {:>6} conns {:>6}: takeoverd {:.2} µs/echo, floor-echo {:.2} µs/echo: {:.2}×",
+                e.connections,
+                e.placement,
+                e.server_cpu_us_per_echo,
+                f.server_cpu_us_per_echo,
+                e.server_cpu_us_per_echo / f.server_cpu_us_per_echo
+            );
+        }
+    }
     for h in r.handoff.iter().filter(|h| h.placement == "pinned") {
         let p = Pause::of(h);
         let _ = writeln!(
