@@ -2,6 +2,7 @@
 //! `seqnum-bench`: a reproducible benchmark of takeoverd + seqnum-worker.
 //! See `seqnum-bench --help` and docs/BENCHMARKS.md (which it writes).
 
+mod churn;
 mod client;
 mod diagnosis;
 mod floor;
@@ -45,9 +46,10 @@ its own executable (target/release/ for `cargo run --release`), or those in --bi
 Build them first:\n\n    cargo build --release --workspace && cargo run --release -p seqnum-bench\n\n\
 It measures (1) reload handoff at 100, 1 000, 10 000 and 19 900 live connections, against the same windows \
 without a reload, (2) `systemctl --user restart` and kill -9 + automatic restart through the fd store under a \
-private systemd --user manager (root, systemd 252+), (3) echo throughput and server CPU per echo (and the same \
-against floor-echo, a minimal epoll echo server), (4) RSS per idle connection, (5) the largest number of \
-connections that survives a reload. A full run takes about 10 minutes and uses both cores; run it on an otherwise idle machine. \
+private systemd --user manager (root, systemd 252+), (3) echo throughput and server CPU per echo, against \
+floor-echo (a minimal epoll echo server, the floor), (4) RSS per idle connection, (5) the largest number of \
+connections that survives a reload, (6) connection churn (connects/s) against floor-echo and through reloads and \
+kill -9s of the worker. A full run takes about 10 minutes and uses both cores; run it on an otherwise idle machine. \
 Every process it starts is killed when it ends, fails or is interrupted.",
     after_help = "Examples:\n  cargo build --release --workspace && cargo run --release -p seqnum-bench\n  \
 seqnum-bench --quick                          a seconds-long smoke run into a temp dir\n  \
@@ -100,6 +102,8 @@ enum Part {
     Memory,
     /// 5. Scale.
     Scale,
+    /// 6. Connection churn.
+    Churn,
     /// perf profiles.
     Profile,
 }
@@ -241,6 +245,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
     }
 
+    // 6. Connection churn (floor-echo, takeoverd, takeoverd through reloads and kills).
+    let churn = cli.wants(Part::Churn).then(|| churn::run(&mut ctx));
+    failures += churn.as_ref().map_or(0, |c| c.runs.iter().filter(|r| r.failure.is_some()).count());
+
     // 4. Memory.
     let memory = if !cli.wants(Part::Memory) {
         None
@@ -319,6 +327,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let total_errors = handoff.iter().map(|h| h.errors).sum::<u64>()
         + echo.iter().chain(&floor_echo).map(|e| e.errors).sum::<u64>()
         + memory.as_ref().map_or(0, |m| m.errors)
+        + churn.as_ref().map_or(0, |c| c.runs.iter().map(|r| r.errors).sum::<u64>())
         + systemd.runs.iter().map(|s| s.errors).sum::<u64>()
         + scale.as_ref().map_or(0, |s| s.steps.iter().filter(|st| st.ok).map(|st| st.errors).sum::<u64>());
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -354,6 +363,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         floor_echo,
         memory,
         scale,
+        churn,
         profiles,
         profiling,
         targets: Vec::new(),

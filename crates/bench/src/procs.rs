@@ -194,6 +194,13 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// utime + stime of `pid` and of its children it has waited for (cutime +
+/// cstime), in clock ticks: takeoverd's figure covers the workers it reaped.
+pub fn cpu_ticks_with_reaped(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    (11..=14).map(|i| f.get(i)?.parse::<u64>().ok()).sum()
+}
+
 /// Open file descriptors of `pid`.
 pub fn fd_count(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())

@@ -106,6 +106,8 @@ pub struct Results {
     pub memory: Option<MemoryResult>,
     /// 5. Scale.
     pub scale: Option<ScaleResult>,
+    /// 6. Connection churn.
+    pub churn: Option<crate::churn::ChurnSection>,
     /// Profiles.
     pub profiles: Vec<Profile>,
     /// Profiling status.
@@ -637,6 +639,8 @@ pub fn markdown(r: &Results, diagnosis: &str) -> String {
     } else {
         let _ = writeln!(w, "Not run (`--quick`).");
     }
+
+    crate::report_floor::churn(w, r);
 
     let _ = writeln!(w, "\n## Latency over time\n");
     let _ = writeln!(w, "{}\n\n![latency](latency.svg)\n", r.plot);

@@ -1,8 +1,8 @@
 //! The parts of BENCHMARKS.md (and of the console summary) that set a
 //! figure against its floor, for the "Constant-time reload" issue: the
 //! reload pause against the same windows without a reload, the reload
-//! phases from takeoverd's own records, and echo cost against floor-echo;
-//! with their targets. report.rs calls
+//! phases from takeoverd's own records, echo cost against floor-echo, and
+//! connection churn against floor-echo; with their targets. report.rs calls
 //! each function at its place in the page.
 
 use std::fmt::Write as _;
@@ -193,13 +193,90 @@ pub fn echo_floor(w: &mut String, r: &Results) {
     }
 }
 
+/// Section 6: connection churn against floor-echo.
+pub fn churn(w: &mut String, r: &Results) {
+    let _ = writeln!(w, "\n## 6. Connection churn\n");
+    let Some(c) = &r.churn else {
+        let _ = writeln!(w, "Not run (`--only`).");
+        return;
+    };
+    let _ = writeln!(
+        w,
+        "`seqnum-client --connections {n} --churn-messages {k} --interval-ms 0`: {n} connections at a time, each \
+         sends {k} seqnums lock-step, closes cleanly and is replaced by a new connect at once, as fast as the client \
+         ({p}) can drive; connects/s = the client's completed connects / its run. Against floor-echo (the floor), \
+         takeoverd + worker undisturbed, and takeoverd + worker while `takeoverd ctl reload`s and `kill -9`s of the \
+         serving worker (pid from `ctl status --json`; the next event only once a new `worker_pid` shows) are spaced \
+         evenly over the run. Server CPU per connect = utime+stime over the client's run (takeoverd's including the \
+         workers it reaped) / connects. When the client's core is busy (client cores near 1.0) the client is the \
+         limit and connects/s comes out alike for every server: server CPU per connect is then the comparison. \
+         Failed connects, resets, EOFs, timeouts and wrong echoes are errors: there must be none.\n\n\
+         | server | events | connects | connects/s (× floor) | server CPU µs/connect (× floor) | server cores | \
+         client cores | echo p99 / max (ms) | failed connects | resets | EOFs | timeouts | discontinuities | result \
+         |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        n = c.connections,
+        k = c.messages,
+        p = if c.placement == "pinned" { "pinned to CPU 0, servers to CPU 1" } else { "no pinning" },
+    );
+    let floor = c.runs.iter().find(|x| x.server == "floor-echo" && x.failure.is_none());
+    let vs = |v: Option<f64>, f: Option<f64>| match (v, f) {
+        (Some(v), Some(f)) if f > 0.0 => format!(" ({:.2}×)", v / f),
+        _ => String::new(),
+    };
+    let num = |v: Option<f64>, d: usize| v.map_or("–".into(), |v| format!("{v:.d$}"));
+    for x in &c.runs {
+        let result = match &x.failure {
+            None => "pass".to_owned(),
+            Some(f) => format!("**fail**: {f}"),
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.0}{} | {}{} | {} | {} | {:.2} / {:.2} | {} | {} | {} | {} | {} | {} |",
+            x.server,
+            x.events,
+            x.connects,
+            x.connects_per_sec,
+            vs(Some(x.connects_per_sec), floor.map(|f| f.connects_per_sec)),
+            num(x.server_cpu_us_per_connect, 1),
+            vs(x.server_cpu_us_per_connect, floor.and_then(|f| f.server_cpu_us_per_connect)),
+            num(x.server_cores, 2),
+            num(x.client_cores, 2),
+            x.p99_us as f64 / 1e3,
+            x.max_us as f64 / 1e3,
+            x.connect_errors,
+            x.resets,
+            x.eofs,
+            x.timeouts,
+            x.discontinuities,
+            result
+        );
+    }
+    for x in c.runs.iter().filter(|x| x.reloads + x.kills > 0) {
+        let _ = writeln!(
+            w,
+            "\nDuring the {} run: reloads ok {}/{}, reload pause ({}, last {} reloads) {} ms; kill -9 ok {}/{}, \
+             kill → new worker in `ctl status` {} ms.",
+            x.events,
+            x.reloads_ok,
+            x.reloads,
+            x.reload_pause_figure,
+            x.reloads.min(crate::phases::HISTORY),
+            show(&x.reload_pause_ms, 2),
+            x.kills_ok,
+            x.kills,
+            show(&x.kill_to_new_worker_ms, 1)
+        );
+    }
+}
+
 /// A bullet for the Method section.
 pub fn method(w: &mut String) {
     let _ = writeln!(
         w,
         "- **Floors:** each new figure stands next to what it is compared with, measured in the same run: the \
-         reload windows next to the same windows without a reload (section 1), takeoverd's echo cost next to \
-         `floor-echo`'s, a minimal epoll echo server built with the benchmark (section 3). Reload phases come from takeoverd's `ctl status --json` records, not from its logs.\n"
+         reload windows next to the same windows without a reload (section 1), takeoverd's echo cost and its \
+         connection churn next to `floor-echo`'s, a minimal epoll echo server built with the benchmark (sections 3 \
+         and 6). Reload phases come from takeoverd's `ctl status --json` records, not from its logs.\n"
     );
 }
 
@@ -233,6 +310,17 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 .into(),
         });
     }
+    let churned: Vec<_> =
+        r.churn.iter().flat_map(|c| &c.runs).filter(|x| x.server == "takeoverd" && x.reloads + x.kills > 0).collect();
+    let errors = churned.iter().map(|x| x.errors).sum::<u64>() as f64;
+    t.push(Target {
+        name: "connection churn through reloads and kill -9: client errors".into(),
+        target: "≤ 0 errors".into(),
+        measured: (!churned.is_empty()).then_some(errors),
+        unit: "errors".into(),
+        met: (!churned.is_empty()).then(|| errors == 0.0 && churned.iter().all(|x| x.failure.is_none())),
+        basis: "failed connects + resets + EOFs + timeouts + discontinuities, takeoverd with reloads and kills".into(),
+    });
     t
 }
 
@@ -261,6 +349,18 @@ pub fn console(r: &Results) -> String {
             p.during.map_or("–".into(), |v| format!("{v:.2}")),
             p.without.map_or("–".into(), |v| format!("{v:.2}")),
             met(p.met())
+        );
+    }
+    for x in r.churn.iter().flat_map(|c| &c.runs) {
+        let _ = writeln!(
+            s,
+            "churn {:>10} ({}): {:.0} connects/s, server {} µs/connect, errors {}{}",
+            x.server,
+            x.events,
+            x.connects_per_sec,
+            x.server_cpu_us_per_connect.map_or("–".into(), |v| format!("{v:.1}")),
+            x.errors,
+            x.failure.as_deref().map(|f| format!(" — {f}")).unwrap_or_default()
         );
     }
     s
