@@ -63,9 +63,10 @@ pub struct Args {
     pub connections: u32,
 
     /// Spread connections over N source addresses: connection i binds
-    /// 127.0.0.(1 + i % N) before connecting, to get past the ~28 000
-    /// ephemeral ports of one source address. Only for an IPv4 loopback
-    /// server.
+    /// 127.0.0.(1 + i % N) before connecting (the port is left to the
+    /// connect), to get past the ephemeral ports of one source address
+    /// (~28 000, and connects slow down past ~14 000 to one server). Only
+    /// for an IPv4 loopback server.
     #[arg(
         long,
         value_name = "N",
@@ -97,6 +98,7 @@ pub struct Args {
     /// always), closes cleanly, and a new connection takes its place at
     /// once, so --connections stays the number of concurrent connections.
     /// The summary adds the connects made and their rate. A connection that
+    /// fails after connecting is counted and replaced too; a connect that
     /// fails is counted and not replaced. Give --duration to end the run.
     #[arg(
         long,

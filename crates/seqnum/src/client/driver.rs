@@ -7,7 +7,8 @@
 //! sent again since), so a fast connection costs no heap work per message.
 //!
 //! With churn (`--churn-messages K`) a connection that has its K-th echo
-//! closes cleanly and a new one takes its slot (and its token) at once.
+//! closes cleanly and a new one takes its slot (and its token) at once; so
+//! does one that fails after connecting.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -423,7 +424,9 @@ impl Driver {
     }
 
     /// Records an error on connection `i`, logs it (rate-limited) and
-    /// closes the connection.
+    /// closes the connection. With churn, a connection that had connected
+    /// is replaced, as after a clean close (a failed connect is not, so that
+    /// a refused port does not spin).
     fn fail(&mut self, i: usize, kind: ErrorKind, detail: impl Display) {
         self.counters.add_error(kind);
         let now = Instant::now();
@@ -448,18 +451,25 @@ impl Driver {
                 "{kind}: {detail}"
             );
         }
+        let established = self.conns[i].is_established();
         self.close(i, false);
+        if self.cfg.churn.is_some() && established && !self.stopping {
+            self.replace(i);
+        }
     }
 }
 
-/// A connect error, with a hint for the usual resource limits.
 /// A non-blocking connect, from `source` when given (bind before connect,
-/// to use more than one loopback source address).
+/// to use more than one loopback source address). `IP_BIND_ADDRESS_NO_PORT`
+/// leaves the choice of the port to `connect`, which only needs the whole
+/// 4-tuple to be unique: a bound port would have to be free for every
+/// destination, and TIME_WAITs of earlier runs would run the range out.
 fn connect_from(source: Option<std::net::IpAddr>, target: std::net::SocketAddr) -> io::Result<TcpStream> {
     let Some(source) = source else { return TcpStream::connect(target) };
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
     let family = if target.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    socket::setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
     use std::os::fd::AsRawFd;
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(std::net::SocketAddr::new(source, 0)))?;
     match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(target)) {
@@ -469,6 +479,7 @@ fn connect_from(source: Option<std::net::IpAddr>, target: std::net::SocketAddr) 
     Ok(TcpStream::from_std(std::net::TcpStream::from(fd)))
 }
 
+/// A connect error, with a hint for the usual resource limits.
 fn connect_detail(e: &io::Error) -> String {
     let hint = match e.raw_os_error() {
         Some(24) | Some(23) => " (raise the open-file limit: ulimit -n)",
