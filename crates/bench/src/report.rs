@@ -411,7 +411,8 @@ pub fn markdown(r: &Results, diagnosis: &str) -> String {
          - **Memory:** VmRSS from `/proc/PID/status` of takeoverd and the worker with no connection, then with \
          N idle connections (each sent one message, then nothing for an hour), then after one reload.\n\
          - **Scale:** the ladder below, 3 reloads each; a step passes when every reload succeeds and the clients \
-         count zero errors. More than {} connections are spread over several client processes.\n\
+         count zero errors. More than {} connections are spread over several client processes, and more than 10 000 \
+         over several loopback source addresses (127.0.0.x, one per 10 000; the handoff at 19 900 too).\n\
          - **systemd:** a private `systemd --user` manager (`unshare -m --propagation private`, a tmpfs on \
          /run/systemd, `/lib/systemd/systemd --user`, `systemctl --user` through \
          `$XDG_RUNTIME_DIR/systemd/private`), a `Type=notify` unit running takeoverd with \

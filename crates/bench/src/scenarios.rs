@@ -51,6 +51,14 @@ pub fn interval_for(connections: u64) -> u64 {
     (connections / 10).max(10)
 }
 
+/// Loopback source addresses for `n` connections: one per 10 000. Past
+/// about 14 000 connections from one address to one port, each connect
+/// scans the whole half of the port range the kernel tries first (about a
+/// millisecond here), and a client doing thousands of them stalls.
+pub fn source_addresses(n: u64) -> u32 {
+    n.div_ceil(10_000).clamp(1, 254) as u32
+}
+
 /// Ramp of the initial connects: 10 per ms.
 fn ramp_for(connections: u64) -> u64 {
     connections / 10
@@ -164,7 +172,7 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         duration_s,
         timeout_ms,
         ramp_ms: ramp,
-        source_addresses: 1,
+        source_addresses: source_addresses(n),
         cpu: ccpu,
         churn_messages: None,
     };
@@ -540,7 +548,7 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
     let slack_ms = 5000.0 + n as f64 / 5.0;
     let spacing_ms = 3000.0;
     let duration_s = (ramp as f64 + slack_ms + 1000.0 + reloads as f64 * spacing_ms + 2000.0) / 1e3;
-    let source_addresses = n.div_ceil(20_000).clamp(1, 254) as u32;
+    let source_addresses = source_addresses(n);
     ctx.say(&format!("scale: {n} connections, {interval} ms interval, {reloads} reloads"));
     let server = Server::start(&ctx.bins, &ctx.dir, &format!("scale-{n}"), None)?;
     let spec = ClientSpec {

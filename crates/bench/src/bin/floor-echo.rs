@@ -53,7 +53,7 @@ fn run(args: &Args) -> io::Result<()> {
     // is enough for a few, so a failure here is not fatal.
     let _ = takeover::raise_fd_limit();
     let mut poll = Poll::new()?;
-    let mut listener = TcpListener::bind(args.listen)?;
+    let mut listener = listen(args.listen)?;
     poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
     let mut conns: Slab<Conn> = Slab::new();
     let mut events = Events::with_capacity(1024);
@@ -82,6 +82,19 @@ fn run(args: &Args) -> io::Result<()> {
             }
         }
     }
+}
+
+/// A non-blocking listener with takeoverd's backlog (4096; mio's own
+/// `bind` asks for 1024, which a burst of connects overflows).
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    socket::listen(&fd, Backlog::new(4096)?)?;
+    Ok(TcpListener::from_std(std::net::TcpListener::from(fd)))
 }
 
 /// Accepts until the backlog is empty (edge-triggered).
