@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 
+use crate::client::Window;
 use crate::report::{Results, Target};
 use crate::scenarios::{EchoResult, HandoffResult};
 use crate::stats::show;
@@ -50,22 +51,57 @@ struct Pause {
     within: usize,
     /// Windows compared.
     windows: usize,
+    /// Reload windows in which no echo arrived at all: the pause outlasted
+    /// the window, and its length is not known.
+    silent_during: usize,
+    /// Baseline windows in which no echo arrived: no floor to compare with.
+    silent_without: usize,
 }
 
 impl Pause {
     fn of(h: &HandoffResult) -> Pause {
-        let pairs: Vec<(u64, u64)> =
-            h.events.iter().zip(&h.baseline_windows).map(|(e, b)| (e.window.max_us, b.max_us)).collect();
+        let pairs: Vec<(&Window, &Window)> = h.events.iter().map(|e| &e.window).zip(&h.baseline_windows).collect();
+        let within = |(d, b): &&(&Window, &Window)| {
+            d.echoes > 0 && b.echoes > 0 && d.max_us as f64 <= b.max_us as f64 + PAUSE_SLACK_MS * 1e3
+        };
         Pause {
             during: h.during_reload.max_ms.map(|s| s.max),
             without: h.without_reload.max_ms.map(|s| s.max),
-            within: pairs.iter().filter(|(d, b)| *d as f64 <= *b as f64 + PAUSE_SLACK_MS * 1e3).count(),
+            within: pairs.iter().filter(within).count(),
             windows: pairs.len(),
+            silent_during: pairs.iter().filter(|(d, _)| d.echoes == 0).count(),
+            silent_without: pairs.iter().filter(|(_, b)| b.echoes == 0).count(),
         }
     }
 
+    /// Missed when a reload window saw no echo at all; unknown when a
+    /// baseline window saw none.
     fn met(&self) -> Option<bool> {
+        if self.silent_during > 0 {
+            return Some(false);
+        }
+        if self.silent_without > 0 {
+            return None;
+        }
         Some(self.during? <= self.without? + PAUSE_SLACK_MS)
+    }
+
+    /// The worst latency of the reload windows, or how many saw no echo.
+    fn show_during(&self) -> String {
+        match (self.silent_during, self.during) {
+            (0, Some(v)) => format!("{v:.2}"),
+            (0, None) => "–".into(),
+            (k, _) => format!("no echo at all in {k}/{} windows", self.windows),
+        }
+    }
+
+    /// The same for the baseline windows.
+    fn show_without(&self) -> String {
+        match (self.silent_without, self.without) {
+            (0, Some(v)) => format!("{v:.2}"),
+            (0, None) => "–".into(),
+            (k, _) => format!("no echo at all in {k}/{} windows", self.windows),
+        }
     }
 }
 
@@ -83,7 +119,8 @@ pub fn reload_pause(w: &mut String, r: &Results) {
          ms, pinned placement, at 1 000, 10 000 and 19 900 connections). *Worst* is the highest latency of any \
          echo in any of the windows; \"windows within\" compares each reload window with its own baseline window. \
          The pause is takeoverd's `pause_ms` (old worker told to stop → new worker serving), or its `handoff_ms` \
-         where this takeoverd does not report `pause_ms`.\n\n\
+         where this takeoverd does not report `pause_ms`. A reload window in which no echo arrived at all (the \
+         pause outlasted it) misses the target.\n\n\
          | connections | placement | reloads ok | pause, median (max), ms | worst latency, reload windows (ms) | worst \
          latency, same windows without reload (ms) | bound: without + {PAUSE_SLACK_MS} ms | windows within their own \
          bound | target |\n|---:|---|---:|---|---:|---:|---:|---:|---|"
@@ -109,9 +146,9 @@ pub fn reload_pause(w: &mut String, r: &Results) {
             h.reloads,
             pause.map_or("–".into(), |s| format!("{:.2} ({:.2})", s.median, s.max)),
             figure,
-            f(p.during),
-            f(p.without),
-            f(p.without.map(|x| x + PAUSE_SLACK_MS)),
+            p.show_during(),
+            p.show_without(),
+            f(p.without.filter(|_| p.silent_without == 0).map(|x| x + PAUSE_SLACK_MS)),
             p.within,
             p.windows,
             target
@@ -255,7 +292,7 @@ pub fn churn(w: &mut String, r: &Results) {
         let _ = writeln!(
             w,
             "\nDuring the {} run: reloads ok {}/{}, reload pause ({}, last {} reloads) {} ms; kill -9 ok {}/{}, \
-             kill → new worker in `ctl status` {} ms.",
+             kill → new worker in `ctl status` {} ms{}.",
             x.events,
             x.reloads_ok,
             x.reloads,
@@ -264,7 +301,14 @@ pub fn churn(w: &mut String, r: &Results) {
             show(&x.reload_pause_ms, 2),
             x.kills_ok,
             x.kills,
-            show(&x.kill_to_new_worker_ms, 1)
+            show(&x.kill_to_new_worker_ms, 1),
+            match x.events_skipped {
+                0 => String::new(),
+                k => format!(
+                    "; **{k} events not run**: the earlier ones took so long that the client's run was over before \
+                     their turn"
+                ),
+            }
         );
     }
 }
@@ -298,16 +342,21 @@ pub fn targets(r: &Results) -> Vec<Target> {
         let without = p.as_ref().and_then(|p| p.without);
         t.push(Target {
             name: format!("{} conns: worst echo latency in a reload window, against none", group(n)),
-            target: match without {
+            target: match without.filter(|_| p.as_ref().is_some_and(|p| p.silent_without == 0)) {
                 Some(b) => format!("≤ {:.2} ms (no reload {b:.2} + {PAUSE_SLACK_MS})", b + PAUSE_SLACK_MS),
                 None => format!("≤ no reload + {PAUSE_SLACK_MS} ms"),
             },
-            measured: p.as_ref().and_then(|p| p.during),
+            measured: p.as_ref().filter(|p| p.silent_during == 0).and_then(|p| p.during),
             unit: "ms".into(),
             met: p.as_ref().and_then(Pause::met),
-            basis: "highest client latency in any reload window against the same windows of a run without \
-                    reloads, pinned placement"
-                .into(),
+            basis: format!(
+                "highest client latency in any reload window against the same windows of a run without reloads, \
+                 pinned placement{}",
+                match p.as_ref().map_or((0, 0), |p| (p.silent_during, p.windows)) {
+                    (0, _) => String::new(),
+                    (k, n) => format!("; in {k} of the {n} reload windows no echo arrived at all"),
+                }
+            ),
         });
     }
     let churned: Vec<_> =
@@ -346,8 +395,8 @@ pub fn console(r: &Results) -> String {
             s,
             "reload pause {:>6} conns: worst {} ms in reload windows, {} ms without reload: {}",
             h.connections,
-            p.during.map_or("–".into(), |v| format!("{v:.2}")),
-            p.without.map_or("–".into(), |v| format!("{v:.2}")),
+            p.show_during(),
+            p.show_without(),
             met(p.met())
         );
     }
