@@ -206,8 +206,8 @@ pub fn echo_floor(w: &mut String, r: &Results) {
         "The same client load, in the same run and placement, against `floor-echo` \
          (`crates/bench/src/bin/floor-echo.rs`: one thread, mio edge-triggered epoll, accept, read then write, no \
          framing, no handoff, no supervisor): the least an echo can cost here. Server CPU per echo = utime+stime \
-         from `/proc` (takeoverd + worker; floor-echo) over the same 3 s window, divided by the client's echoes in \
-         it. The issue's target: takeoverd + worker within {ECHO_RATIO}× of the floor at 1 000 connections.\n\n\
+         from `/proc` (takeoverd + worker; floor-echo) over the same measured window (3 s; 1 s with `--quick`), \
+         divided by the client's echoes in it. The issue's target: takeoverd + worker within {ECHO_RATIO}× of the floor at 1 000 connections.\n\n\
          | connections | placement | takeoverd + worker µs/echo | floor-echo µs/echo | ratio | takeoverd echoes/s | \
          floor-echo echoes/s | p99 µs, takeoverd / floor | errors |\n|---:|---|---:|---:|---:|---:|---:|---|---:|"
     );
@@ -397,7 +397,7 @@ pub fn console(r: &Results) -> String {
             h.connections,
             p.show_during(),
             p.show_without(),
-            met(p.met())
+            if PAUSE_SIZES.contains(&h.connections) { met(p.met()) } else { "(not a target size)" }
         );
     }
     for x in r.churn.iter().flat_map(|c| &c.runs) {
