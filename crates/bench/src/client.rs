@@ -33,6 +33,8 @@ pub struct ClientSpec {
     pub source_addresses: u32,
     /// CPU to pin to.
     pub cpu: Option<usize>,
+    /// `--churn-messages` (None: not given).
+    pub churn_messages: Option<u64>,
 }
 
 /// One 100 ms row of a timeline, on the benchmark's clock.
@@ -117,6 +119,12 @@ pub struct Summary {
     pub max_us: u64,
     /// Echoes per second, summed.
     pub echoes_per_sec: f64,
+    /// Connects that completed (more than `connections` with churn).
+    pub connects: u64,
+    /// Completed connects per second, summed.
+    pub connects_per_sec: f64,
+    /// The longest run of the processes, s.
+    pub duration_s: f64,
     /// Processes that exited non-zero or printed no summary.
     pub failed_processes: u64,
     /// The last lines of a failed process's stderr.
@@ -176,6 +184,9 @@ impl ClientRun {
                 .stderr(std::fs::File::create(&stderr)?);
             if spec.source_addresses > 1 {
                 cmd.args(["--source-addresses", &spec.source_addresses.to_string()]);
+            }
+            if let Some(k) = spec.churn_messages {
+                cmd.args(["--churn-messages", &k.to_string()]);
             }
             let mut child = procs::spawn(&mut cmd)?;
             let t0 = Instant::now();
@@ -287,6 +298,9 @@ fn add(s: &mut Summary, v: &Value) {
     s.p99_us = s.p99_us.max(l["p99"].as_u64().unwrap_or(0));
     s.max_us = s.max_us.max(l["max"].as_u64().unwrap_or(0));
     s.echoes_per_sec += v["echoes_per_sec"].as_f64().unwrap_or(0.0);
+    s.connects += n("connects");
+    s.connects_per_sec += v["connects_per_sec"].as_f64().unwrap_or(0.0);
+    s.duration_s = s.duration_s.max(v["duration_s"].as_f64().unwrap_or(0.0));
 }
 
 /// Reads a `--timeline` CSV, placing its rows on the benchmark's clock.

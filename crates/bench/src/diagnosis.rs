@@ -62,7 +62,7 @@ pub fn text(r: &Results) -> String {
     if missed(r, "10 000 conns: `systemctl restart`") {
         restart(&mut s, r);
     }
-    if missed(r, "1 000 conns: server CPU") {
+    if missed(r, "1 000 conns: server CPU") || missed(r, "1 000 conns: echo CPU against the floor") {
         echo(&mut s, r, echo_prof);
     }
     if missed(r, "worker RSS") || missed(r, "takeoverd RSS") {
@@ -82,17 +82,26 @@ pub fn text(r: &Results) -> String {
 fn reload(s: &mut String, r: &Results, prof: Option<&Profile>) {
     let _ = writeln!(s, "### Reload handoff and the latency during a reload\n");
     for h in &r.handoff {
+        let phases = if h.phases.pause_ms.is_some() {
+            format!(
+                "; takeoverd's records: pause (old worker told to stop → new worker serving, every connection \
+                 waits) {} ms, stage (new worker's hello → every connection registered) {} ms, total (request → \
+                 done) {} ms",
+                show(&h.phases.pause_ms, 1),
+                show(&h.phases.stage_ms, 1),
+                show(&h.phases.total_ms, 1)
+            )
+        } else {
+            " (this takeoverd reports no `pause_ms`/`stage_ms`/`total_ms`: the handoff, request → new worker's ack, \
+             holds the pause and the new worker's start)"
+                .to_owned()
+        };
         let _ = writeln!(
             s,
-            "- {} connections, {}: handoff {} ms = request → old worker quiesced {} ms (new worker started and said \
-             hello, old one stopped) + quiesced → new worker serving {} ms (offer, receive, adopt: every connection \
-             waits) ; then {} ms more until takeoverd's \"reload complete\".",
+            "- {} connections, {}: handoff {} ms{phases}.",
             h.connections,
             h.placement,
-            show(&h.handoff_ms, 1),
-            show(&h.phases.start_to_quiesced_ms, 1),
-            show(&h.phases.quiesced_to_serving_ms, 1),
-            show(&h.phases.serving_to_complete_ms, 1)
+            show(&h.handoff_ms, 1)
         );
     }
     let _ = writeln!(
@@ -100,7 +109,7 @@ fn reload(s: &mut String, r: &Results, prof: Option<&Profile>) {
         "\nThe handoff grows about linearly with the connections. With lock-step traffic at a fixed interval, the \
          connections held up by one reload come back together and stay in step, so a later reload may fall into a \
          quiet phase of the traffic: the *median* latency over reload windows understates the pause; the maximum, \
-         and the \"quiesced → serving\" phase (the longest any message can wait), are the figures to compare.\n"
+         and the pause phase (the longest any message can wait), are the figures to compare.\n"
     );
     let Some(p) = prof else {
         let _ = writeln!(s, "(No reload profile in this run.)\n");

@@ -2,15 +2,20 @@
 //! `seqnum-bench`: a reproducible benchmark of takeoverd + seqnum-worker.
 //! See `seqnum-bench --help` and docs/BENCHMARKS.md (which it writes).
 
+mod churn;
 mod client;
 mod diagnosis;
+mod floor;
+mod phases;
 mod procs;
 mod profile;
 mod report;
+mod report_floor;
 mod scenarios;
 mod server;
 mod stats;
 mod systemd;
+mod target;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,10 +44,12 @@ and docs/latency.svg.\n\n\
 seqnum-bench builds nothing itself: it runs the takeoverd, seqnum-worker and seqnum-client binaries that sit beside \
 its own executable (target/release/ for `cargo run --release`), or those in --bin-dir, and fails if one is missing. \
 Build them first:\n\n    cargo build --release --workspace && cargo run --release -p seqnum-bench\n\n\
-It measures (1) reload handoff at 100, 1 000 and 10 000 live connections, (2) `systemctl --user restart` and \
-kill -9 + automatic restart through the fd store under a private systemd --user manager (root, systemd 252+), \
-(3) echo throughput and server CPU per echo, (4) RSS per idle connection, (5) the largest number of connections \
-that survives a reload. A full run takes about 10 minutes and uses both cores; run it on an otherwise idle machine. \
+It measures (1) reload handoff at 100, 1 000, 10 000 and 19 900 live connections, against the same windows \
+without a reload, (2) `systemctl --user restart` and kill -9 + automatic restart through the fd store under a \
+private systemd --user manager (root, systemd 252+), (3) echo throughput and server CPU per echo, against \
+floor-echo (a minimal epoll echo server, the floor), (4) RSS per idle connection, (5) the largest number of \
+connections that survives a reload, (6) connection churn (connects/s) against floor-echo and through reloads and \
+kill -9s of the worker. A full run takes about 10 minutes and uses both cores; run it on an otherwise idle machine. \
 Every process it starts is killed when it ends, fails or is interrupted.",
     after_help = "Examples:\n  cargo build --release --workspace && cargo run --release -p seqnum-bench\n  \
 seqnum-bench --quick                          a seconds-long smoke run into a temp dir\n  \
@@ -95,6 +102,8 @@ enum Part {
     Memory,
     /// 5. Scale.
     Scale,
+    /// 6. Connection churn.
+    Churn,
     /// perf profiles.
     Profile,
 }
@@ -147,7 +156,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let bins = {
         let dir = scratch.join("bin");
         std::fs::create_dir_all(&dir)?;
-        for b in [&bins.takeoverd, &bins.worker, &bins.client] {
+        for b in bins.all() {
             let to = dir.join(b.file_name().context("binary name")?);
             std::fs::copy(b, &to).with_context(|| format!("copying {} to {}", b.display(), to.display()))?;
         }
@@ -201,6 +210,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             (100, 10, 500.0, true),
             (1_000, 10, 700.0, true),
             (10_000, 10, 1500.0, true),
+            (19_900, 10, 2000.0, true),
             (1_000, 10, 700.0, false),
             (10_000, 10, 1500.0, false),
         ]
@@ -216,21 +226,28 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
     }
 
-    // 3. Echo cost.
+    // 3. Echo cost, each size against takeoverd and then against the floor.
     let mut echo = Vec::new();
+    let mut floor_echo = Vec::new();
     let echo_sizes: &[u64] = if cli.quick { &[1, 100] } else { &[1, 100, 1_000, 10_000] };
     let placements: &[bool] = if cli.quick { &[true] } else { &[true, false] };
     for &pinned in placements.iter().filter(|_| cli.wants(Part::Echo)) {
         for &n in echo_sizes {
-            match scenarios::echo(&mut ctx, n, pinned) {
-                Ok(e) => echo.push(e),
-                Err(e) => {
-                    failures += 1;
-                    ctx.note(format!("the echo measurement at {n} connections failed: {e:#}"));
+            for (kind, out) in [(target::Kind::Takeoverd, &mut echo), (target::Kind::Floor, &mut floor_echo)] {
+                match scenarios::echo(&mut ctx, n, pinned, kind) {
+                    Ok(e) => out.push(e),
+                    Err(e) => {
+                        failures += 1;
+                        ctx.note(format!("the echo measurement at {n} connections ({}) failed: {e:#}", kind.name()));
+                    }
                 }
             }
         }
     }
+
+    // 6. Connection churn (floor-echo, takeoverd, takeoverd through reloads and kills).
+    let churn = cli.wants(Part::Churn).then(|| churn::run(&mut ctx));
+    failures += churn.as_ref().map_or(0, |c| c.runs.iter().filter(|r| r.failure.is_some()).count());
 
     // 4. Memory.
     let memory = if !cli.wants(Part::Memory) {
@@ -308,8 +325,9 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     };
 
     let total_errors = handoff.iter().map(|h| h.errors).sum::<u64>()
-        + echo.iter().map(|e| e.errors).sum::<u64>()
+        + echo.iter().chain(&floor_echo).map(|e| e.errors).sum::<u64>()
         + memory.as_ref().map_or(0, |m| m.errors)
+        + churn.as_ref().map_or(0, |c| c.runs.iter().map(|r| r.errors).sum::<u64>())
         + systemd.runs.iter().map(|s| s.errors).sum::<u64>()
         + scale.as_ref().map_or(0, |s| s.steps.iter().filter(|st| st.ok).map(|st| st.errors).sum::<u64>());
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -342,8 +360,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         handoff,
         systemd,
         echo,
+        floor_echo,
         memory,
         scale,
+        churn,
         profiles,
         profiling,
         targets: Vec::new(),
@@ -353,6 +373,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         duration_s: ctx.clock.now_ms() / 1e3,
     };
     results.targets = report::targets(&results);
+    results.targets.extend(report_floor::targets(&results));
     let diagnosis = diagnosis::text(&results);
 
     let json = serde_json::to_string_pretty(&results)?;
@@ -449,6 +470,7 @@ fn profile_echo(ctx: &mut Ctx) -> anyhow::Result<profile::Profile> {
         ramp_ms: 100,
         source_addresses: 1,
         cpu: ctx.client_cpu,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, "profile-echo", &spec)?;
     server.wait_connections(n, Duration::from_secs(10))?;
@@ -497,6 +519,7 @@ fn profile_reload(ctx: &mut Ctx) -> anyhow::Result<profile::Profile> {
         ramp_ms: 1000,
         source_addresses: 1,
         cpu: ctx.client_cpu,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, "profile-reload", &spec)?;
     server.wait_connections(n, Duration::from_secs(15))?;
@@ -542,7 +565,8 @@ fn fingerprint(bins: &Bins) -> report::Build {
     };
     let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
     let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    let binaries = [&bins.takeoverd, &bins.worker, &bins.client]
+    let binaries = bins
+        .all()
         .iter()
         .map(|p| {
             let meta = std::fs::metadata(p).ok();

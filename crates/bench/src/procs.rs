@@ -107,7 +107,7 @@ impl Clock {
     }
 }
 
-/// Where the three binaries are.
+/// Where the binaries are.
 #[derive(Debug, Clone)]
 pub struct Bins {
     /// `takeoverd`.
@@ -116,30 +116,39 @@ pub struct Bins {
     pub worker: PathBuf,
     /// `seqnum-client`.
     pub client: PathBuf,
+    /// `floor-echo`, the floor (built with seqnum-bench itself).
+    pub floor: PathBuf,
 }
 
 impl Bins {
-    /// Finds the binaries in `dir`; fails with advice when one is missing.
+    /// Finds the binaries in `dir` (`floor-echo`, part of the benchmark
+    /// rather than of what it measures, also beside this executable); fails
+    /// with advice when one is missing.
     pub fn in_dir(dir: &Path) -> anyhow::Result<Bins> {
+        let own = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("floor-echo")));
+        let floor = Some(dir.join("floor-echo")).into_iter().chain(own).find(|p| p.is_file());
         let b = Bins {
             takeoverd: dir.join("takeoverd"),
             worker: dir.join("seqnum-worker"),
             client: dir.join("seqnum-client"),
+            floor: floor.unwrap_or_else(|| dir.join("floor-echo")),
         };
-        let missing: Vec<String> = [&b.takeoverd, &b.worker, &b.client]
-            .iter()
-            .filter(|p| !p.is_file())
-            .map(|p| p.display().to_string())
-            .collect();
+        let missing: Vec<String> = b.all().iter().filter(|p| !p.is_file()).map(|p| p.display().to_string()).collect();
         if !missing.is_empty() {
             bail!(
                 "missing {}: seqnum-bench builds nothing itself. Build the release binaries first:\n    \
                  cargo build --release --workspace && cargo run --release -p seqnum-bench\n\
-                 (or point --bin-dir at a directory holding takeoverd, seqnum-worker and seqnum-client)",
+                 (or point --bin-dir at a directory holding takeoverd, seqnum-worker and seqnum-client; \
+                 floor-echo is also looked for beside seqnum-bench)",
                 missing.join(", ")
             );
         }
         Ok(b)
+    }
+
+    /// Every binary, in a fixed order.
+    pub fn all(&self) -> [&PathBuf; 4] {
+        [&self.takeoverd, &self.worker, &self.client, &self.floor]
     }
 }
 
@@ -183,6 +192,18 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     // After ')': state(3) ppid(4) ... utime(14) stime(15): indexes 11 and 12.
     let f = stat_fields(pid)?;
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// utime + stime of `pid` and of its children it has waited for (cutime +
+/// cstime), in clock ticks: takeoverd's figure covers the workers it reaped.
+pub fn cpu_ticks_with_reaped(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    (11..=14).map(|i| f.get(i)?.parse::<u64>().ok()).sum()
+}
+
+/// Open file descriptors of `pid`.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
 /// Clock ticks per second (`CLK_TCK`).

@@ -7,9 +7,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::client::{self, ClientRun, ClientSpec, Row, Summary, Window};
+use crate::phases::Phases;
 use crate::procs::{self, Bins, Clock};
 use crate::server::Server;
 use crate::stats::Spread;
+use crate::target::{Kind, Running};
 
 /// What every scenario needs.
 #[derive(Debug)]
@@ -47,6 +49,14 @@ impl Ctx {
 /// 10 000 messages/s whatever the number of connections (at least 10 ms).
 pub fn interval_for(connections: u64) -> u64 {
     (connections / 10).max(10)
+}
+
+/// Loopback source addresses for `n` connections: one per 10 000. Past
+/// about 14 000 connections from one address to one port, each connect
+/// scans the whole half of the port range the kernel tries first (about a
+/// millisecond here), and a client doing thousands of them stalls.
+pub fn source_addresses(n: u64) -> u32 {
+    n.div_ceil(10_000).clamp(1, 254) as u32
 }
 
 /// Ramp of the initial connects: 10 per ms.
@@ -101,47 +111,6 @@ pub fn spread_windows(ws: &[Window]) -> WindowSpread {
     }
 }
 
-/// Where the time of a reload goes, from the timestamps in the logs.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Phases {
-    /// Request → old worker quiesced (new worker started and said hello, old one stopped).
-    pub start_to_quiesced_ms: Option<Spread>,
-    /// Old worker quiesced → new worker serving (offer, receive, adopt): the pause every connection sees.
-    pub quiesced_to_serving_ms: Option<Spread>,
-    /// New worker serving → takeoverd's "reload complete" (old worker's exit, state saved).
-    pub serving_to_complete_ms: Option<Spread>,
-}
-
-/// Reads the reload phases out of a takeoverd log (its workers write to the
-/// same file). Best effort: unknown messages give empty phases.
-pub fn reload_phases(log: &std::path::Path) -> Phases {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut req, mut q, mut s) = (None, None, None);
-    for line in text.lines() {
-        let Some(t) = procs::parse_log_time(line) else { continue };
-        if line.contains("reload: starting a new worker") {
-            (req, q, s) = (Some(t), None, None);
-        } else if line.contains("quiesced for a handoff") && req.is_some() && q.is_none() {
-            q = Some(t);
-        } else if line.contains("serving for takeoverd") && q.is_some() && s.is_none() {
-            s = Some(t);
-        } else if line.contains("reload complete") {
-            if let (Some(r), Some(qq), Some(ss)) = (req, q, s) {
-                a.push((qq - r) * 1e3);
-                b.push((ss - qq) * 1e3);
-                c.push((t - ss) * 1e3);
-            }
-            (req, q, s) = (None, None, None);
-        }
-    }
-    Phases {
-        start_to_quiesced_ms: Spread::of(&a),
-        quiesced_to_serving_ms: Spread::of(&b),
-        serving_to_complete_ms: Spread::of(&c),
-    }
-}
-
 /// Reload handoff at one size.
 #[derive(Debug, Clone, Serialize)]
 pub struct HandoffResult {
@@ -159,12 +128,14 @@ pub struct HandoffResult {
     pub handoff_ms: Option<Spread>,
     /// takeoverd's request → old worker exited, ms.
     pub old_exit_ms: Option<Spread>,
-    /// Where the time goes, from the logs.
+    /// Where the time goes, from takeoverd's reload records.
     pub phases: Phases,
     /// Client latency in the windows holding a reload.
     pub during_reload: WindowSpread,
     /// The same windows in a run without reloads.
     pub without_reload: WindowSpread,
+    /// Those windows one by one, in the order of `events`.
+    pub baseline_windows: Vec<Window>,
     /// The reload run's client summary.
     pub client_reload_run: Summary,
     /// The baseline run's client summary.
@@ -201,8 +172,9 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         duration_s,
         timeout_ms,
         ramp_ms: ramp,
-        source_addresses: 1,
+        source_addresses: source_addresses(n),
         cpu: ccpu,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("handoff-{n}-{placement}"), &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
@@ -232,6 +204,7 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         ctx.note(format!("handoff {n}: the reloads ran past the client's planned end; late windows may be empty"));
     }
     let status = server.status()?;
+    let phases = Phases::from_status(&status, reloads);
     let records: Vec<serde_json::Value> = status["reloads"].as_array().cloned().unwrap_or_default();
     let records = &records[records.len().saturating_sub(reloads)..];
     for (e, r) in events.iter_mut().zip(records) {
@@ -242,12 +215,10 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         }
     }
     let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
-    let log = server.log.clone();
     server.stop();
     for e in &mut events {
         e.window = client::window(&result.timelines, e.at_ms, e.done_ms + 50.0);
     }
-    let phases = reload_phases(&log);
 
     // The same without reloads: the same windows, relative to the moment
     // every connection was up.
@@ -282,6 +253,7 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         phases,
         during_reload: spread_windows(&windows),
         without_reload: spread_windows(&base_windows),
+        baseline_windows: base_windows,
         client_reload_run: result.summary,
         client_baseline_run: base.summary,
         errors,
@@ -293,15 +265,17 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
 /// Echo throughput and cost at one size and placement.
 #[derive(Debug, Clone, Serialize)]
 pub struct EchoResult {
+    /// "takeoverd" (takeoverd + seqnum-worker) or "floor-echo".
+    pub server: String,
     /// Connections (each sends its next message as soon as the echo is in).
     pub connections: u64,
     /// "pinned" (server on one CPU, client on the other) or "shared".
     pub placement: String,
     /// Echoes per second in the measured window.
     pub echoes_per_sec: f64,
-    /// CPU time of takeoverd + worker per echo, µs.
+    /// CPU time of takeoverd + worker (or of floor-echo) per echo, µs.
     pub server_cpu_us_per_echo: f64,
-    /// Of which the worker.
+    /// Of which the worker (floor-echo: all of it).
     pub worker_cpu_us_per_echo: f64,
     /// CPU time of the client per echo, µs.
     pub client_cpu_us_per_echo: f64,
@@ -319,18 +293,23 @@ pub struct EchoResult {
     pub window_s: f64,
 }
 
-/// Echo cost with `n` connections at `--interval-ms 0`.
-pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
+/// Echo cost with `n` connections at `--interval-ms 0`, against takeoverd
+/// or against the floor.
+pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<EchoResult> {
     let placement = if pinned { "pinned" } else { "shared" };
-    ctx.say(&format!("echo cost: {n} connections, {placement}"));
+    ctx.say(&format!("echo cost: {n} connections, {placement}, {}", kind.name()));
     let (scpu, ccpu) = if pinned { (ctx.server_cpu, ctx.client_cpu) } else { (None, None) };
     let ramp = ramp_for(n);
     let warm_ms = if ctx.quick { 300.0 } else { 1000.0 };
     let measure_ms = if ctx.quick { 1000.0 } else { 3000.0 };
     let slack_ms = 500.0 + n as f64 / 10.0;
-    let server = Server::start(&ctx.bins, &ctx.dir, &format!("echo-{n}-{placement}"), scpu)?;
+    let tag = match kind {
+        Kind::Takeoverd => format!("echo-{n}-{placement}"),
+        Kind::Floor => format!("floor-echo-{n}-{placement}"),
+    };
+    let server = Running::start(&ctx.bins, &ctx.dir, kind, &tag, scpu)?;
     let spec = ClientSpec {
-        port: server.port,
+        port: server.port(),
         connections: n,
         interval_ms: 0,
         duration_s: (ramp as f64 + slack_ms + warm_ms + measure_ms + 500.0) / 1e3,
@@ -338,17 +317,20 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
         ramp_ms: ramp,
         source_addresses: 1,
         cpu: ccpu,
+        churn_messages: None,
     };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("echo-{n}-{placement}"), &spec)?;
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &tag, &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
-    let worker = server.worker_pid()?;
+    let worker = server.echo_pid()?;
+    let others = server.other_pids();
     procs::sleep_until(&ctx.clock, ctx.clock.now_ms() + warm_ms);
     let pids = run.pids();
     let client_ticks = |ps: &[u32]| ps.iter().filter_map(|p| procs::cpu_ticks(*p)).sum::<u64>();
+    let server_ticks = |ps: &[u32]| ps.iter().map(|p| procs::cpu_ticks(*p)).sum::<Option<u64>>();
     let t1 = ctx.clock.now_ms();
-    let (w1, d1, c1) = (procs::cpu_ticks(worker), procs::cpu_ticks(server.pid), client_ticks(&pids));
+    let (w1, d1, c1) = (procs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
     procs::sleep_until(&ctx.clock, t1 + measure_ms);
-    let (w2, d2, c2) = (procs::cpu_ticks(worker), procs::cpu_ticks(server.pid), client_ticks(&pids));
+    let (w2, d2, c2) = (procs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
     let t2 = ctx.clock.now_ms();
     let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
     server.stop();
@@ -361,7 +343,7 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
     let secs = (t2 - t1) / 1e3;
     let tick_us = 1e6 / procs::clk_tck() as f64;
     let (Some(w1), Some(w2), Some(d1), Some(d2)) = (w1, w2, d1, d2) else {
-        anyhow::bail!("could not read the CPU times of takeoverd/worker")
+        anyhow::bail!("could not read the CPU times of the server ({})", kind.name())
     };
     let server_us = ((w2 - w1) + (d2 - d1)) as f64 * tick_us;
     let worker_us = (w2 - w1) as f64 * tick_us;
@@ -370,11 +352,14 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<EchoResult> {
     let per = |us: f64| if total_echoes > 0.0 { us / total_echoes } else { f64::NAN };
     if result.summary.errors > 0 || result.summary.failed_processes > 0 {
         ctx.note(format!(
-            "ERRORS in the echo run ({n}, {placement}): {} ({:?})",
-            result.summary.errors, result.summary.failure
+            "ERRORS in the echo run ({n}, {placement}, {}): {} ({:?})",
+            kind.name(),
+            result.summary.errors,
+            result.summary.failure
         ));
     }
     Ok(EchoResult {
+        server: kind.name().into(),
         connections: n,
         placement: placement.into(),
         echoes_per_sec: rate,
@@ -435,6 +420,7 @@ pub fn memory(ctx: &mut Ctx, n: u64) -> anyhow::Result<MemoryResult> {
         ramp_ms: ramp,
         source_addresses: 1,
         cpu: None,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("memory-{n}"), &spec)?;
     let up = server.wait_connections(n, Duration::from_secs_f64(ramp as f64 / 1e3 + 20.0));
@@ -562,7 +548,7 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
     let slack_ms = 5000.0 + n as f64 / 5.0;
     let spacing_ms = 3000.0;
     let duration_s = (ramp as f64 + slack_ms + 1000.0 + reloads as f64 * spacing_ms + 2000.0) / 1e3;
-    let source_addresses = n.div_ceil(20_000).clamp(1, 254) as u32;
+    let source_addresses = source_addresses(n);
     ctx.say(&format!("scale: {n} connections, {interval} ms interval, {reloads} reloads"));
     let server = Server::start(&ctx.bins, &ctx.dir, &format!("scale-{n}"), None)?;
     let spec = ClientSpec {
@@ -574,6 +560,7 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
         ramp_ms: ramp,
         source_addresses,
         cpu: None,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("scale-{n}"), &spec)?;
     let client_processes = run.pids().len() as u64;

@@ -291,6 +291,7 @@ pub fn run(
         ramp_ms: ramp,
         source_addresses: 1,
         cpu: ctx.client_cpu,
+        churn_messages: None,
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &tag, &spec)?;
     let up = server::wait_connections(&ctx.bins, &ctl, n, Duration::from_secs_f64(ramp as f64 / 1e3 + 60.0));

@@ -56,7 +56,22 @@ fn quick_run_writes_reports_with_zero_errors() {
         assert_eq!(h["reloads_ok"], h["reloads"], "a reload failed: {h}");
     }
     assert!(v["echo"].as_array().is_some_and(|e| !e.is_empty()), "no echo result");
-    assert!(read(&out.join("BENCHMARKS.md")).contains("![latency](latency.svg)"));
+    let floor = v["floor_echo"].as_array().expect("floor-echo results");
+    assert_eq!(floor.len(), v["echo"].as_array().map_or(0, Vec::len), "one floor-echo run per echo run");
+    assert!(floor.iter().all(|f| f["server"] == "floor-echo" && f["errors"] == 0), "{floor:?}");
+    let churn = v["churn"]["runs"].as_array().expect("churn runs");
+    assert_eq!(churn.len(), 3, "floor-echo, takeoverd, takeoverd with events: {churn:?}");
+    for c in churn {
+        assert!(c.get("failure").is_none() && c["errors"] == 0, "{c}");
+        assert!(c["connects"].as_u64().unwrap_or(0) > 50, "connections were not replaced: {c}");
+    }
+    assert_eq!(churn[2]["reloads_ok"], churn[2]["reloads"], "{}", churn[2]);
+    assert_eq!(churn[2]["kills_ok"], churn[2]["kills"], "{}", churn[2]);
+    let md = read(&out.join("BENCHMARKS.md"));
+    assert!(md.contains("![latency](latency.svg)"));
+    for section in ["### Against the floor", "## 6. Connection churn", "windows within their own bound"] {
+        assert!(md.contains(section), "BENCHMARKS.md has no {section:?}");
+    }
     assert!(read(&out.join("latency.svg")).contains("<svg"));
     let _ = std::fs::remove_dir_all(&out);
 }

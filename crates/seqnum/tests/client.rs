@@ -191,6 +191,85 @@ fn duration_run_drains_and_passes() {
 }
 
 #[test]
+fn churn_replaces_each_connection_after_k_echoes() {
+    let server = serve(Behaviour::Echo);
+    let (code, v, stderr) = run_json(
+        server.port,
+        &["--connections", "5", "--churn-messages", "3", "--interval-ms", "0", "--duration", "0.5"],
+    );
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["connections"], 5, "--connections stays the number of concurrent connections");
+    assert_eq!(v["churn_messages"], 3);
+    let connects = v["connects"].as_u64().unwrap();
+    let echoed = v["echoed"].as_u64().unwrap();
+    assert!(connects > 5, "connections were not replaced: {v}");
+    // Every connection but the (at most 5) last ones echoed exactly 3.
+    assert!(echoed <= 3 * connects && echoed >= 3 * (connects - 5), "{v}");
+    assert_eq!(v["sent"], v["echoed"], "{v}");
+    let rate = v["connects_per_sec"].as_f64().unwrap();
+    let d = v["duration_s"].as_f64().unwrap();
+    assert!((rate * d - connects as f64).abs() <= 1.0 + connects as f64 * 0.01, "{v}");
+    // Each replaced connection was closed cleanly (the server read an EOF).
+    assert!(wait_for(&server.clean_eofs, connects as usize - 5) >= connects as usize - 5);
+    // The human summary names the churn.
+    let port = server.port.to_string();
+    let out = client(&["-p", &port, "--churn-messages", "2", "--interval-ms", "0", "--duration", "0.2"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("churn: ") && stdout.contains("connects/s") && stdout.contains("PASS"), "{stdout}");
+}
+
+#[test]
+fn churn_replaces_a_failed_connection_but_not_a_failed_connect() {
+    // The server closes after three echoes; the client wants five per
+    // connection: every connection ends with an EOF, and is replaced.
+    let server = serve(Behaviour::CloseAfterThree);
+    let (code, v, _) = run_json(
+        server.port,
+        &["--connections", "4", "--churn-messages", "5", "--interval-ms", "0", "--duration", "0.3"],
+    );
+    assert_eq!(code, 1, "{v}");
+    // An EOF, or a reset when the fourth message reached the closed socket.
+    let failed = v["eofs"].as_u64().unwrap() + v["resets"].as_u64().unwrap();
+    let (connects, echoed) = (v["connects"].as_u64().unwrap(), v["echoed"].as_u64().unwrap());
+    assert!(failed > 4 && connects >= failed && connects <= failed + 4, "{v}");
+    assert_eq!(v["errors"], failed, "{v}");
+    assert!(echoed >= 3 * failed && echoed <= 3 * (failed + 4), "three echoes per connection: {v}");
+    // A refused connect is not replaced: the run ends at once.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (code, v, _) = run_json(port, &["--connections", "4", "--churn-messages", "3", "--duration", "5"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!((v["connect_errors"].as_u64(), v["connects"].as_u64()), (Some(4), Some(0)), "{v}");
+    assert!(v["duration_s"].as_f64().unwrap() < 4.0, "the run ends once every connect failed: {v}");
+}
+
+#[test]
+fn churn_over_several_source_addresses() {
+    let server = serve(Behaviour::Echo);
+    let (code, v, stderr) = run_json(
+        server.port,
+        &[
+            "--connections",
+            "8",
+            "--source-addresses",
+            "4",
+            "--churn-messages",
+            "2",
+            "--interval-ms",
+            "0",
+            "--duration",
+            "0.3",
+        ],
+    );
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    assert!(v["connects"].as_u64().unwrap() > 8, "{v}");
+}
+
+#[test]
 fn wrong_value_is_a_discontinuity() {
     let server = serve(Behaviour::WrongOnFifth);
     let (code, v, stderr) = run_json(server.port, &["--connections", "3", "--count", "10", "--interval-ms", "0"]);

@@ -5,6 +5,10 @@
 //! and connect deadlines go into a min-heap holding at most one entry per
 //! connection, re-armed lazily when it fires early (the connection has
 //! sent again since), so a fast connection costs no heap work per message.
+//!
+//! With churn (`--churn-messages K`) a connection that has its K-th echo
+//! closes cleanly and a new one takes its slot (and its token) at once; so
+//! does one that fails after connecting.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -31,6 +35,8 @@ pub(crate) struct Config {
     pub(crate) timeout: Duration,
     pub(crate) ramp: Duration,
     pub(crate) count: Option<u64>,
+    /// `--churn-messages`: replace each connection after this many echoes.
+    pub(crate) churn: Option<u64>,
     pub(crate) duration: Option<Duration>,
     /// Spread connections over 127.0.0.1..=127.0.0.N (1 = no binding).
     pub(crate) source_addresses: u32,
@@ -222,6 +228,7 @@ impl Driver {
                 ConnectStep::Failed(e) => self.fail(i, ErrorKind::Connect, connect_detail(&e)),
                 ConnectStep::Connected => {
                     self.live += 1;
+                    self.counters.connects += 1;
                     if let Some(s) = &self.conns[i].stream {
                         let _ = s.set_nodelay(true);
                     }
@@ -299,6 +306,7 @@ impl Driver {
         c.seq = c.seq.wrapping_add(1);
         c.state = State::Idle;
         let done = self.cfg.count.is_some_and(|k| c.sent >= k);
+        let churned = self.cfg.churn.is_some_and(|k| c.sent >= k);
         self.counters.echoed += 1;
         self.latency.record(us);
         if let Some(p) = self.progress.as_mut() {
@@ -311,6 +319,10 @@ impl Driver {
         }
         if done || self.stopping {
             self.close(i, true);
+            false
+        } else if churned {
+            self.close(i, true);
+            self.replace(i);
             false
         } else if self.cfg.interval.is_zero() {
             true
@@ -397,8 +409,24 @@ impl Driver {
         self.active -= 1;
     }
 
+    /// Churn: a new connection in the slot of connection `i`, which was
+    /// just closed cleanly; it connects at once.
+    fn replace(&mut self, i: usize) {
+        let now = Instant::now();
+        // A deadline of the old connection may still sit in the heap: keep
+        // the flag that says so, and that entry re-arms itself lazily for the
+        // new one (see `fire_timers`), so the heap keeps one entry per slot.
+        let armed = self.conns[i].timeout_armed;
+        self.conns[i] = Conn::new(now);
+        self.conns[i].timeout_armed = armed;
+        self.active += 1;
+        self.connect(i);
+    }
+
     /// Records an error on connection `i`, logs it (rate-limited) and
-    /// closes the connection.
+    /// closes the connection. With churn, a connection that had connected
+    /// is replaced, as after a clean close (a failed connect is not, so that
+    /// a refused port does not spin).
     fn fail(&mut self, i: usize, kind: ErrorKind, detail: impl Display) {
         self.counters.add_error(kind);
         let now = Instant::now();
@@ -423,18 +451,25 @@ impl Driver {
                 "{kind}: {detail}"
             );
         }
+        let established = self.conns[i].is_established();
         self.close(i, false);
+        if self.cfg.churn.is_some() && established && !self.stopping {
+            self.replace(i);
+        }
     }
 }
 
-/// A connect error, with a hint for the usual resource limits.
 /// A non-blocking connect, from `source` when given (bind before connect,
-/// to use more than one loopback source address).
+/// to use more than one loopback source address). `IP_BIND_ADDRESS_NO_PORT`
+/// leaves the choice of the port to `connect`, which only needs the whole
+/// 4-tuple to be unique: a bound port would have to be free for every
+/// destination, and TIME_WAITs of earlier runs would run the range out.
 fn connect_from(source: Option<std::net::IpAddr>, target: std::net::SocketAddr) -> io::Result<TcpStream> {
     let Some(source) = source else { return TcpStream::connect(target) };
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
     let family = if target.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    socket::setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
     use std::os::fd::AsRawFd;
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(std::net::SocketAddr::new(source, 0)))?;
     match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(target)) {
@@ -444,6 +479,7 @@ fn connect_from(source: Option<std::net::IpAddr>, target: std::net::SocketAddr) 
     Ok(TcpStream::from_std(std::net::TcpStream::from(fd)))
 }
 
+/// A connect error, with a hint for the usual resource limits.
 fn connect_detail(e: &io::Error) -> String {
     let hint = match e.raw_os_error() {
         Some(24) | Some(23) => " (raise the open-file limit: ulimit -n)",

@@ -50,7 +50,8 @@ pub fn init_logging() {
 ///
 /// Returns when every connection is done: after `--count` messages each,
 /// after `--duration` (plus the echoes then in flight), or, with neither,
-/// only if every connection failed. Protocol and connection errors are
+/// only if every connection failed (with `--churn-messages`, each connection
+/// is replaced after K echoes, so give `--duration`). Protocol and connection errors are
 /// counted in the summary; `Err` means the run could not be carried out
 /// (the poller or the `--timeline` file could not be set up).
 pub fn run(args: &Args) -> anyhow::Result<Summary> {
@@ -73,6 +74,7 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
         timeout: args.timeout(),
         ramp: args.ramp(),
         count: args.count,
+        churn: args.churn_messages,
         duration: args.duration,
         source_addresses: args.source_addresses.min(254),
     };
@@ -82,7 +84,9 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
     }
     let show_progress = std::io::stderr().is_terminal();
     let outcome = driver::Driver::new(cfg, registry, timeline, show_progress).run(&mut poll).context("polling")?;
-    Ok(Summary::new(u64::from(args.connections), &outcome.counters, &outcome.latency, outcome.elapsed))
+    let mut summary = Summary::new(u64::from(args.connections), &outcome.counters, &outcome.latency, outcome.elapsed);
+    summary.churn_messages = args.churn_messages;
+    Ok(summary)
 }
 
 /// `--source-addresses` applies to an IPv4 loopback target only.

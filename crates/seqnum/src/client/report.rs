@@ -59,6 +59,8 @@ pub struct Counters {
     pub timeouts: u64,
     /// See [`ErrorKind::Connect`].
     pub connect_errors: u64,
+    /// Connects that completed (one per connection, more with churn).
+    pub connects: u64,
 }
 
 impl Counters {
@@ -135,6 +137,16 @@ pub struct Summary {
     pub echoes_per_sec: f64,
     /// Length of the run, in seconds.
     pub duration_s: f64,
+    /// Connects that completed: one per connection, more with
+    /// `--churn-messages`.
+    #[serde(default)]
+    pub connects: u64,
+    /// Completed connects per second of the run.
+    #[serde(default)]
+    pub connects_per_sec: f64,
+    /// `--churn-messages`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn_messages: Option<u64>,
 }
 
 impl Summary {
@@ -152,8 +164,11 @@ impl Summary {
             connect_errors: c.connect_errors,
             errors: c.errors(),
             latency_us: LatencySummary::from_histogram(latency),
-            echoes_per_sec: if secs > 0.0 { (c.echoed as f64 / secs * 10.0).round() / 10.0 } else { 0.0 },
+            echoes_per_sec: per_sec(c.echoed, secs),
             duration_s: (secs * 1000.0).round() / 1000.0,
+            connects: c.connects,
+            connects_per_sec: per_sec(c.connects, secs),
+            churn_messages: None,
         }
     }
 
@@ -165,6 +180,15 @@ impl Summary {
     /// The summary as one line of JSON (no trailing newline).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a summary always serializes")
+    }
+}
+
+/// `n` per second over `secs`, to one decimal.
+fn per_sec(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        (n as f64 / secs * 10.0).round() / 10.0
+    } else {
+        0.0
     }
 }
 
@@ -187,6 +211,13 @@ impl fmt::Display for Summary {
             "connections {}, {:.3} s: sent {}, echoed {} ({:.1} echoes/s)",
             self.connections, self.duration_s, self.sent, self.echoed, self.echoes_per_sec
         )?;
+        if let Some(k) = self.churn_messages {
+            writeln!(
+                f,
+                "churn: {} connects ({:.1} connects/s), {k} messages each, then a clean close",
+                self.connects, self.connects_per_sec
+            )?;
+        }
         writeln!(
             f,
             "latency: p50 {}, p99 {}, p99.9 {}, max {}, mean {}",
@@ -239,10 +270,12 @@ mod tests {
             "latency_us",
             "echoes_per_sec",
             "duration_s",
+            "connects",
+            "connects_per_sec",
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
-        assert_eq!(keys.len(), 12);
+        assert_eq!(keys.len(), 14, "churn_messages only with --churn-messages");
         let lat = v["latency_us"].as_object().unwrap();
         for k in ["p50", "p99", "p999", "max", "mean"] {
             assert!(lat.contains_key(k), "{k}");
@@ -254,6 +287,24 @@ mod tests {
         let back: Summary = serde_json::from_str(&s.to_json()).unwrap();
         assert_eq!(back, s);
         assert!(s.to_string().contains("FAIL"));
+        assert!(!s.to_string().contains("churn"));
+    }
+
+    #[test]
+    fn churn_summary() {
+        let c = Counters { sent: 30, echoed: 30, connects: 10, ..Counters::default() };
+        let mut s = Summary::new(2, &c, &Histogram::new(), Duration::from_secs(4));
+        s.churn_messages = Some(3);
+        assert_eq!(s.connects_per_sec, 2.5);
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!((v["connects"].as_u64(), v["churn_messages"].as_u64()), (Some(10), Some(3)));
+        assert!(s.to_string().contains("churn: 10 connects (2.5 connects/s), 3 messages each"), "{s}");
+        // A summary from before these keys still reads.
+        let old = r#"{"connections":1,"sent":1,"echoed":1,"discontinuities":0,"resets":0,"eofs":0,"timeouts":0,
+            "connect_errors":0,"errors":0,"latency_us":{"p50":1,"p99":1,"p999":1,"max":1,"mean":1.0},
+            "echoes_per_sec":1.0,"duration_s":1.0}"#;
+        let back: Summary = serde_json::from_str(old).unwrap();
+        assert_eq!((back.connects, back.churn_messages), (0, None));
     }
 
     #[test]
