@@ -63,8 +63,23 @@ fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<libc::c_int
     Ok(val)
 }
 
-/// The two TCP_INFO byte counters the echo protocol's crash safety rests on.
-pub(crate) fn tcp_info_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+/// What `TCP_INFO` tells about a connection's byte counts: its state
+/// (`TCP_ESTABLISHED`, `TCP_CLOSE_WAIT`, ... as numbered in the kernel's
+/// `include/net/tcp_states.h`) and the two byte counters the echo
+/// protocol's crash safety rests on. The counters count sequence numbers, so
+/// a FIN counts as one byte (see `tcp::stream_offsets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TcpCounters {
+    /// `tcpi_state`.
+    pub state: u8,
+    /// `tcpi_bytes_acked`: sequence numbers we sent that the peer acknowledged.
+    pub bytes_acked: u64,
+    /// `tcpi_bytes_received`: sequence numbers received in order.
+    pub bytes_received: u64,
+}
+
+/// Reads [`TcpCounters`] with `getsockopt(TCP_INFO)`.
+pub(crate) fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
     let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is valid for `len` bytes of writes; the kernel writes at
@@ -79,9 +94,14 @@ pub(crate) fn tcp_info_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
             "kernel's TCP_INFO has no byte counters (Linux 4.1 or later needed)",
         ));
     }
-    // SAFETY: zero-initialised, and the kernel filled at least the fields we read.
+    // SAFETY: zero-initialised, and the kernel filled at least the fields we
+    // read (`tcpi_state` is the first byte of the struct).
     let info = unsafe { info.assume_init() };
-    Ok((info.tcpi_bytes_acked, info.tcpi_bytes_received))
+    Ok(TcpCounters {
+        state: info.tcpi_state,
+        bytes_acked: info.tcpi_bytes_acked,
+        bytes_received: info.tcpi_bytes_received,
+    })
 }
 
 /// Bytes waiting in the receive queue (`SIOCINQ`).
