@@ -103,3 +103,92 @@ fn the_default_worker_missing_beside_takeoverd_is_refused_at_start() {
     let out = run_to_exit(&exe, &dir, &[], &[]);
     assert_refused(&dir, out, &dir.path("seqnum-worker"), &["no such file", "install seqnum-worker beside takeoverd"]);
 }
+
+/// A worker script that writes `lines` to stderr and exits 3 before its
+/// hello, in `dir`.
+fn failing_worker(dir: &TempDir, lines: &str) -> std::path::PathBuf {
+    let path = dir.path("failing-worker.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{lines}\nexit 3\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Starts takeoverd with `worker`, its stderr in `log`, and
+/// `JOURNAL_STREAM=journal_stream` if given.
+fn takeoverd_with_failing_worker(dir: &TempDir, worker: &Path, log: &Path, journal_stream: Option<String>) -> Reaper {
+    let mut cmd = Command::new(bin("takeoverd"));
+    cmd.args(["--listen", &format!("127.0.0.1:{}", free_port()), "--control-socket"])
+        .arg(dir.path("ctl.sock"))
+        .arg("--worker")
+        .arg(worker)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if let Some(js) = journal_stream {
+        cmd.env("JOURNAL_STREAM", js);
+    }
+    Reaper(cmd.spawn().expect("starting takeoverd"))
+}
+
+/// Threads of `pid`.
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn a_worker_that_fails_before_its_hello_has_its_stderr_forwarded() {
+    let dir = TempDir::new("worker-stderr");
+    let worker = failing_worker(
+        &dir,
+        "echo 'failing-worker: first line' >&2\n\
+         echo '<3>failing-worker: second line, with a priority' >&2\n\
+         echo \"failing-worker: JOURNAL_STREAM=${JOURNAL_STREAM-unset}\" >&2\n\
+         echo \"failing-worker: stderr=$(readlink /proc/$$/fd/2)\" >&2",
+    );
+    let log = dir.path("takeoverd.log");
+    let d = takeoverd_with_failing_worker(&dir, &worker, &log, None);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // takeoverd restarts it with backoff (0, 100, 200, 400 ms...): wait for
+    // four attempts.
+    wait_until("four attempts of the worker forwarded their lines", Duration::from_secs(10), || {
+        text().lines().filter(|l| *l == "failing-worker: first line").count() >= 4
+    });
+    let text = text();
+    for want in [
+        "failing-worker: first line",
+        "<3>failing-worker: second line, with a priority",
+        "failing-worker: JOURNAL_STREAM=unset",
+    ] {
+        assert!(text.lines().any(|l| l == want), "{want:?} not forwarded as a line of its own:\n{text}");
+    }
+    let stderr = text.lines().find_map(|l| l.strip_prefix("failing-worker: stderr=")).unwrap();
+    assert!(stderr.starts_with("pipe:"), "the worker's stderr should be a pipe to takeoverd, not {stderr}");
+    // Each worker's forwarding thread ended with its stderr: the main
+    // thread and at most the current worker's (and one finishing) remain.
+    let threads = threads_of(d.0.id());
+    assert!((1..=3).contains(&threads), "takeoverd has {threads} threads after four failed workers");
+}
+
+#[test]
+fn under_the_journal_a_worker_keeps_its_priority_prefixes() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("worker-stderr-journal");
+    // The worker says what JOURNAL_STREAM it got and what its stderr is.
+    let worker = failing_worker(
+        &dir,
+        "echo \"<4>failing-worker: JOURNAL_STREAM=${JOURNAL_STREAM-unset} stderr=$(stat -L -c %d:%i /proc/$$/fd/2)\" >&2",
+    );
+    let log = dir.path("takeoverd.log");
+    let meta = std::fs::File::create(&log).unwrap().metadata().unwrap();
+    let _d = takeoverd_with_failing_worker(&dir, &worker, &log, Some(format!("{}:{}", meta.dev(), meta.ino())));
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the worker's line is forwarded", Duration::from_secs(10), || {
+        text().contains("<4>failing-worker: JOURNAL_STREAM=")
+    });
+    let text = text();
+    let line = text.lines().find(|l| l.starts_with("<4>failing-worker: ")).expect("the line starts with its priority");
+    let (js, stderr) = line["<4>failing-worker: JOURNAL_STREAM=".len()..].split_once(" stderr=").unwrap();
+    assert_eq!(js, stderr, "JOURNAL_STREAM must name the worker's own stderr (its pipe to takeoverd):\n{text}");
+    assert_ne!(js, format!("{}:{}", meta.dev(), meta.ino()), "not takeoverd's stream");
+    assert!(text.lines().all(|l| l.starts_with('<')), "a line without a priority prefix:\n{text}");
+}
