@@ -286,9 +286,13 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    /// How long a test waits for an echo before it fails (rather than hang).
+    const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
     fn pair() -> (std::net::TcpStream, EchoConn) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        client.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         let (s, peer) = l.accept().unwrap();
         s.set_nonblocking(true).unwrap();
         (client, EchoConn::accepted(TcpStream::from_std(s), peer).unwrap())
@@ -336,6 +340,31 @@ mod tests {
         let mut buf = [0u8; 8];
         client.read_exact(&mut buf).unwrap();
         assert_eq!(buf, [0, 0, 0, 7, 0, 0, 0, 8], "7 echoed exactly once, then 8");
+    }
+
+    #[test]
+    fn adopting_after_a_crash_is_exact_when_the_client_half_closed() {
+        let (mut client, conn) = pair();
+        client.write_all(&[0, 0, 0, 7, 0, 0, 0, 8]).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        settle();
+        // A worker that echoed the first message and died before consuming it.
+        nix::sys::socket::send(conn.stream.as_raw_fd(), &7u32.to_be_bytes(), send_flags()).unwrap();
+        let state = conn.state();
+        let name = conn_name(conn.cookie);
+        let mut conn = EchoConn::adopt(conn.stream, &name, state, true).unwrap();
+        // The peer's FIN is no stream byte: exactly the echoed 4 bytes went.
+        assert_eq!(conn.consumed(), 4);
+        let mut queued = [0u8; 16];
+        let n = nix::sys::socket::recv(conn.stream.as_raw_fd(), &mut queued, peek_flags()).unwrap();
+        assert_eq!(&queued[..n], &[0, 0, 0, 8], "only the second message is left");
+        let mut scratch = vec![0u8; 4096];
+        let end = (0..3).find_map(|_| conn.serve(&mut scratch, true));
+        assert_eq!(end, Some(End::Eof), "the client closed at a message boundary");
+        conn.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut echoed = Vec::new();
+        client.read_to_end(&mut echoed).unwrap();
+        assert_eq!(echoed, [0, 0, 0, 7, 0, 0, 0, 8], "7 echoed exactly once, then 8");
     }
 
     #[test]

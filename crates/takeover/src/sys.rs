@@ -63,8 +63,23 @@ fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<libc::c_int
     Ok(val)
 }
 
-/// The two TCP_INFO byte counters the echo protocol's crash safety rests on.
-pub(crate) fn tcp_info_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+/// What `TCP_INFO` tells about a connection's byte counts: its state
+/// (`TCP_ESTABLISHED`, `TCP_CLOSE_WAIT`, ... as numbered in the kernel's
+/// `include/net/tcp_states.h`) and the two byte counters the echo
+/// protocol's crash safety rests on. The counters count sequence numbers, so
+/// a FIN counts as one byte (see `tcp::stream_offsets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TcpCounters {
+    /// `tcpi_state`.
+    pub state: u8,
+    /// `tcpi_bytes_acked`: sequence numbers we sent that the peer acknowledged.
+    pub bytes_acked: u64,
+    /// `tcpi_bytes_received`: sequence numbers received in order.
+    pub bytes_received: u64,
+}
+
+/// Reads [`TcpCounters`] with `getsockopt(TCP_INFO)`.
+pub(crate) fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
     let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is valid for `len` bytes of writes; the kernel writes at
@@ -79,9 +94,14 @@ pub(crate) fn tcp_info_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
             "kernel's TCP_INFO has no byte counters (Linux 4.1 or later needed)",
         ));
     }
-    // SAFETY: zero-initialised, and the kernel filled at least the fields we read.
+    // SAFETY: zero-initialised, and the kernel filled at least the fields we
+    // read (`tcpi_state` is the first byte of the struct).
     let info = unsafe { info.assume_init() };
-    Ok((info.tcpi_bytes_acked, info.tcpi_bytes_received))
+    Ok(TcpCounters {
+        state: info.tcpi_state,
+        bytes_acked: info.tcpi_bytes_acked,
+        bytes_received: info.tcpi_bytes_received,
+    })
 }
 
 /// Bytes waiting in the receive queue (`SIOCINQ`).
@@ -96,9 +116,14 @@ pub(crate) fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// Arranges for `fd` to be fd number `target` in the child that `cmd`
 /// spawns, without the close-on-exec flag, and for every fd above `target`
-/// to be closed in the child, so it inherits nothing it was not given (a
-/// stray fd the parent's own parent leaked, say). `fd` is closed in the
-/// parent once the `Command` is dropped.
+/// to be closed in the child when it execs, so it inherits nothing it was
+/// not given (a stray fd the parent's own parent leaked, say). `fd` is
+/// closed in the parent once the `Command` is dropped.
+///
+/// The fds above `target` are marked close-on-exec rather than closed at
+/// once: one of them is the pipe on which `std` reports a failed `exec` to
+/// the parent, so that `spawn` returns the error (a missing or
+/// non-executable file) instead of the child aborting.
 pub fn pass_fd(cmd: &mut Command, fd: OwnedFd, target: RawFd) {
     let raw = fd.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec, where only
@@ -115,9 +140,15 @@ pub fn pass_fd(cmd: &mut Command, fd: OwnedFd, target: RawFd) {
                 // dup2 clears FD_CLOEXEC on the new fd.
                 cvt(libc::dup2(raw, target))?;
             }
-            // close_range(2) exists since Linux 5.9; on older kernels the
-            // strays stay (they are close-on-exec in a well-behaved parent).
-            libc::syscall(libc::SYS_close_range, (target + 1) as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint);
+            // close_range(2) with CLOSE_RANGE_CLOEXEC exists since Linux
+            // 5.11; on older kernels the strays stay (they are close-on-exec
+            // in a well-behaved parent).
+            libc::syscall(
+                libc::SYS_close_range,
+                (target + 1) as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }
@@ -252,4 +283,39 @@ pub(crate) fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     // most `len` bytes.
     cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_MEMINFO, info.as_mut_ptr().cast(), &mut len) })?;
     Ok((info[0], info[1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_failed_exec_is_an_error_of_spawn_with_an_fd_passed() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let mut cmd = Command::new("/nonexistent/worker");
+        pass_fd(&mut cmd, OwnedFd::from(ours), 3);
+        let err = cmd.spawn().expect_err("exec of a missing file must fail in spawn");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    }
+
+    #[test]
+    fn a_passed_fd_is_inherited_and_strays_are_not() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        // F_DUPFD leaves close-on-exec clear: a stray a careless parent
+        // would leak.
+        // SAFETY: F_DUPFD only adds an fd to our table; we own it below.
+        let raw = cvt(unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD, 10) }).unwrap();
+        // SAFETY: the fd was just created for us and nothing else owns it.
+        let stray = unsafe { own(raw) };
+        let n = stray.as_raw_fd();
+        let probe =
+            format!("for f in 3 {n}; do if [ -e /proc/self/fd/$f ]; then echo $f open; else echo $f closed; fi; done");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", &probe]);
+        pass_fd(&mut cmd, OwnedFd::from(ours), 3);
+        let out = cmd.output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("3 open\n{n} closed\n"));
+        drop(stray);
+    }
 }

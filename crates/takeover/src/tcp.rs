@@ -10,6 +10,10 @@
 //! was *consumed*, and how far it was *written*. An echo-like protocol that
 //! peeks, writes, and only then consumes what it wrote can always tell, after
 //! a crash, which bytes were already answered.
+//!
+//! The kernel's counters count sequence numbers, in which each FIN takes
+//! one; [`stream_offsets`] takes the FINs out again, so the offsets stay
+//! exact after the peer half-closed its side, or we closed ours.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -29,21 +33,66 @@ pub struct StreamOffsets {
 /// passive open). On a socket that connected out, the kernel counts the SYN
 /// in `tcpi_bytes_acked`, so `written` is one more than the data written.
 ///
+/// The counters count sequence numbers, and a FIN takes one, like the SYN.
+/// The peer's FIN is counted in `tcpi_bytes_received` as soon as it arrives
+/// in order (but never in `SIOCINQ`, which the kernel gives as data bytes
+/// only), and ours in `tcpi_bytes_acked` (or in `SIOCOUTQ` until it is
+/// acknowledged) as soon as `shutdown(SHUT_WR)` queues it. Both are taken
+/// out again here, by the connection's state: the offsets stay data bytes
+/// after either side closed its direction. A socket in `CLOSE` is taken to
+/// have exchanged both FINs, as a socket someone still holds gets there
+/// only that way or by a reset; after a reset the offsets may be one short,
+/// which matters to no one: nothing more can be read or written.
+///
 /// The counters are read twice around the queue sizes and the read is
 /// retried until no segment arrived or was acknowledged in between, so the
 /// result is consistent even while the peer keeps sending.
 pub fn stream_offsets(fd: BorrowedFd<'_>) -> io::Result<StreamOffsets> {
     for _ in 0..1000 {
-        let before = sys::tcp_info_bytes(fd)?;
+        let before = sys::tcp_counters(fd)?;
         let inq = sys::inq(fd)?;
         let outq = sys::outq(fd)?;
-        let after = sys::tcp_info_bytes(fd)?;
+        let after = sys::tcp_counters(fd)?;
         if before == after {
-            let (acked, received) = after;
-            return Ok(StreamOffsets { consumed: received.saturating_sub(inq), written: acked + outq });
+            let peer_fin = u64::from(peer_fin_counted(after.state));
+            let our_fin = u64::from(our_fin_counted(after.state));
+            return Ok(StreamOffsets {
+                consumed: after.bytes_received.saturating_sub(inq).saturating_sub(peer_fin),
+                written: (after.bytes_acked + outq).saturating_sub(our_fin),
+            });
         }
     }
     Err(io::Error::new(io::ErrorKind::WouldBlock, "TCP counters kept moving; could not read a consistent snapshot"))
+}
+
+// TCP states as the kernel numbers them (include/net/tcp_states.h), as
+// `tcpi_state` reports them.
+const TCP_FIN_WAIT1: u8 = 4;
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
+
+/// Whether, in `state`, the peer's FIN has been received (in order) and so
+/// counts in `tcpi_bytes_received`. The kernel sets the state as it counts
+/// the FIN (`tcp_fin`): ESTABLISHED becomes CLOSE_WAIT, FIN_WAIT1 becomes
+/// CLOSING, FIN_WAIT2 becomes TIME_WAIT; from CLOSE_WAIT our own FIN leads
+/// to LAST_ACK. A socket that a process holds shows CLOSE rather than
+/// TIME_WAIT, and CLOSE once LAST_ACK or CLOSING has its ack (see
+/// [`stream_offsets`] for CLOSE after a reset).
+fn peer_fin_counted(state: u8) -> bool {
+    matches!(state, TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT | TCP_CLOSE)
+}
+
+/// Whether, in `state`, our own FIN was queued (`shutdown(SHUT_WR)` or a
+/// close): it then counts in `SIOCOUTQ` (the send queue's sequence numbers)
+/// until the peer acknowledges it, and in `tcpi_bytes_acked` after. The
+/// kernel changes the state (ESTABLISHED to FIN_WAIT1, CLOSE_WAIT to
+/// LAST_ACK) as it queues the FIN, under the same socket lock.
+fn our_fin_counted(state: u8) -> bool {
+    matches!(state, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK | TCP_TIME_WAIT | TCP_CLOSE)
 }
 
 /// True when more than half of the socket's receive buffer is charged to
@@ -74,7 +123,7 @@ pub fn bind_tcp(addr: std::net::SocketAddr, backlog: i32) -> io::Result<std::os:
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
+    use std::net::{Shutdown, TcpListener, TcpStream};
     use std::os::fd::AsFd;
 
     #[test]
@@ -93,5 +142,69 @@ mod tests {
         // Bytes the peer sent but we did not read yet are not consumed.
         client.read_exact(&mut buf).unwrap();
         assert_eq!(at(&server), StreamOffsets { consumed: 3, written: 3 });
+    }
+
+    /// Waits until the kernel shows `state` for `s` (loopback delivers at
+    /// once, but an ack may be sent a moment later).
+    fn wait_state(s: &TcpStream, state: u8) {
+        let t0 = std::time::Instant::now();
+        loop {
+            let now = sys::tcp_counters(s.as_fd()).unwrap().state;
+            if now == state {
+                return;
+            }
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "TCP state {now}, waited for {state}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn the_peers_fin_is_not_a_consumed_byte() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let at = |s: &TcpStream| stream_offsets(s.as_fd()).unwrap();
+        client.write_all(b"abcdefgh").unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(b"xyz").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        wait_state(&server, TCP_CLOSE_WAIT);
+        // The kernel counts the FIN in tcpi_bytes_received, not in SIOCINQ.
+        assert_eq!(at(&server), StreamOffsets { consumed: 4, written: 3 });
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(at(&server), StreamOffsets { consumed: 8, written: 3 });
+        assert_eq!(server.read(&mut buf).unwrap(), 0, "end of stream");
+        assert_eq!(at(&server), StreamOffsets { consumed: 8, written: 3 });
+        // Then we close our side too: LAST_ACK, and CLOSE once it is acked.
+        server.shutdown(Shutdown::Write).unwrap();
+        wait_state(&server, TCP_CLOSE);
+        assert_eq!(at(&server), StreamOffsets { consumed: 8, written: 3 });
+    }
+
+    #[test]
+    fn our_own_fin_is_not_a_written_byte() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let at = |s: &TcpStream| stream_offsets(s.as_fd()).unwrap();
+        client.write_all(b"abcdefgh").unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(b"xyz").unwrap();
+        server.shutdown(Shutdown::Write).unwrap();
+        wait_state(&server, TCP_FIN_WAIT2);
+        // The kernel counts our acked FIN in tcpi_bytes_acked, as it does
+        // the SYN of a connection we open.
+        assert_eq!(at(&server), StreamOffsets { consumed: 4, written: 3 });
+        let mut echoed = Vec::new();
+        client.read_to_end(&mut echoed).unwrap();
+        assert_eq!(echoed, b"xyz");
+        // The peer closes its side as well: both FINs are counted now.
+        client.shutdown(Shutdown::Write).unwrap();
+        wait_state(&server, TCP_CLOSE);
+        assert_eq!(at(&server), StreamOffsets { consumed: 4, written: 3 });
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(at(&server), StreamOffsets { consumed: 8, written: 3 });
     }
 }

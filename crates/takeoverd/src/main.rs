@@ -51,7 +51,8 @@ struct Cli {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..=65535))]
     backlog: i32,
 
-    /// The worker binary, started afresh from disk at every reload
+    /// The worker binary, started afresh from disk at every reload; takeoverd
+    /// exits 1 at start if it is missing or its user may not execute it
     /// [default: seqnum-worker beside takeoverd].
     #[arg(long, value_name = "PATH")]
     worker: Option<PathBuf>,
@@ -139,15 +140,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    if let Err(e) = takeover::raise_fd_limit() {
-        tracing::warn!("could not raise the fd limit: {e}");
-    }
+    // Before anything is set up: a worker that cannot be started is a
+    // mistake in the command line or the installation, not a crash to
+    // retry with backoff.
+    let default_worker = cli.worker.is_none();
     let worker = match cli.worker {
         Some(w) => w,
         None => std::env::current_exe()?.with_file_name("seqnum-worker"),
     };
-    let unit_max: Option<usize> = std::env::var("FDSTORE").ok().and_then(|v| v.parse().ok());
-    let fdstore_max = cli.fdstore_max.unwrap_or(256).min(unit_max.unwrap_or(usize::MAX));
     let worker_user = match &cli.worker_user {
         None => None,
         Some(name) => {
@@ -156,9 +156,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if !nix::unistd::geteuid().is_root() {
                 anyhow::bail!("--worker-user needs takeoverd to run as root");
             }
-            Some((user.uid.as_raw(), user.gid.as_raw()))
+            Some(user)
         }
     };
+    if let Err(why) = worker::check_runnable(&worker, worker_user.as_ref()) {
+        anyhow::bail!("worker {} cannot be run: {why} ({})", worker.display(), why.advice(default_worker));
+    }
+    if let Err(e) = takeover::raise_fd_limit() {
+        tracing::warn!("could not raise the fd limit: {e}");
+    }
+    let unit_max: Option<usize> = std::env::var("FDSTORE").ok().and_then(|v| v.parse().ok());
+    let fdstore_max = cli.fdstore_max.unwrap_or(256).min(unit_max.unwrap_or(usize::MAX));
+    let worker_user = worker_user.map(|user| (user.uid.as_raw(), user.gid.as_raw()));
     let cfg = supervisor::Config {
         worker_user,
         worker,

@@ -336,8 +336,11 @@ impl Supervisor {
         let pid = h.new.pid();
         let mut proc = h.new.proc;
         proc.kill();
-        let status = proc.finish(Duration::from_millis(100));
+        let (status, said) = proc.finish_with_stderr(Duration::from_millis(100));
         let mut error = format!("new worker {pid} {why} ({status}) while {}", h.step.name());
+        if h.step == Step::Hello && !said.is_empty() {
+            error.push_str(&format!("; its stderr: {said}"));
+        }
         let committed = h.step == Step::Committing;
         match h.old {
             Some(mut old) if !committed => {

@@ -1,39 +1,99 @@
-//! A worker process and its private control channel.
+//! A worker process, its private control channel, and its stderr.
+//!
+//! A worker's stderr is a pipe to takeoverd, not takeoverd's own stderr: a
+//! thread per worker forwards every line to takeoverd's stderr unchanged
+//! (the worker's lines carry their own `seqnum-worker[pid]: ` tag, and the
+//! sd-daemon `<N>` priority under the journal) and keeps the first lines,
+//! so that a worker that fails before its hello can be reported with what
+//! it said ([`WorkerProc::early_stderr`]). The thread ends when the pipe
+//! does: when the worker and every child it left behind have closed it.
+//!
+//! Under the journal, the worker is told that its stderr *is* the journal
+//! stream: `JOURNAL_STREAM` names the pipe (its device and inode), so it
+//! keeps writing `<N>` prefixes (see `takeover::log`), and the lines reach
+//! takeoverd's own journal stream verbatim, priorities included. A worker
+//! that would switch to journald's native protocol on seeing
+//! `JOURNAL_STREAM` still logs to the journal, but its lines then bypass
+//! takeoverd (and [`WorkerProc::early_stderr`]).
+//!
+//! If takeoverd dies, the pipe has no reader: the worker's next log line
+//! fails with `EPIPE` (Rust ignores `SIGPIPE`; a worker in another language
+//! may die of it), and the worker exits anyway as its control channel ends.
 
+use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use takeover::control::CONTROL_FD_ENV;
 
 /// Environment variables a worker must not inherit from takeoverd: they
-/// describe takeoverd's own relation to systemd.
+/// describe takeoverd's own relation to systemd. (`JOURNAL_STREAM` is set
+/// anew for the worker's own stderr when takeoverd's is the journal.)
 const PRIVATE_ENV: &[&str] =
     &["NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC", "JOURNAL_STREAM"];
+
+/// How many of a worker's first stderr lines are kept for error messages,
+/// and how many bytes of them at most.
+const EARLY_LINES: usize = 20;
+const EARLY_BYTES: usize = 4096;
+/// A line longer than this (without a newline) is forwarded in pieces.
+const MAX_LINE: usize = 64 * 1024;
+/// How long to wait for a worker's stderr to end once the worker is gone
+/// (a child it left behind may keep the pipe open).
+const STDERR_END_WAIT: Duration = Duration::from_millis(200);
 
 /// A running worker.
 #[derive(Debug)]
 pub struct WorkerProc {
     child: Child,
     chan: OwnedFd,
+    stderr: Arc<StderrTap>,
 }
 
 impl WorkerProc {
     /// Starts `path` with `args`, its control channel as fd 3 (named by
-    /// `TAKEOVERD_FD`).
+    /// `TAKEOVERD_FD`), its stderr a pipe whose lines a thread forwards to
+    /// takeoverd's stderr (see the module's documentation).
     pub fn spawn(path: &Path, args: &[String], user: Option<(u32, u32)>) -> anyhow::Result<WorkerProc> {
+        Self::spawn_forwarding(path, args, user, true)
+    }
+
+    /// [`spawn`](Self::spawn), forwarding the worker's stderr to ours only
+    /// if `to_stderr` (unit tests keep theirs quiet).
+    fn spawn_forwarding(
+        path: &Path,
+        args: &[String],
+        user: Option<(u32, u32)>,
+        to_stderr: bool,
+    ) -> anyhow::Result<WorkerProc> {
         let (ours, theirs) = takeover::wire::seqpacket_pair()?;
         let mut cmd = Command::new(path);
         cmd.args(args).env(CONTROL_FD_ENV, "3").stdin(Stdio::null());
         for v in PRIVATE_ENV {
             cmd.env_remove(v);
         }
-        // Keep JOURNAL_STREAM: the worker writes to the same stderr.
-        if let Some(js) = std::env::var_os("JOURNAL_STREAM") {
-            cmd.env("JOURNAL_STREAM", js);
+        // Close-on-exec, so that no other child inherits the write end and
+        // keeps the forwarding thread waiting for an end of file.
+        let (err_read, err_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe for the worker's stderr")?;
+        if stderr_is_journal() {
+            let st = nix::sys::stat::fstat(&err_write).context("fstat of the worker's stderr pipe")?;
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", st.st_dev, st.st_ino));
         }
+        cmd.stderr(Stdio::from(err_write));
+        let tap = Arc::new(StderrTap::default());
+        let thread_tap = Arc::clone(&tap);
+        // Started before the worker, so that it never writes into a pipe no
+        // one reads; if the worker does not start, `cmd` drops the write end
+        // and the thread ends.
+        std::thread::Builder::new()
+            .name("worker-stderr".into())
+            .spawn(move || forward(err_read, &thread_tap, to_stderr))
+            .context("starting a thread for the worker's stderr")?;
         if let Some((uid, gid)) = user {
             // std drops supplementary groups (setgroups(0)) when it changes uid.
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
@@ -41,8 +101,20 @@ impl WorkerProc {
         }
         takeover::pass_fd(&mut cmd, theirs, 3);
         let child = cmd.spawn().with_context(|| format!("starting worker {}", path.display()))?;
-        // `cmd` (and with it our copy of the worker's end) is dropped here.
-        Ok(WorkerProc { child, chan: ours })
+        // `cmd` (and with it our copies of the worker's ends of the channel
+        // and of the stderr pipe) is dropped here.
+        Ok(WorkerProc { child, chan: ours, stderr: tap })
+    }
+
+    /// [`finish`](Self::finish), then the first lines the worker wrote to
+    /// its stderr (at most 20, about 4 KiB, each without its sd-daemon `<N>`
+    /// prefix, joined with `" | "` into one line fit for an error; empty if
+    /// it wrote nothing): how a worker that failed before its hello ended,
+    /// and what it said.
+    pub fn finish_with_stderr(self, grace: Duration) -> (std::process::ExitStatus, String) {
+        let tap = Arc::clone(&self.stderr);
+        let status = self.finish(grace);
+        (status, tap.early_text())
     }
 
     /// The worker's pid.
@@ -61,23 +133,455 @@ impl WorkerProc {
     }
 
     /// Waits up to `grace` for it to exit, then kills it. Returns how it
-    /// ended.
+    /// ended, once its last stderr lines are forwarded (or 200 ms later, if
+    /// a child it left behind holds its stderr).
     pub fn finish(mut self, grace: Duration) -> std::process::ExitStatus {
         let t0 = Instant::now();
-        while t0.elapsed() < grace {
+        let status = loop {
             if let Some(status) = self.exited() {
-                return status;
+                break status;
+            }
+            if t0.elapsed() >= grace {
+                tracing::warn!(pid = self.pid(), "worker did not exit within {grace:?}; killing it");
+                let _ = self.child.kill();
+                break self.child.wait().unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(9));
             }
             std::thread::sleep(Duration::from_micros(200));
-        }
-        tracing::warn!(pid = self.pid(), "worker did not exit within {grace:?}; killing it");
-        let _ = self.child.kill();
-        self.child.wait().unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(9))
+        };
+        self.stderr.wait_end(STDERR_END_WAIT);
+        status
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL and reap (and let its last stderr lines through, as
+    /// [`finish`](Self::finish)).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.stderr.wait_end(STDERR_END_WAIT);
+    }
+}
+
+/// A worker's stderr as its forwarding thread saw it: the first lines, and
+/// whether the pipe has ended.
+#[derive(Debug, Default)]
+struct StderrTap {
+    early: Mutex<Early>,
+    ended: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Early {
+    lines: Vec<String>,
+    bytes: usize,
+    ended: bool,
+}
+
+impl StderrTap {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Early> {
+        self.early.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `line` if there is room, without its newline and its sd-daemon
+    /// priority prefix.
+    fn keep(&self, line: &[u8]) {
+        let mut early = self.lock();
+        if early.lines.len() >= EARLY_LINES || early.bytes >= EARLY_BYTES {
+            return;
+        }
+        let text = String::from_utf8_lossy(line);
+        let mut text = strip_priority(text.trim_end_matches(['\n', '\r'])).to_owned();
+        let room = EARLY_BYTES - early.bytes;
+        if text.len() > room {
+            let mut cut = room;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str("...");
+        }
+        early.bytes += text.len();
+        early.lines.push(text);
+    }
+
+    fn end(&self) {
+        self.lock().ended = true;
+        self.ended.notify_all();
+    }
+
+    /// Waits up to `timeout` for the pipe to end; true if it has.
+    fn wait_end(&self, timeout: Duration) -> bool {
+        let early = self.lock();
+        let (early, _) = self.ended.wait_timeout_while(early, timeout, |e| !e.ended).unwrap_or_else(|e| e.into_inner());
+        early.ended
+    }
+
+    fn early_text(&self) -> String {
+        self.lock().lines.join(" | ")
+    }
+}
+
+/// `line` without a leading sd-daemon priority prefix (`<0>` to `<7>`).
+fn strip_priority(line: &str) -> &str {
+    match line.as_bytes() {
+        [b'<', b'0'..=b'7', b'>', ..] => &line[3..],
+        _ => line,
+    }
+}
+
+/// The forwarding thread: copies `pipe` to takeoverd's stderr (if
+/// `to_stderr`) line by line, verbatim, keeping the first lines in `tap`,
+/// until the pipe ends.
+fn forward(pipe: OwnedFd, tap: &StderrTap, to_stderr: bool) {
+    let mut reader = std::io::BufReader::with_capacity(8192, std::fs::File::from(pipe));
+    let mut line = Vec::new();
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if buf.is_empty() {
+            break;
+        }
+        let (take, complete) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if complete || line.len() >= MAX_LINE {
+            emit(&line, tap, to_stderr);
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        emit(&line, tap, to_stderr);
+    }
+    tap.end();
+}
+
+/// One line to takeoverd's stderr, in one write under std's stderr lock
+/// (which takeoverd's own log lines take too, so lines never interleave).
+/// A failing stderr is no reason to stop draining the worker's.
+fn emit(line: &[u8], tap: &StderrTap, to_stderr: bool) {
+    if to_stderr {
+        let _ = std::io::stderr().lock().write_all(line);
+    }
+    tap.keep(line);
+}
+
+/// True when takeoverd's stderr is the journal stream systemd gave it (as
+/// `takeover::log` decides for its own lines).
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        Ok(st) => st.st_dev.to_string() == dev && st.st_ino.to_string() == ino,
+        Err(_) => false,
+    }
+}
+
+/// Why a worker binary cannot be started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unrunnable {
+    /// There is no such file (or no such file in `$PATH` for a bare name).
+    Missing(String),
+    /// It is a directory, a socket, ...
+    NotRegular(String),
+    /// The worker's user may not execute it.
+    NotExecutable(String),
+    /// Anything else (a lookup that failed).
+    Other(String),
+}
+
+impl std::fmt::Display for Unrunnable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unrunnable::Missing(why)
+            | Unrunnable::NotRegular(why)
+            | Unrunnable::NotExecutable(why)
+            | Unrunnable::Other(why) => f.write_str(why),
+        }
+    }
+}
+
+impl Unrunnable {
+    /// What to do about it. `default` is true when the path is the default
+    /// worker (no `--worker`).
+    pub fn advice(&self, default: bool) -> &'static str {
+        match (self, default) {
+            (Unrunnable::Missing(_), true) => "install seqnum-worker beside takeoverd, or pass --worker PATH",
+            (Unrunnable::Missing(_), false) => "pass --worker PATH, or install seqnum-worker beside takeoverd",
+            (Unrunnable::NotRegular(_), _) => "pass --worker PATH naming the worker's executable",
+            (Unrunnable::NotExecutable(_), _) => "let the worker's user execute it, or pass --worker PATH",
+            (Unrunnable::Other(_), _) => "check the file, or pass --worker PATH",
+        }
+    }
+}
+
+/// Checks that `path` names a worker that `exec` can start as `user`
+/// (`--worker-user`), or as takeoverd's own user when `None`: it exists, is
+/// a regular file, and that user may execute it. A bare name (no `/`) is
+/// looked up in `$PATH`, as `exec` does.
+///
+/// For takeoverd's own user the kernel decides (`faccessat(X_OK,
+/// AT_EACCESS)`: mode bits, ACLs, `noexec` mounts). For another user,
+/// which only root can switch to, the kernel's answer for root comes first
+/// (it catches `noexec` and a file no one may execute); then the mode bits
+/// of the file and of every directory above it must allow that user and its
+/// primary group (the worker gets no supplementary groups); ACLs are not
+/// consulted.
+pub fn check_runnable(path: &Path, user: Option<&nix::unistd::User>) -> Result<(), Unrunnable> {
+    use std::os::unix::ffi::OsStrExt;
+    if path.as_os_str().as_bytes().contains(&b'/') {
+        return check_file(path, user);
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
+    let mut first_problem = None;
+    for dir in std::env::split_paths(&search) {
+        let dir = if dir.as_os_str().is_empty() { std::path::PathBuf::from(".") } else { dir };
+        let candidate = dir.join(path);
+        match check_file(&candidate, user) {
+            Ok(()) => return Ok(()),
+            Err(Unrunnable::Missing(_)) => {}
+            Err(problem) => {
+                // exec goes on to the next directory too; report the first
+                // problem only if nothing later works.
+                if first_problem.is_none() {
+                    first_problem = Some((candidate, problem));
+                }
+            }
+        }
+    }
+    Err(match first_problem {
+        Some((candidate, Unrunnable::NotRegular(why))) => {
+            Unrunnable::NotRegular(format!("{} in $PATH: {why}", candidate.display()))
+        }
+        Some((candidate, Unrunnable::NotExecutable(why))) => {
+            Unrunnable::NotExecutable(format!("{} in $PATH: {why}", candidate.display()))
+        }
+        Some((candidate, problem)) => Unrunnable::Other(format!("{} in $PATH: {problem}", candidate.display())),
+        None => Unrunnable::Missing(format!("not found in $PATH ({})", search.to_string_lossy())),
+    })
+}
+
+fn check_file(path: &Path, user: Option<&nix::unistd::User>) -> Result<(), Unrunnable> {
+    use nix::unistd::{faccessat, AccessFlags};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Unrunnable::Missing("no such file".into()),
+        _ => Unrunnable::Other(format!("cannot look it up: {e}")),
+    })?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a fifo"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else {
+            "something else"
+        };
+        return Err(Unrunnable::NotRegular(format!("not a regular file but {what}")));
+    }
+    let describe =
+        |m: &std::fs::Metadata| format!("mode {:04o}, owner uid {}, gid {}", m.mode() & 0o7777, m.uid(), m.gid());
+    let kernel = faccessat(nix::fcntl::AT_FDCWD, path, AccessFlags::X_OK, nix::fcntl::AtFlags::AT_EACCESS);
+    let me = nix::unistd::geteuid();
+    match kernel {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EACCES) => {
+            let who = match nix::unistd::User::from_uid(me) {
+                Ok(Some(u)) => format!("user {} (uid {me})", u.name),
+                _ => format!("uid {me}"),
+            };
+            let why = if meta.mode() & 0o111 == 0 {
+                format!("not executable by anyone: {}", describe(&meta))
+            } else if user.is_none() && !mode_allows_exec(&meta, me.as_raw(), nix::unistd::getegid().as_raw()) {
+                format!("not executable by {who}: {}", describe(&meta))
+            } else {
+                format!("{} allows it, yet the kernel refuses to execute it (a noexec mount?)", describe(&meta))
+            };
+            return Err(Unrunnable::NotExecutable(why));
+        }
+        Err(e) => return Err(Unrunnable::Other(format!("cannot check it: {e}"))),
+    }
+    let Some(user) = user else { return Ok(()) };
+    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    let who = format!("user {} (uid {uid}, gid {gid})", user.name);
+    if !mode_allows_exec(&meta, uid, gid) {
+        return Err(Unrunnable::NotExecutable(format!("not executable by {who}: {}", describe(&meta))));
+    }
+    // exec also needs search permission on every directory on the way.
+    let real = std::fs::canonicalize(path).map_err(|e| Unrunnable::Other(format!("cannot resolve it: {e}")))?;
+    for dir in real.ancestors().skip(1) {
+        let Ok(m) = std::fs::metadata(dir) else { continue };
+        if !mode_allows_exec(&m, uid, gid) {
+            return Err(Unrunnable::NotExecutable(format!(
+                "directory {} is not searchable by {who}: {}",
+                dir.display(),
+                describe(&m)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the mode bits let `uid` with primary group `gid` (and no other
+/// group) execute a file or search a directory.
+fn mode_allows_exec(meta: &std::fs::Metadata, uid: u32, gid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if uid == 0 {
+        // Root may search any directory, and execute a file with any x bit.
+        return meta.is_dir() || meta.mode() & 0o111 != 0;
+    }
+    let shift = if meta.uid() == uid {
+        6
+    } else if meta.gid() == gid {
+        3
+    } else {
+        0
+    };
+    (meta.mode() >> shift) & 0o1 != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("takeoverd-worker-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_bare_name_is_looked_up_in_path_as_exec_does() {
+        assert_eq!(check_runnable(Path::new("sh"), None), Ok(()));
+        assert!(matches!(check_runnable(Path::new("no-such-worker-anywhere"), None), Err(Unrunnable::Missing(_))));
+    }
+
+    #[test]
+    fn mode_bits_decide_for_another_user() {
+        let dir = temp_dir("mode");
+        let file = dir.join("w");
+        std::fs::write(&file, "").unwrap();
+        if nix::unistd::geteuid().is_root() {
+            // Root's own rules are tested below; give the file an owner the
+            // class rules apply to.
+            std::os::unix::fs::chown(&file, Some(4242), Some(4243)).unwrap();
+        }
+        let meta = |mode: u32| {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::metadata(&file).unwrap()
+        };
+        use std::os::unix::fs::MetadataExt;
+        let (owner, group) = (meta(0o600).uid(), meta(0o600).gid());
+        let stranger = owner.wrapping_add(12345);
+        assert!(mode_allows_exec(&meta(0o700), owner, group));
+        assert!(!mode_allows_exec(&meta(0o070), owner, group), "the owner class decides for the owner");
+        assert!(mode_allows_exec(&meta(0o010), stranger, group));
+        assert!(!mode_allows_exec(&meta(0o701), stranger, group), "the group class decides for the group");
+        assert!(mode_allows_exec(&meta(0o001), stranger, group.wrapping_add(1)));
+        assert!(!mode_allows_exec(&meta(0o770), stranger, group.wrapping_add(1)));
+        assert!(mode_allows_exec(&meta(0o100), 0, 0), "root needs one x bit");
+        assert!(!mode_allows_exec(&meta(0o666), 0, 0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn another_user_needs_to_search_every_directory_above() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: needs root (--worker-user)");
+            return;
+        }
+        let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+            eprintln!("SKIP: no user nobody");
+            return;
+        };
+        let dir = temp_dir("search");
+        let private = dir.join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let file = private.join("w");
+        std::fs::write(&file, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(check_runnable(&file, None), Ok(()));
+        match check_runnable(&file, Some(&nobody)) {
+            Err(Unrunnable::NotExecutable(why)) => assert!(why.contains("is not searchable by user nobody"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert_eq!(check_runnable(&file, Some(&nobody)), Ok(()));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert!(matches!(check_runnable(&file, Some(&nobody)), Err(Unrunnable::NotExecutable(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod stderr_tests {
+    use super::*;
+
+    fn sh(script: &str) -> WorkerProc {
+        WorkerProc::spawn_forwarding(Path::new("/bin/sh"), &["-c".into(), script.into()], None, false).unwrap()
+    }
+
+    #[test]
+    fn the_first_lines_are_kept_without_priority_prefixes() {
+        let w = sh("echo 'worker[1]: one' >&2; echo '<3>worker[1]: two' >&2; printf 'no newline' >&2; exit 3");
+        let (status, early) = w.finish_with_stderr(Duration::from_secs(5));
+        assert_eq!(status.code(), Some(3));
+        assert_eq!(early, "worker[1]: one | worker[1]: two | no newline");
+    }
+
+    #[test]
+    fn early_stderr_waits_for_the_last_lines_of_a_dead_worker() {
+        let mut w = sh("echo last words >&2; exit 1");
+        while w.exited().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(w.early_stderr(), "last words");
+    }
+
+    #[test]
+    fn only_the_first_lines_are_kept_and_every_line_is_drained() {
+        // 5000 lines: more than the pipe holds, so a thread that stopped
+        // reading would leave the worker blocked and `finish` would kill it.
+        let w = sh("i=0; while [ $i -lt 5000 ]; do echo \"line $i\" >&2; i=$((i+1)); done; exit 0");
+        let (status, early) = w.finish_with_stderr(Duration::from_secs(20));
+        assert!(status.success(), "{status}");
+        let lines: Vec<&str> = early.split(" | ").collect();
+        assert_eq!(lines.len(), EARLY_LINES);
+        assert_eq!(lines[0], "line 0");
+        assert_eq!(lines[EARLY_LINES - 1], format!("line {}", EARLY_LINES - 1));
+    }
+
+    #[test]
+    fn the_bytes_kept_are_bounded() {
+        let long = "x".repeat(3000);
+        let w = sh(&format!("echo {long} >&2; echo {long} >&2; echo third >&2"));
+        let (_, early) = w.finish_with_stderr(Duration::from_secs(5));
+        assert!(early.len() <= EARLY_BYTES + 10, "{} bytes", early.len());
+        assert!(early.ends_with("..."), "the second line is cut");
+        assert!(!early.contains("third"), "no room left for a third line");
+    }
+
+    #[test]
+    fn strips_only_a_priority_prefix() {
+        assert_eq!(strip_priority("<3>a"), "a");
+        assert_eq!(strip_priority("<8>a"), "<8>a");
+        assert_eq!(strip_priority("<3"), "<3");
+        assert_eq!(strip_priority("a<3>"), "a<3>");
     }
 }
