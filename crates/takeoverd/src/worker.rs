@@ -546,12 +546,12 @@ mod stderr_tests {
     }
 
     #[test]
-    fn early_stderr_waits_for_the_last_lines_of_a_dead_worker() {
+    fn the_last_lines_of_a_dead_worker_are_in() {
         let mut w = sh("echo last words >&2; exit 1");
         while w.exited().is_none() {
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(w.early_stderr(), "last words");
+        assert_eq!(w.finish_with_stderr(Duration::ZERO).1, "last words");
     }
 
     #[test]
