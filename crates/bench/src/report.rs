@@ -147,13 +147,15 @@ pub fn targets(r: &Results) -> Vec<Target> {
         });
     };
     let worst = |w: &WindowSpread| w.max_ms.map(|s| s.max);
-    push(
-        "10 000 conns: reload handoff",
-        20.0,
-        "ms",
-        h(10_000).and_then(|h| h.handoff_ms.map(|s| s.max)),
-        "slowest of the reloads (takeoverd's handoff_ms), pinned placement",
-    );
+    for (n, label) in [(1_000, "1 000"), (10_000, "10 000"), (19_900, "19 900")] {
+        push(
+            &format!("{label} conns: reload pause (pause_ms)"),
+            1.0,
+            "ms",
+            h(n).and_then(|h| h.phases.pause_ms.map(|s| s.max)),
+            "longest of the reloads: takeoverd's pause_ms, old worker told to stop → new worker serving, pinned",
+        );
+    }
     push(
         "10 000 conns: worst echo latency during a reload",
         50.0,
@@ -168,13 +170,6 @@ pub fn targets(r: &Results) -> Vec<Target> {
         "ms",
         sd10k.and_then(|s| s.restart_pause_ms.map(|p| p.max)),
         "highest client latency in any restart window (fd-store settings of units/seqnum.service)",
-    );
-    push(
-        "1 000 conns: reload handoff",
-        3.0,
-        "ms",
-        h(1_000).and_then(|h| h.handoff_ms.map(|s| s.max)),
-        "slowest of the reloads (takeoverd's handoff_ms), pinned placement",
     );
     push(
         "1 000 conns: worst echo latency during a reload",

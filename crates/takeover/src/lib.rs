@@ -34,6 +34,7 @@ mod handoff;
 #[cfg(feature = "log")]
 pub mod log;
 pub mod manifest;
+pub mod priority;
 mod sys;
 mod tcp;
 mod throttle;

@@ -319,3 +319,9 @@ mod tests {
         drop(stray);
     }
 }
+
+/// Sets the calling thread's nice value (Linux keeps one per thread).
+pub(crate) fn set_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority reads its three integer arguments only.
+    cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) }).map(drop)
+}

@@ -73,6 +73,8 @@ pub struct Worker {
     pub(super) stop_pending: bool,
     /// A `sync` is answered once a loop turn finds no more events waiting.
     pub(super) sync_pending: bool,
+    /// Staging runs at a low CPU priority, raised again at `ready`.
+    pub staging_in_background: bool,
     /// Connection keys by socket cookie (connections are named by cookie).
     pub(super) by_cookie: std::collections::HashMap<u64, usize>,
     /// Connections whose echo is waiting for room in the send buffer.
@@ -124,6 +126,7 @@ impl Worker {
             record: true,
             stop_pending: false,
             sync_pending: false,
+            staging_in_background: false,
             by_cookie: std::collections::HashMap::new(),
             blocked: std::collections::HashSet::new(),
             mid_message: std::collections::HashSet::new(),

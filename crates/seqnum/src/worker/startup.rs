@@ -17,6 +17,8 @@ pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
     if let Some(chan) = takeover::take_env_fd(CONTROL_FD_ENV)? {
         if args.takeoverd_channel >= 2 {
             // takeoverd assigns us every connection, then tells us to serve.
+            // Registering them is background work (see takeover::priority).
+            worker.staging_in_background = takeover::priority::background();
             let hello = FromWorker::Hello { version: CHANNEL_VERSION, pid: std::process::id() };
             takeover::channel::send_to_supervisor(chan.as_fd(), &hello, deadline(args))
                 .context("saying hello to takeoverd")?;

@@ -131,6 +131,8 @@ impl Worker {
             }
             ToWorker::Exit => {
                 tracing::info!(connections = self.conns.len(), "handed over; exiting");
+                // Closing every connection is background work: our successor serves.
+                takeover::priority::wind_down();
                 return Flow::Exit(0);
             }
             ToWorker::Ping => {
@@ -172,6 +174,11 @@ impl Worker {
     pub(super) fn report_ready(&mut self) -> Flow {
         self.forget_deferred();
         self.record = true;
+        if std::mem::take(&mut self.staging_in_background) {
+            if let Err(e) = takeover::priority::foreground() {
+                tracing::warn!("could not raise the CPU priority back after staging: {e}");
+            }
+        }
         if let Err(e) = self.tell(&FromWorker::Ready { count: self.conns.len() }) {
             tracing::error!("telling takeoverd we are ready: {e}");
             return Flow::Exit(1);
