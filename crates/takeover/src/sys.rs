@@ -285,6 +285,12 @@ pub(crate) fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((info[0], info[1]))
 }
 
+/// Sets the calling thread's nice value (Linux keeps one per thread).
+pub(crate) fn set_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority reads its three integer arguments only.
+    cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) }).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,10 +324,4 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout), format!("3 open\n{n} closed\n"));
         drop(stray);
     }
-}
-
-/// Sets the calling thread's nice value (Linux keeps one per thread).
-pub(crate) fn set_nice(nice: i32) -> io::Result<()> {
-    // SAFETY: setpriority reads its three integer arguments only.
-    cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) }).map(drop)
 }
