@@ -46,6 +46,10 @@ const MAX_LINE: usize = 64 * 1024;
 /// (a child it left behind may keep the pipe open).
 const STDERR_END_WAIT: Duration = Duration::from_millis(200);
 
+/// takeoverd's send buffer on a worker's channel (the kernel doubles it):
+/// room for two messages of the largest size.
+const CHANNEL_SNDBUF: usize = 2 * takeover::wire::MAX_MESSAGE;
+
 /// A running worker.
 #[derive(Debug)]
 pub struct WorkerProc {
@@ -71,6 +75,11 @@ impl WorkerProc {
         to_stderr: bool,
     ) -> anyhow::Result<WorkerProc> {
         let (ours, theirs) = takeover::wire::seqpacket_pair()?;
+        // A small send buffer paces what takeoverd sends a worker by what the
+        // worker reads: staging 20 000 connections then goes out in short
+        // bursts, and a serving worker on the same core is never kept from
+        // the CPU for long. It must hold one message of the largest size.
+        let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBuf, &CHANNEL_SNDBUF);
         let mut cmd = Command::new(path);
         cmd.args(args).env(CONTROL_FD_ENV, "3").stdin(Stdio::null());
         for v in PRIVATE_ENV {

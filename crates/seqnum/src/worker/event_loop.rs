@@ -73,6 +73,9 @@ pub struct Worker {
     pub(super) stop_pending: bool,
     /// A `sync` is answered once a loop turn finds no more events waiting.
     pub(super) sync_pending: bool,
+    /// The `sync` came in this loop turn: connections registered in it
+    /// raised events that only the next turn's poll sees.
+    pub(super) sync_fresh: bool,
     /// Staging runs at a low CPU priority, raised again at `ready`.
     pub staging_in_background: bool,
     /// Connection keys by socket cookie (connections are named by cookie).
@@ -126,6 +129,7 @@ impl Worker {
             record: true,
             stop_pending: false,
             sync_pending: false,
+            sync_fresh: false,
             staging_in_background: false,
             by_cookie: std::collections::HashMap::new(),
             blocked: std::collections::HashSet::new(),
@@ -264,7 +268,7 @@ impl Worker {
             // A full batch may have left events in the kernel: drain them
             // (remembered after a stop, dropped before a sync) first.
             let drained = events.iter().count() < EVENTS;
-            if self.sync_pending && drained {
+            if self.sync_pending && drained && !std::mem::take(&mut self.sync_fresh) {
                 self.sync_pending = false;
                 if let Flow::Exit(code) = self.report_ready() {
                     return code;

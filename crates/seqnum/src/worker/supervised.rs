@@ -77,6 +77,7 @@ impl Worker {
                 // events waiting: each connection registered raised one, and
                 // every event until `ready` is our predecessor's to serve.
                 self.sync_pending = true;
+                self.sync_fresh = true;
             }
             ToWorker::State { entries } => {
                 for e in entries {
@@ -115,7 +116,7 @@ impl Worker {
                     tracing::error!("telling takeoverd we serve: {e}");
                     return Flow::Exit(1);
                 }
-                tracing::info!(connections = self.conns.len(), "serving for takeoverd");
+                tracing::info!(connections = self.conns.len(), woken = self.ready.len(), "serving for takeoverd");
             }
             ToWorker::Stop => {
                 // Answered at the end of this loop turn, once the events
