@@ -65,10 +65,11 @@ fn fds_become(pid: u32, want: usize) -> usize {
     }
 }
 
-/// The handoff time in `reload ok: generation G, worker pid P, handoff H ms`.
+/// The reload time in `reload ok: generation G, worker pid P, clients paused
+/// X ms, reload took H ms`.
 fn handoff_ms(stdout: &str) -> f64 {
     stdout
-        .split("handoff ")
+        .split("reload took ")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse().ok())

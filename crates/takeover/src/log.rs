@@ -57,7 +57,8 @@ fn stderr_is_journal() -> bool {
 }
 
 /// Installs the global subscriber. `binary` and the pid start each line, as
-/// a supervisor and its workers share one stderr (and one journal stream).
+/// a supervisor and its workers end up in one stream (takeoverd forwards its
+/// workers' stderr to its own, and so to one journal stream).
 pub fn init(binary: &'static str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder =

@@ -1,8 +1,13 @@
 //! Background work at a low CPU priority: a staged worker registering
 //! thousands of connections, or a worker tearing them down after its
-//! successor took over, runs at nice 19, so that on a shared core the
-//! worker that serves clients wins every wakeup and its latency does not
-//! grow with the connection count.
+//! successor took over, runs at nice 10, so that on a shared core the
+//! worker that serves clients wins its wakeups and its latency does not
+//! grow with the connection count. Not nice 19: a serving worker that keeps
+//! its core busy (a connect storm) would leave a successor at nice 19 about
+//! 1.5 % of it, too little to keep up with the connections assigned to it
+//! meanwhile; at nice 10 it gets about 10 %, and the caller returns to nice 0
+//! after a while anyway (see `seqnum-worker`).
+//!
 //!
 //! Lowering a priority is always allowed; raising it back to nice 0 needs
 //! `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 (`LimitNICE=+0` in a unit), and a
@@ -13,7 +18,7 @@
 use std::io;
 
 /// The nice value of background work.
-pub const BACKGROUND_NICE: i32 = 19;
+pub const BACKGROUND_NICE: i32 = 10;
 
 /// Lowers the calling thread's priority for background work, if it can be
 /// raised again with [`foreground`]. Returns whether it was lowered.
@@ -31,10 +36,10 @@ pub fn foreground() -> io::Result<()> {
 
 /// Lowers the calling thread's priority for good (a process about to exit).
 pub fn wind_down() {
-    let _ = crate::sys::set_nice(BACKGROUND_NICE);
+    let _ = crate::sys::set_nice(19);
 }
 
-/// Whether this thread may go from nice 19 back to nice 0.
+/// Whether this thread may go from background priority back to nice 0.
 fn can_return() -> bool {
     let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE).map(|(soft, _)| soft);
     nix::unistd::geteuid().is_root() || limit.is_ok_and(|soft| soft >= 20)

@@ -42,8 +42,9 @@ pub fn reload(path: &Path, timeout: Duration) -> anyhow::Result<i32> {
     let reply = request(path, Request::Reload, timeout)?;
     let rec: ReloadRecord = serde_json::from_slice(&reply).context("unreadable reply from takeoverd")?;
     if rec.ok {
+        let pause = rec.pause_ms.map_or("none".into(), |p| format!("{p:.3} ms"));
         println!(
-            "reload ok: generation {}, worker pid {}, handoff {:.2} ms",
+            "reload ok: generation {}, worker pid {}, clients paused {pause}, reload took {:.2} ms",
             rec.generation,
             rec.worker_pid.unwrap_or(0),
             rec.handoff_ms

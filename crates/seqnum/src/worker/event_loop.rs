@@ -76,8 +76,9 @@ pub struct Worker {
     /// The `sync` came in this loop turn: connections registered in it
     /// raised events that only the next turn's poll sees.
     pub(super) sync_fresh: bool,
-    /// Staging runs at a low CPU priority, raised again at `ready`.
-    pub staging_in_background: bool,
+    /// Staging runs at a low CPU priority until this instant (or `ready`,
+    /// whichever comes first), then at nice 0 again.
+    pub staging_in_background: Option<Instant>,
     /// Connection keys by socket cookie (connections are named by cookie).
     pub(super) by_cookie: std::collections::HashMap<u64, usize>,
     /// Connections whose echo is waiting for room in the send buffer.
@@ -130,7 +131,7 @@ impl Worker {
             stop_pending: false,
             sync_pending: false,
             sync_fresh: false,
-            staging_in_background: false,
+            staging_in_background: None,
             by_cookie: std::collections::HashMap::new(),
             blocked: std::collections::HashSet::new(),
             mid_message: std::collections::HashSet::new(),
@@ -293,11 +294,23 @@ impl Worker {
                 }
             }
             self.expire_takers();
+            if self.staging_in_background.is_some_and(|t| Instant::now() >= t) {
+                self.leave_background();
+            }
             if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
                 self.accept_retry = None;
                 for i in 0..self.listeners.len() {
                     self.accept(i);
                 }
+            }
+        }
+    }
+
+    /// Back to nice 0 after staging in the background.
+    pub(super) fn leave_background(&mut self) {
+        if self.staging_in_background.take().is_some() {
+            if let Err(e) = takeover::priority::foreground() {
+                tracing::warn!("could not raise the CPU priority back after staging: {e}");
             }
         }
     }
@@ -322,7 +335,13 @@ impl Worker {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        let soonest = self.takers.iter().map(|(_, t)| t.deadline).chain(self.accept_retry).min()?;
+        let soonest = self
+            .takers
+            .iter()
+            .map(|(_, t)| t.deadline)
+            .chain(self.accept_retry)
+            .chain(self.staging_in_background)
+            .min()?;
         Some(soonest.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
     }
 

@@ -12,13 +12,20 @@ use super::event_loop::Worker;
 use super::Args;
 use crate::echo::{ConnState, EchoConn};
 
+/// How long a staged worker works at background priority at most.
+const STAGING_IN_BACKGROUND: std::time::Duration = std::time::Duration::from_millis(250);
+
 pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
     let mut worker = Worker::new(args.ack_timeout())?;
     if let Some(chan) = takeover::take_env_fd(CONTROL_FD_ENV)? {
         if args.takeoverd_channel >= 2 {
             // takeoverd assigns us every connection, then tells us to serve.
-            // Registering them is background work (see takeover::priority).
-            worker.staging_in_background = takeover::priority::background();
+            // Registering them is background work (see takeover::priority),
+            // for a while: a successor that cannot keep up with a busy core
+            // finishes at full priority.
+            if takeover::priority::background() {
+                worker.staging_in_background = Some(Instant::now() + STAGING_IN_BACKGROUND);
+            }
             let hello = FromWorker::Hello { version: CHANNEL_VERSION, pid: std::process::id() };
             takeover::channel::send_to_supervisor(chan.as_fd(), &hello, deadline(args))
                 .context("saying hello to takeoverd")?;

@@ -97,9 +97,9 @@ impl Worker {
                 }
             }
             ToWorker::Serve { recovered } => {
-                if recovered {
+                if recovered && !self.conns.is_empty() {
                     tracing::info!(
-                        "the previous worker died; reconciling every connection with the kernel's byte counters"
+                        "no worker stopped cleanly before us; reconciling every connection with the kernel's byte counters"
                     );
                     let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                     for key in keys {
@@ -175,11 +175,7 @@ impl Worker {
     pub(super) fn report_ready(&mut self) -> Flow {
         self.forget_deferred();
         self.record = true;
-        if std::mem::take(&mut self.staging_in_background) {
-            if let Err(e) = takeover::priority::foreground() {
-                tracing::warn!("could not raise the CPU priority back after staging: {e}");
-            }
-        }
+        self.leave_background();
         if let Err(e) = self.tell(&FromWorker::Ready { count: self.conns.len() }) {
             tracing::error!("telling takeoverd we are ready: {e}");
             return Flow::Exit(1);
