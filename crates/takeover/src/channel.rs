@@ -34,6 +34,13 @@ use crate::error::{Error, Result};
 use crate::fd::Kind;
 use crate::manifest::{self, RawState, StateEntry};
 
+/// Set to `background` in the environment of a worker that is started while
+/// another one serves: a hint that its staging competes with a serving
+/// worker and may run at a low CPU priority ([`crate::priority`]). Absent
+/// when nobody serves (a first start, a restart after a crash): then staging
+/// is all there is to do.
+pub const STAGING_ENV: &str = "TAKEOVERD_STAGING";
+
 /// The supervisor channel version this build speaks. Version 1 is the
 /// channel of `control.rs` (the worker accepts, reports `opened`).
 pub const CHANNEL_VERSION: u32 = 2;

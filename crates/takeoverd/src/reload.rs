@@ -61,7 +61,8 @@ impl Supervisor {
             notify(&[NotifyState::Reloading, NotifyState::Status("reloading: starting a new worker")]);
         }
         tracing::info!(generation = self.generation + 1, "{}: starting a new worker", why_name(why));
-        let proc = match WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user) {
+        let successor = matches!(self.workers, Workers::Serving(_));
+        let proc = match WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user, successor) {
             Ok(p) => p,
             Err(e) => {
                 let error = format!("{e:#}");

@@ -46,10 +46,6 @@ const MAX_LINE: usize = 64 * 1024;
 /// (a child it left behind may keep the pipe open).
 const STDERR_END_WAIT: Duration = Duration::from_millis(200);
 
-/// takeoverd's send buffer on a worker's channel (the kernel doubles it):
-/// room for two messages of the largest size.
-const CHANNEL_SNDBUF: usize = 2 * takeover::wire::MAX_MESSAGE;
-
 /// A running worker.
 #[derive(Debug)]
 pub struct WorkerProc {
@@ -62,8 +58,16 @@ impl WorkerProc {
     /// Starts `path` with `args`, its control channel as fd 3 (named by
     /// `TAKEOVERD_FD`), its stderr a pipe whose lines a thread forwards to
     /// takeoverd's stderr (see the module's documentation).
-    pub fn spawn(path: &Path, args: &[String], user: Option<(u32, u32)>) -> anyhow::Result<WorkerProc> {
-        Self::spawn_forwarding(path, args, user, true)
+    /// `successor`: another worker serves while this one is staged (it is
+    /// told so in `TAKEOVERD_STAGING=background`, a hint to stage at a low
+    /// CPU priority).
+    pub fn spawn(
+        path: &Path,
+        args: &[String],
+        user: Option<(u32, u32)>,
+        successor: bool,
+    ) -> anyhow::Result<WorkerProc> {
+        Self::spawn_forwarding(path, args, user, true, successor)
     }
 
     /// [`spawn`](Self::spawn), forwarding the worker's stderr to ours only
@@ -73,15 +77,14 @@ impl WorkerProc {
         args: &[String],
         user: Option<(u32, u32)>,
         to_stderr: bool,
+        successor: bool,
     ) -> anyhow::Result<WorkerProc> {
         let (ours, theirs) = takeover::wire::seqpacket_pair()?;
-        // A small send buffer paces what takeoverd sends a worker by what the
-        // worker reads: staging 20 000 connections then goes out in short
-        // bursts, and a serving worker on the same core is never kept from
-        // the CPU for long. It must hold one message of the largest size.
-        let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBuf, &CHANNEL_SNDBUF);
         let mut cmd = Command::new(path);
         cmd.args(args).env(CONTROL_FD_ENV, "3").stdin(Stdio::null());
+        if successor {
+            cmd.env(takeover::channel::STAGING_ENV, "background");
+        }
         for v in PRIVATE_ENV {
             cmd.env_remove(v);
         }
@@ -543,7 +546,7 @@ mod stderr_tests {
     use super::*;
 
     fn sh(script: &str) -> WorkerProc {
-        WorkerProc::spawn_forwarding(Path::new("/bin/sh"), &["-c".into(), script.into()], None, false).unwrap()
+        WorkerProc::spawn_forwarding(Path::new("/bin/sh"), &["-c".into(), script.into()], None, false, false).unwrap()
     }
 
     #[test]

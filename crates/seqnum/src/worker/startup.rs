@@ -23,7 +23,8 @@ pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
             // Registering them is background work (see takeover::priority),
             // for a while: a successor that cannot keep up with a busy core
             // finishes at full priority.
-            if takeover::priority::background() {
+            let successor = std::env::var_os(takeover::channel::STAGING_ENV).is_some_and(|v| v == "background");
+            if successor && takeover::priority::background() {
                 worker.staging_in_background = Some(Instant::now() + STAGING_IN_BACKGROUND);
             }
             let hello = FromWorker::Hello { version: CHANNEL_VERSION, pid: std::process::id() };
