@@ -22,7 +22,7 @@ use takeover::{Endpoint, Existing, Message};
 use crate::fdstore::{notify, FdStore};
 use crate::state::{SavedRef, StateFile};
 use crate::status::{ListenerInfo, ReloadRecord, Status};
-use crate::workers::{Conns, HeldConn, Proto, Worker, Workers};
+use crate::workers::{Conns, HeldConn, Proto, Workers};
 
 pub(crate) const SIGNALS: Token = Token(0);
 pub(crate) const CTL: Token = Token(1);
@@ -100,8 +100,8 @@ pub struct Supervisor {
     pub(crate) accept_log: takeover::Throttle,
     pub(crate) conns: Conns,
     pub(crate) workers: Workers,
-    /// Workers told to exit, reaped when they do (killed past their grace).
-    pub(crate) retiring: Vec<(Worker, Instant)>,
+    /// Threads reaping workers told to exit (killed past their grace).
+    pub(crate) retiring: Vec<std::thread::JoinHandle<()>>,
     pub(crate) next_token: usize,
     pub(crate) generation: u64,
     pub(crate) store: FdStore,
@@ -245,7 +245,6 @@ impl Supervisor {
         consider(self.status_dirty.then(|| self.status_at + Duration::from_secs(1)));
         consider(self.ctl_deadline());
         consider(self.accept_retry);
-        consider(self.retiring.iter().map(|(_, d)| *d).min());
         soonest.map(|s| s.saturating_duration_since(Instant::now()))
     }
 
@@ -267,14 +266,7 @@ impl Supervisor {
             self.accept_retry = None;
             self.accept_more = true;
         }
-        let (late, keep): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.retiring).into_iter().partition(|(_, d)| now >= *d);
-        self.retiring = keep;
-        for (w, _) in late {
-            tracing::warn!(pid = w.pid(), "an old worker did not exit within {:?}; killing it", self.cfg.ack_timeout);
-            let mut proc = w.proc;
-            proc.kill();
-        }
+        self.retiring.retain(|r| !r.is_finished());
     }
 
     /// Pings the serving worker; replaces one that stays silent past the
@@ -459,7 +451,6 @@ impl Supervisor {
     /// Reaps exited workers: retired ones are done; a live one that exited
     /// is gone.
     fn reap(&mut self) {
-        self.retiring.retain_mut(|(w, _)| w.proc.exited().is_none());
         let mut gone = Vec::new();
         match &mut self.workers {
             Workers::Serving(w) => {
@@ -511,8 +502,8 @@ impl Supervisor {
             }
             w.proc.finish(Duration::from_secs(2));
         }
-        for (w, _) in std::mem::take(&mut self.retiring) {
-            w.proc.finish(Duration::from_secs(1));
+        for reaper in std::mem::take(&mut self.retiring) {
+            let _ = reaper.join();
         }
         self.save_state();
         self.ctl.unlink_if_ours();
