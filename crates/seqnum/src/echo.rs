@@ -197,7 +197,9 @@ impl EchoConn {
                 // that buffer's memory stays charged to the socket, the
                 // receive window closes, and the rest can never arrive: echo
                 // the partial bytes then, to free it.
-                if read_closed {
+                // (Served without its event, e.g. woken after a handoff, the
+                // close is asked of the kernel: no further event would come.)
+                if read_closed || takeover::peer_closed(self.stream.as_fd()) {
                     return Some(End::EofMidMessage);
                 }
                 if !takeover::receive_memory_pinned(self.stream.as_fd()) {

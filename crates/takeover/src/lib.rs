@@ -48,5 +48,5 @@ pub use handoff::{
 };
 pub use manifest::{check_name, Entry, Message, RawState, StateEntry, PROTOCOL_VERSION};
 pub use sys::{pass_fd, socket_cookie, take_env_fd, take_raw_inherited};
-pub use tcp::{bind_tcp, receive_memory_pinned, stream_offsets, StreamOffsets};
+pub use tcp::{bind_tcp, peer_closed, receive_memory_pinned, stream_offsets, StreamOffsets};
 pub use throttle::Throttle;

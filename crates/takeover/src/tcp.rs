@@ -95,6 +95,13 @@ fn our_fin_counted(state: u8) -> bool {
     matches!(state, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK | TCP_TIME_WAIT | TCP_CLOSE)
 }
 
+/// Whether the peer has closed its side (its FIN is in): a reader that
+/// serves without an event (a connection it was handed, or woken) learns it
+/// here. False when the state cannot be read.
+pub fn peer_closed(fd: BorrowedFd<'_>) -> bool {
+    sys::tcp_counters(fd).is_ok_and(|c| peer_fin_counted(c.state))
+}
+
 /// True when more than half of the socket's receive buffer is charged to
 /// data already queued. A reader that leaves a few bytes unread (a partial
 /// message) can then keep the receive window shut: the kernel frees a

@@ -146,7 +146,7 @@ impl Supervisor {
                 FromWorker::State { entries } => {
                     // The staged worker has (or will get with its assign)
                     // the state we knew; this one is newer.
-                    if h.step >= Step::Staging {
+                    if h.step >= Step::Staging && h.step < Step::Committing {
                         h.new.send(&ToWorker::State { entries: entries.clone() });
                     }
                     self.update_states(entries);

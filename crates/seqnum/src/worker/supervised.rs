@@ -82,10 +82,15 @@ impl Worker {
             ToWorker::State { entries } => {
                 for e in entries {
                     let Some(key) = self.key_of(&e.name) else { continue };
-                    if let (Some(c), Ok(state)) =
-                        (self.conns.get_mut(key), serde_json::from_value::<ConnState>(e.state))
-                    {
+                    // `null` clears: back at a message boundary.
+                    let state =
+                        serde_json::from_value::<Option<ConnState>>(e.state).ok().flatten().unwrap_or_default();
+                    if let Some(c) = self.conns.get_mut(key) {
                         c.set_state(state);
+                        if c.phase() != 0 {
+                            // Ours to report at our own stop, even if never served.
+                            self.mid_message.insert(key);
+                        }
                     }
                 }
             }
@@ -154,7 +159,15 @@ impl Worker {
                 .set_nonblocking(true)
                 .and_then(|()| stream.set_nodelay(true))
                 .and_then(|()| EchoConn::staged(mio::net::TcpStream::from_std(stream), &name, state))
-                .and_then(|c| self.add_conn(c));
+                .and_then(|c| {
+                    let mid = c.phase() != 0;
+                    let key = self.add_conn(c)?;
+                    if mid {
+                        // Ours to report at our own stop, even if never served.
+                        self.mid_message.insert(key);
+                    }
+                    Ok(key)
+                });
             if let Err(e) = adopted {
                 // Out of fds or the like: we cannot serve what we cannot hold.
                 let reason = format!("cannot take connection {name}: {e}");
