@@ -83,8 +83,7 @@ impl Worker {
                 for e in entries {
                     let Some(key) = self.key_of(&e.name) else { continue };
                     // `null` clears: back at a message boundary.
-                    let state =
-                        serde_json::from_value::<Option<ConnState>>(e.state).ok().flatten().unwrap_or_default();
+                    let state = serde_json::from_value::<Option<ConnState>>(e.state).ok().flatten().unwrap_or_default();
                     if let Some(c) = self.conns.get_mut(key) {
                         c.set_state(state);
                         if c.phase() != 0 {
