@@ -41,8 +41,9 @@ where
     }
 }
 
-/// True when stderr is the journal stream systemd gave us.
-fn stderr_is_journal() -> bool {
+/// True when stderr is the journal stream systemd gave us (`JOURNAL_STREAM`
+/// names stderr's device and inode).
+pub fn stderr_is_journal() -> bool {
     use std::os::fd::AsFd;
     let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
         return false;

@@ -92,7 +92,7 @@ impl WorkerProc {
         // keeps the forwarding thread waiting for an end of file.
         let (err_read, err_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe for the worker's stderr")?;
-        if stderr_is_journal() {
+        if takeover::log::stderr_is_journal() {
             let st = nix::sys::stat::fstat(&err_write).context("fstat of the worker's stderr pipe")?;
             cmd.env("JOURNAL_STREAM", format!("{}:{}", st.st_dev, st.st_ino));
         }
@@ -280,21 +280,6 @@ fn emit(line: &[u8], tap: &StderrTap, to_stderr: bool) {
         let _ = std::io::stderr().lock().write_all(line);
     }
     tap.keep(line);
-}
-
-/// True when takeoverd's stderr is the journal stream systemd gave it (as
-/// `takeover::log` decides for its own lines).
-fn stderr_is_journal() -> bool {
-    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
-        return false;
-    };
-    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
-        Ok(st) => st.st_dev.to_string() == dev && st.st_ino.to_string() == ino,
-        Err(_) => false,
-    }
 }
 
 /// Why a worker binary cannot be started.
