@@ -111,6 +111,9 @@ impl Worker {
                         if failed {
                             self.close(key, crate::echo::End::Reset);
                         } else {
+                            if self.conns.get(key).is_some_and(|c| c.phase() != 0) {
+                                self.mid_message.insert(key);
+                            }
                             self.defer(key);
                         }
                     }
