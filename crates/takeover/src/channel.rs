@@ -229,12 +229,6 @@ pub fn encode_lists(kind: &str, items: &[(String, Option<RawState>)]) -> Result<
     Ok(out)
 }
 
-/// One decoded message from a worker and the fds that came with it
-/// (none is valid with any worker message: they are closed).
-pub fn decode_from_worker(bytes: &[u8]) -> Result<FromWorker> {
-    FromWorker::decode(bytes)
-}
-
 /// A decoded `assign`: each entry's name and raw state with its fd, the
 /// fds already validated as TCP streams.
 pub type Assigned = Vec<(String, Option<RawState>, OwnedFd)>;
@@ -259,11 +253,6 @@ pub fn decode_assign(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<Assigned> {
         out.push((name, state, fd));
     }
     Ok(out)
-}
-
-/// Sends a supervisor message with no fds, waiting for room until `deadline`.
-pub fn send_to_worker(chan: BorrowedFd<'_>, msg: &ToWorker, deadline: Option<std::time::Instant>) -> Result<()> {
-    crate::wire::send(chan, &msg.encode(), &[], deadline)
 }
 
 /// Sends a worker message with no fds, waiting for room until `deadline`.
@@ -399,5 +388,18 @@ mod tests {
         let states = vec![("c1".to_string(), Some(state))];
         let st = encode_lists("state", &states).unwrap();
         assert!(matches!(FromWorker::decode(&st[0]).unwrap(), FromWorker::State { .. }));
+    }
+
+    #[test]
+    fn names_are_short_base36() {
+        assert_eq!(conn_name(0), "c0");
+        assert_eq!(conn_name(35), "cz");
+        assert_eq!(conn_name(36), "c10");
+        assert_eq!(conn_name(u64::MAX), "c3w5e11264sgsf");
+        for c in [0, 35, 36, 1 << 40, u64::MAX] {
+            assert_eq!(cookie_of_name(&conn_name(c)), Some(c));
+        }
+        assert_eq!(cookie_of_name("l0"), None);
+        assert_eq!(cookie_of_name("c00"), None, "not a name conn_name makes");
     }
 }

@@ -225,10 +225,7 @@ impl Supervisor {
             Some(o) => {
                 h.step = Step::Stopping;
                 h.stop_at = Some(now);
-                match o.proto {
-                    Proto::V1 => o.send_raw(vec![Message::Quiesce.encode()]),
-                    _ => o.send(&ToWorker::Stop),
-                }
+                o.send_stop();
             }
             None => {
                 h.step = Step::Committing;
@@ -347,10 +344,7 @@ impl Supervisor {
             Some(mut old) if !committed => {
                 if h.step == Step::Stopping {
                     old.assign(h.since_stop);
-                    match old.proto {
-                        Proto::V1 => old.send_raw(vec![Message::Resume.encode()]),
-                        _ => old.send(&ToWorker::Resume),
-                    }
+                    old.send(&ToWorker::Resume);
                 }
                 error.push_str("; the old worker serves on");
                 tracing::error!("{error}");

@@ -17,12 +17,12 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use sd_notify::NotifyState;
 use slab::Slab;
 use takeover::channel::ToWorker;
-use takeover::{Endpoint, Existing, Message};
+use takeover::{Endpoint, Existing};
 
 use crate::fdstore::{notify, FdStore};
 use crate::state::{SavedRef, StateFile};
 use crate::status::{ListenerInfo, ReloadRecord, Status};
-use crate::workers::{Conns, HeldConn, Proto, Workers};
+use crate::workers::{Conns, HeldConn, Workers};
 
 pub(crate) const SIGNALS: Token = Token(0);
 pub(crate) const CTL: Token = Token(1);
@@ -495,11 +495,7 @@ impl Supervisor {
                 tracing::warn!("the worker did not stop ({e}); the saved states may be stale");
             }
             w.send(&ToWorker::Exit);
-            if w.proto == Proto::V1 {
-                let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], Some(deadline));
-            } else {
-                let _ = w.flush(&self.conns);
-            }
+            let _ = w.flush(&self.conns);
             w.proc.finish(Duration::from_secs(2));
         }
         for reaper in std::mem::take(&mut self.retiring) {

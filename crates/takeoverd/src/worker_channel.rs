@@ -78,11 +78,7 @@ impl Supervisor {
         // Best effort and never blocking: a worker that cannot hear it is
         // killed past its grace.
         w.send(&ToWorker::Exit);
-        if w.proto == Proto::V1 {
-            let _ = takeover::manifest::send(w.chan(), &Message::Exit, &[], Some(Instant::now()));
-        } else {
-            let _ = w.flush(&self.conns);
-        }
+        let _ = w.flush(&self.conns);
         // Reaped by a thread of its own at nice 19: the kernel frees what
         // the old worker held (its /proc entries, one per fd if anything
         // looked at them: milliseconds at 10 000 connections) in the reaper's

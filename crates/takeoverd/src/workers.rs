@@ -109,6 +109,16 @@ impl Worker {
         self.outbox.queue.push_back(Out::Bytes(msg.encode()));
     }
 
+    /// Queues the message that stops the worker at a message boundary:
+    /// `stop`, or version 1's `quiesce`. (`resume`, `exit` and `ping` are the
+    /// same bytes in both versions: [`send`](Self::send) them.)
+    pub fn send_stop(&mut self) {
+        match self.proto {
+            Proto::V1 => self.send_raw(vec![takeover::Message::Quiesce.encode()]),
+            _ => self.send(&ToWorker::Stop),
+        }
+    }
+
     /// Queues pre-encoded messages.
     pub fn send_raw(&mut self, msgs: Vec<Vec<u8>>) {
         self.outbox.queue.extend(msgs.into_iter().map(Out::Bytes));
