@@ -39,6 +39,7 @@ mod sys;
 mod tcp;
 mod throttle;
 pub mod wire;
+pub mod worker;
 
 pub use endpoint::{check_peer, connect, Endpoint, Existing};
 pub use error::{Error, Result};

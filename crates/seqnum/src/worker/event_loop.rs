@@ -16,6 +16,7 @@ use serde_json::value::to_raw_value;
 use slab::Slab;
 use takeover::{Endpoint, Entry, Item, Kind, Message, RawState};
 
+use super::supervised::Control;
 use crate::echo::{conn_name, EchoConn, End};
 
 const SIGNALS: Token = Token(0);
@@ -60,8 +61,7 @@ pub struct Worker {
     endpoint: Option<Endpoint>,
     takers: Slab<PendingTaker>,
     /// takeoverd's channel, and which version of it we speak.
-    pub(super) control: Option<OwnedFd>,
-    pub(super) channel_version: u32,
+    pub(super) control: Option<Control>,
     /// Serving: reading, echoing, accepting. Off before takeoverd says
     /// `serve`, and after it says `stop` or `quiesce`.
     pub(super) serving: bool,
@@ -125,7 +125,6 @@ impl Worker {
             endpoint: None,
             takers: Slab::new(),
             control: None,
-            channel_version: 0,
             serving: true,
             record: true,
             stop_pending: false,
@@ -182,17 +181,19 @@ impl Worker {
         Ok(())
     }
 
-    /// Talks to takeoverd on `chan` from now on, in channel `version` (1:
-    /// we accept and report; 2: takeoverd assigns, and we serve only once
-    /// told to).
-    pub fn set_control(&mut self, chan: OwnedFd, version: u32) -> io::Result<()> {
-        self.poll.registry().register(&mut SourceFd(&chan.as_raw_fd()), CONTROL, Interest::READABLE)?;
-        self.control = Some(chan);
-        self.channel_version = version;
-        if version >= 2 {
+    /// Talks to takeoverd from now on: version 1 (we accept and report)
+    /// or version 2 (takeoverd assigns, and we serve only once told to).
+    pub(super) fn set_control(&mut self, control: Control) -> io::Result<()> {
+        let raw = match &control {
+            Control::V1(chan) => chan.as_raw_fd(),
+            Control::V2(sup) => sup.as_fd().as_raw_fd(),
+        };
+        self.poll.registry().register(&mut SourceFd(&raw), CONTROL, Interest::READABLE)?;
+        if matches!(control, Control::V2(_)) {
             self.serving = false;
             self.record = false;
         }
+        self.control = Some(control);
         Ok(())
     }
 
@@ -411,11 +412,16 @@ impl Worker {
         // client sees the close now, not when the last copy goes.
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         drop(conn);
-        if let Some(chan) = &self.control {
-            let deadline = Some(Instant::now() + self.ack_timeout);
-            if let Err(e) = takeover::manifest::send(chan.as_fd(), &Message::Closed { name }, &[], deadline) {
-                tracing::warn!("could not tell takeoverd about a closed connection: {e}");
+        let told = match &self.control {
+            None => Ok(()),
+            Some(Control::V2(sup)) => sup.closed(&name),
+            Some(Control::V1(chan)) => {
+                let deadline = Some(Instant::now() + self.ack_timeout);
+                takeover::manifest::send(chan.as_fd(), &Message::Closed { name }, &[], deadline)
             }
+        };
+        if let Err(e) = told {
+            tracing::warn!("could not tell takeoverd about a closed connection: {e}");
         }
     }
 
@@ -449,14 +455,17 @@ impl Worker {
         }
     }
 
-    fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+    fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
         let conn = EchoConn::accepted(stream, peer)?;
         tracing::debug!(%peer, name = %conn_name(conn.cookie), "accepted");
-        if let Some(chan) = &self.control {
-            // takeoverd keeps a copy of every connection, so that it outlives us.
+        if let Some(Control::V1(chan)) = &self.control {
+            // takeoverd (channel version 1) keeps a copy of every connection
+            // we accept, so that it outlives us. Under version 2 we have no
+            // listener: takeoverd accepts.
             let entry = Entry { name: conn_name(conn.cookie), kind: Kind::TcpStream, state: json!({"peer": peer}) };
             let deadline = Some(Instant::now() + self.ack_timeout);
-            takeover::manifest::send(chan.as_fd(), &Message::Opened { entry }, &[conn.stream.as_fd()], deadline)?;
+            takeover::manifest::send(chan.as_fd(), &Message::Opened { entry }, &[conn.stream.as_fd()], deadline)
+                .map_err(io::Error::other)?;
         }
         self.add_conn(conn)?;
         Ok(())

@@ -65,7 +65,52 @@ impl Args {
 }
 
 /// Runs a worker until it stops; the exit status to use.
-pub fn run(args: Args) -> anyhow::Result<i32> {
+pub fn run(args: Args) -> Result<i32, StartError> {
     let mut worker = startup::start(&args)?;
     Ok(worker.run())
+}
+
+/// Why a worker could not start: what it was doing, and why that failed.
+#[derive(Debug)]
+pub struct StartError {
+    doing: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StartError {
+    fn new(doing: impl Into<String>) -> StartError {
+        StartError { doing: doing.into(), source: None }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(e) => write!(f, "{}: {e}", self.doing),
+            None => f.write_str(&self.doing),
+        }
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<std::io::Error> for StartError {
+    fn from(e: std::io::Error) -> StartError {
+        StartError { doing: "starting".into(), source: Some(e.into()) }
+    }
+}
+
+/// Names what a step of starting was doing when it failed.
+trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, StartError>;
+}
+
+impl<T, E: Into<Box<dyn std::error::Error + Send + Sync>>> Doing<T> for Result<T, E> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, StartError> {
+        self.map_err(|e| StartError { doing: what(), source: Some(e.into()) })
+    }
 }

@@ -4,18 +4,18 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
-use takeover::channel::{FromWorker, CHANNEL_VERSION};
+use takeover::worker::Supervisor;
 use takeover::{control::CONTROL_FD_ENV, Endpoint, Existing, Handoff, Kind};
 
 use super::event_loop::Worker;
-use super::Args;
+use super::supervised::Control;
+use super::{Args, Doing, StartError};
 use crate::echo::{ConnState, EchoConn};
 
 /// How long a staged worker works at background priority at most.
 const STAGING_IN_BACKGROUND: std::time::Duration = std::time::Duration::from_millis(250);
 
-pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
+pub(super) fn start(args: &Args) -> Result<Worker, StartError> {
     let mut worker = Worker::new(args.ack_timeout())?;
     if let Some(chan) = takeover::take_env_fd(CONTROL_FD_ENV)? {
         if args.takeoverd_channel >= 2 {
@@ -23,40 +23,41 @@ pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
             // Registering them is background work (see takeover::priority),
             // for a while: a successor that cannot keep up with a busy core
             // finishes at full priority.
-            let successor = std::env::var_os(takeover::channel::STAGING_ENV).is_some_and(|v| v == "background");
-            if successor && takeover::priority::background() {
+            if Supervisor::staged_beside_a_server() && takeover::priority::background() {
                 worker.staging_in_background = Some(Instant::now() + STAGING_IN_BACKGROUND);
             }
-            let hello = FromWorker::Hello { version: CHANNEL_VERSION, pid: std::process::id() };
-            takeover::channel::send_to_supervisor(chan.as_fd(), &hello, deadline(args))
-                .context("saying hello to takeoverd")?;
-            worker.set_control(chan, CHANNEL_VERSION)?;
+            let sup = Supervisor::new(chan)
+                .doing(|| "saying hello to takeoverd".into())?
+                .with_send_timeout(args.ack_timeout());
+            worker.set_control(Control::V2(sup))?;
             return Ok(worker);
         }
         // Version 1: takeoverd hands us everything, listeners too.
-        let handoff = take(&chan, args).context("receiving sockets from takeoverd")?;
+        let handoff = take(&chan, args).doing(|| "receiving sockets from takeoverd".into())?;
         adopt(&mut worker, handoff)?;
-        takeover::ack(chan.as_fd(), deadline(args)).context("acking takeoverd's handoff")?;
-        worker.set_control(chan, 1)?;
+        takeover::ack(chan.as_fd(), deadline(args)).doing(|| "acking takeoverd's handoff".into())?;
+        worker.set_control(Control::V1(chan))?;
         tracing::info!(listeners = worker.listener_count(), connections = worker.conn_count(), "serving for takeoverd");
         return Ok(worker);
     }
     if let Some(path) = &args.takeover {
-        let chan = takeover::connect(path).with_context(|| format!("taking over from {}", path.display()))?;
-        let handoff = take(&chan, args).with_context(|| format!("taking over from {}", path.display()))?;
+        let chan = takeover::connect(path).doing(|| format!("taking over from {}", path.display()))?;
+        let handoff = take(&chan, args).doing(|| format!("taking over from {}", path.display()))?;
         adopt(&mut worker, handoff)?;
         takeover::ack(chan.as_fd(), deadline(args))
-            .with_context(|| format!("completing the takeover from {}", path.display()))?;
+            .doing(|| format!("completing the takeover from {}", path.display()))?;
         tracing::info!(from = %path.display(), listeners = worker.listener_count(), connections = worker.conn_count(), "took over");
         let offer = args.takeover_path.as_deref().unwrap_or(path);
         let existing = if offer == path.as_path() { Existing::Succeed } else { Existing::ReplaceStale };
-        worker.set_endpoint(Endpoint::bind(offer, existing)?)?;
+        worker.set_endpoint(
+            Endpoint::bind(offer, existing).doing(|| format!("offering takeover on {}", offer.display()))?,
+        )?;
     } else {
         let inherited = inherited_listeners()?;
         if inherited.is_empty() {
             let addr = SocketAddr::new(args.listen_address, args.listen_port);
             let l = std::net::TcpListener::from(
-                takeover::bind_tcp(addr, args.listen_backlog).with_context(|| format!("binding {addr}"))?,
+                takeover::bind_tcp(addr, args.listen_backlog).doing(|| format!("binding {addr}"))?,
             );
             worker.add_listener("l0".into(), l)?;
         } else {
@@ -65,7 +66,10 @@ pub(super) fn start(args: &Args) -> anyhow::Result<Worker> {
             }
         }
         if let Some(path) = &args.takeover_path {
-            worker.set_endpoint(Endpoint::bind(path, Existing::ReplaceStale)?)?;
+            worker.set_endpoint(
+                Endpoint::bind(path, Existing::ReplaceStale)
+                    .doing(|| format!("offering takeover on {}", path.display()))?,
+            )?;
         }
     }
     for (name, addr) in worker.listener_addrs() {
@@ -78,14 +82,14 @@ fn deadline(args: &Args) -> Option<Instant> {
     Some(Instant::now() + args.ack_timeout())
 }
 
-fn take(chan: &OwnedFd, args: &Args) -> anyhow::Result<Handoff> {
+fn take(chan: &OwnedFd, args: &Args) -> takeover::Result<Handoff> {
     takeover::hello(chan.as_fd(), deadline(args))?;
-    Ok(takeover::receive(chan.as_fd(), &takeover::Limits::default(), deadline(args))?)
+    takeover::receive(chan.as_fd(), &takeover::Limits::default(), deadline(args))
 }
 
 /// Puts everything received into the event loop. Pending input stays in the
 /// kernel (see `echo`), so there is nothing else to replay.
-fn adopt(worker: &mut Worker, handoff: Handoff) -> anyhow::Result<()> {
+fn adopt(worker: &mut Worker, handoff: Handoff) -> Result<(), StartError> {
     if handoff.recovered {
         tracing::info!("the previous worker died; reconciling every connection with the kernel's byte counters");
     }
@@ -97,23 +101,28 @@ fn adopt(worker: &mut Worker, handoff: Handoff) -> anyhow::Result<()> {
                 stream.set_nonblocking(true)?;
                 let state: ConnState = t.state.and_then(|s| serde_json::from_str(s.get()).ok()).unwrap_or_default();
                 let conn = EchoConn::adopt(mio::net::TcpStream::from_std(stream), &t.name, state, handoff.recovered)
-                    .with_context(|| format!("adopting connection {}", t.name))?;
+                    .doing(|| format!("adopting connection {}", t.name))?;
                 worker.add_conn(conn)?;
             }
-            other => bail!("received a {other} ({}) that a seqnum worker cannot serve", t.name),
+            other => {
+                return Err(StartError::new(format!(
+                    "received a {other} ({}) that a seqnum worker cannot serve",
+                    t.name
+                )))
+            }
         }
     }
     Ok(())
 }
 
 /// Listeners passed by systemd or systemfd (`LISTEN_FDS`).
-fn inherited_listeners() -> anyhow::Result<Vec<std::net::TcpListener>> {
+fn inherited_listeners() -> Result<Vec<std::net::TcpListener>, StartError> {
     let mut fds = listenfd::ListenFd::from_env();
     let mut out = Vec::new();
     for i in 0..fds.len() {
-        match fds.take_tcp_listener(i).with_context(|| format!("LISTEN_FDS fd {} is not a TCP listener", 3 + i))? {
+        match fds.take_tcp_listener(i).doing(|| format!("LISTEN_FDS fd {} is not a TCP listener", 3 + i))? {
             Some(l) => out.push(l),
-            None => bail!("LISTEN_FDS fd {} was already taken", 3 + i),
+            None => return Err(StartError::new(format!("LISTEN_FDS fd {} was already taken", 3 + i))),
         }
     }
     Ok(out)

@@ -1,38 +1,45 @@
 //! The worker's side of takeoverd's channel (fd 3, `TAKEOVERD_FD`):
-//! version 2 (takeoverd assigns every connection, we are staged while our
-//! predecessor serves, and stop and report only what changed) and version 1
-//! (we accept and report `opened`; `quiesce` reports every state).
+//! version 2 through the library's [`takeover::worker::Supervisor`]
+//! (takeoverd assigns every connection, we are staged while our predecessor
+//! serves, and stop and report only what changed), and version 1 by hand
+//! (we accept and report `opened`; `quiesce` reports every state), kept for
+//! tests that takeoverd still serves workers built before version 2.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use serde_json::value::to_raw_value;
-use takeover::channel::{FromWorker, Incoming, ToWorker};
+use takeover::worker::{Assigned, Event, Supervisor};
 use takeover::{Message, RawState};
 
 use super::event_loop::{Flow, Worker};
 use crate::echo::{conn_name, cookie_of_name, ConnState, EchoConn};
 
+/// The channel to takeoverd, in the version the worker speaks.
+#[derive(Debug)]
+pub(super) enum Control {
+    /// Version 1: the raw channel.
+    V1(OwnedFd),
+    /// Version 2: the library's worker side.
+    V2(Supervisor),
+}
+
 impl Worker {
     /// Handles every message takeoverd has sent.
     pub(super) fn on_control(&mut self) -> Flow {
         loop {
-            let Some(chan) = &self.control else {
-                return Flow::Continue;
-            };
-            let flow = if self.channel_version >= 2 {
-                match takeover::channel::try_recv_from_supervisor(chan.as_fd()) {
+            let flow = match &mut self.control {
+                None => return Flow::Continue,
+                Some(Control::V2(sup)) => match sup.next_event() {
                     Ok(None) => return Flow::Continue,
-                    Ok(Some(Some(msg))) => self.on_v2(msg),
-                    Ok(Some(None)) => return takeoverd_gone(),
+                    Ok(Some(event)) => self.on_v2(event),
                     Err(e) => {
-                        let _ = self.tell(&FromWorker::Nack { reason: e.to_string() });
+                        // The library told takeoverd (nack); it holds every connection.
                         tracing::error!("control channel: {e}; stopping");
                         return Flow::Exit(1);
                     }
-                }
-            } else {
-                match takeover::manifest::try_recv(chan.as_fd()) {
+                },
+                Some(Control::V1(chan)) => match takeover::manifest::try_recv(chan.as_fd()) {
                     Ok(None) => return Flow::Continue,
                     Ok(Some(Some((msg, _fds)))) => self.on_v1(msg),
                     Ok(Some(None)) => return takeoverd_gone(),
@@ -40,7 +47,7 @@ impl Worker {
                         tracing::error!("control channel: {e}; stopping");
                         return Flow::Exit(1);
                     }
-                }
+                },
             };
             if matches!(flow, Flow::Exit(_)) {
                 return flow;
@@ -48,20 +55,18 @@ impl Worker {
         }
     }
 
-    /// Sends a message to takeoverd.
-    fn tell(&self, msg: &FromWorker) -> takeover::Result<()> {
-        let Some(chan) = &self.control else { return Ok(()) };
-        takeover::channel::send_to_supervisor(chan.as_fd(), msg, Some(Instant::now() + self.ack_timeout))
+    /// The version-2 channel; the event loop only calls this when there is one.
+    fn supervisor(&self) -> &Supervisor {
+        match &self.control {
+            Some(Control::V2(sup)) => sup,
+            _ => unreachable!("version-2 messages come only on a version-2 channel"),
+        }
     }
 
-    fn on_v2(&mut self, msg: Incoming) -> Flow {
-        let msg = match msg {
-            Incoming::Assign(conns) => return self.assigned(conns),
-            Incoming::Msg(m) => m,
-        };
-        match msg {
-            ToWorker::Assign { .. } => unreachable!("assign is decoded with its fds"),
-            ToWorker::Release { names } => {
+    fn on_v2(&mut self, event: Event) -> Flow {
+        match event {
+            Event::Assign(conns) => return self.assigned(conns),
+            Event::Release(names) => {
                 for name in names {
                     if let Some(key) = self.key_of(&name) {
                         // Ended before we served it: close our copy quietly.
@@ -72,14 +77,14 @@ impl Worker {
                     }
                 }
             }
-            ToWorker::Sync { count: _ } => {
+            Event::Sync => {
                 // Answered at the end of the loop turn that finds no more
                 // events waiting: each connection registered raised one, and
                 // every event until `ready` is our predecessor's to serve.
                 self.sync_pending = true;
                 self.sync_fresh = true;
             }
-            ToWorker::State { entries } => {
+            Event::State(entries) => {
                 for e in entries {
                     let Some(key) = self.key_of(&e.name) else { continue };
                     // `null` clears: back at a message boundary.
@@ -93,14 +98,14 @@ impl Worker {
                     }
                 }
             }
-            ToWorker::Wake { names } => {
+            Event::Wake(names) => {
                 for name in names {
                     if let Some(key) = self.key_of(&name) {
                         self.defer(key);
                     }
                 }
             }
-            ToWorker::Serve { recovered } => {
+            Event::Serve { recovered } => {
                 if recovered && !self.conns.is_empty() {
                     tracing::info!(
                         "no worker stopped cleanly before us; reconciling every connection with the kernel's byte counters"
@@ -119,42 +124,38 @@ impl Worker {
                     }
                 }
                 self.serving = true;
-                if let Err(e) = self.tell(&FromWorker::Serving { count: self.conns.len() }) {
+                if let Err(e) = self.supervisor().serving(self.conns.len()) {
                     tracing::error!("telling takeoverd we serve: {e}");
                     return Flow::Exit(1);
                 }
                 tracing::info!(connections = self.conns.len(), woken = self.ready.len(), "serving for takeoverd");
             }
-            ToWorker::Stop => {
+            Event::Stop => {
                 // Answered at the end of this loop turn, once the events
                 // already here are remembered (see `report_stopped`).
                 self.serving = false;
                 self.record = true;
                 self.stop_pending = true;
             }
-            ToWorker::Resume => {
+            Event::Resume => {
                 tracing::info!("handoff abandoned by takeoverd; serving again");
                 self.serving = true;
                 self.stop_pending = false;
             }
-            ToWorker::Exit => {
+            Event::Exit => {
                 tracing::info!(connections = self.conns.len(), "handed over; exiting");
                 // Closing every connection is background work: our successor serves.
                 takeover::priority::wind_down();
                 return Flow::Exit(0);
             }
-            ToWorker::Ping => {
-                if let Err(e) = self.tell(&FromWorker::Pong) {
-                    tracing::warn!("answering takeoverd's ping: {e}");
-                }
-            }
+            Event::Gone => return takeoverd_gone(),
         }
         Flow::Continue
     }
 
     /// Connections takeoverd gives us: served at once if we serve, else held.
-    fn assigned(&mut self, conns: takeover::channel::Assigned) -> Flow {
-        for (name, state, fd) in conns {
+    fn assigned(&mut self, conns: Vec<Assigned>) -> Flow {
+        for Assigned { name, state, fd } in conns {
             let stream = std::net::TcpStream::from(fd);
             let state: ConnState = state.and_then(|s| serde_json::from_str(s.get()).ok()).unwrap_or_default();
             let adopted = stream
@@ -174,7 +175,7 @@ impl Worker {
                 // Out of fds or the like: we cannot serve what we cannot hold.
                 let reason = format!("cannot take connection {name}: {e}");
                 tracing::error!("{reason}; exiting (takeoverd holds it)");
-                let _ = self.tell(&FromWorker::Nack { reason });
+                let _ = self.supervisor().nack(&reason);
                 return Flow::Exit(1);
             }
         }
@@ -191,7 +192,7 @@ impl Worker {
         self.forget_deferred();
         self.record = true;
         self.leave_background();
-        if let Err(e) = self.tell(&FromWorker::Ready { count: self.conns.len() }) {
+        if let Err(e) = self.supervisor().ready(self.conns.len()) {
             tracing::error!("telling takeoverd we are ready: {e}");
             return Flow::Exit(1);
         }
@@ -205,29 +206,17 @@ impl Worker {
     pub(super) fn report_stopped(&mut self) -> Flow {
         let mut wake: Vec<usize> = self.ready.iter().copied().collect();
         wake.extend(self.blocked.iter().copied());
-        let wakes: Vec<(String, Option<RawState>)> =
-            wake.iter().filter_map(|k| self.conns.get(*k)).map(|c| (conn_name(c.cookie), None)).collect();
-        let states: Vec<(String, Option<RawState>)> = self
+        let wakes: Vec<String> = wake.iter().filter_map(|k| self.conns.get(*k)).map(|c| conn_name(c.cookie)).collect();
+        let states: Vec<(String, RawState)> = self
             .mid_message
             .iter()
             .filter_map(|k| self.conns.get(*k))
-            .map(|c| (conn_name(c.cookie), Some(to_raw_value(&c.state()).expect("state serialises"))))
+            .map(|c| (conn_name(c.cookie), to_raw_value(&c.state()).expect("state serialises")))
             .collect();
         // Reported: only those still in the middle of a message stay news.
         let conns = &self.conns;
         self.mid_message.retain(|k| conns.get(*k).is_some_and(|c| c.phase() != 0));
-        let sent = (|| {
-            let chan = self.control.as_ref().expect("supervised");
-            let deadline = Some(Instant::now() + self.ack_timeout);
-            for msg in takeover::channel::encode_lists("state", &states)?
-                .into_iter()
-                .chain(takeover::channel::encode_lists("wake", &wakes)?)
-            {
-                takeover::wire::send(chan.as_fd(), &msg, &[], deadline)?;
-            }
-            self.tell(&FromWorker::Stopped)
-        })();
-        match sent {
+        match self.supervisor().stopped(&states, &wakes) {
             Ok(()) => {
                 tracing::info!(
                     connections = self.conns.len(),
@@ -245,7 +234,7 @@ impl Worker {
     }
 
     fn on_v1(&mut self, msg: Message) -> Flow {
-        let Some(chan) = &self.control else { return Flow::Continue };
+        let Some(Control::V1(chan)) = &self.control else { return Flow::Continue };
         match msg {
             Message::Quiesce => {
                 self.serving = false;
