@@ -53,7 +53,7 @@
 //!
 //! `docs/PROTOCOL.md` is the whole protocol, for workers in other languages.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::channel::{self, FromWorker, Incoming, ToWorker, CHANNEL_VERSION, STAGING_ENV};
@@ -258,6 +258,14 @@ impl Supervisor {
 impl AsFd for Supervisor {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.chan.as_fd()
+    }
+}
+
+/// For event loops that register raw fds (tokio's `AsyncFd`, mio's
+/// `SourceFd`): the fd stays owned by the `Supervisor`.
+impl AsRawFd for Supervisor {
+    fn as_raw_fd(&self) -> RawFd {
+        self.chan.as_raw_fd()
     }
 }
 
