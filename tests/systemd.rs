@@ -336,3 +336,71 @@ fn connection_churn_under_systemd_leaks_no_fd() {
     assert_eq!(worker_pid(&status(&m).unwrap()), Some(w), "the worker restarted during the churn");
     eprintln!("fds: takeoverd {} (as before), worker {} (as before)", now_d.len(), now_w.len());
 }
+
+/// The Python worker of examples/python (written from docs/PROTOCOL.md
+/// alone) as the unit's worker: 50 clients through two reloads, a
+/// `systemctl restart`, a SIGKILL of takeoverd and a SIGKILL of the worker,
+/// without one error. Each takeoverd restart hands the connections from the
+/// fd store to a fresh Python worker with `recovered: true`.
+#[test]
+fn a_python_worker_survives_reloads_and_takeoverd_restarts_under_systemd() {
+    let python = std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !python {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "python3 is not on PATH, and CI=true: install it");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP a_python_worker_survives_reloads_and_takeoverd_restarts_under_systemd: no python3"
+        );
+        return;
+    }
+    let Some(mut m) = UserManager::start("python") else { return };
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/seqnum_worker.py");
+    let bins = m.service_bins();
+    // The service's private /tmp hides a checkout under /tmp: then the
+    // script goes where the harness copied the binaries.
+    let script = if bins == testkit::bin_dir() {
+        src
+    } else {
+        let to = bins.join("seqnum_worker.py");
+        std::fs::copy(&src, &to).unwrap();
+        to
+    };
+    let port = free_port();
+    m.install_seqnum(port, &["--worker", script.to_str().unwrap()]);
+    up(&m, port);
+    let load = Client::start(
+        port,
+        &["--connections", "50", "--interval-ms", "5", "--duration", "12", "--timeout-ms", "10000"],
+    );
+    wait_connections(&m, 50, Duration::from_secs(10));
+    let python_serves = |st: &Value| {
+        let pid = worker_pid(st).expect("a worker serves");
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(String::from_utf8_lossy(&cmd).contains("seqnum_worker.py"), "worker {pid} is not the Python worker");
+    };
+    python_serves(&status(&m).unwrap());
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(300));
+        m.systemctl_ok(&["reload", SERVICE]);
+    }
+    let old = m.main_pid(SERVICE);
+    m.systemctl_ok(&["restart", SERVICE]);
+    let new = m.wait_running(SERVICE, old, Duration::from_secs(30));
+    python_serves(&wait_connections(&m, 50, Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(300));
+    m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
+    m.wait_running(SERVICE, new, Duration::from_secs(30));
+    let st = wait_connections(&m, 50, Duration::from_secs(10));
+    python_serves(&st);
+    std::thread::sleep(Duration::from_millis(300));
+    let w = worker_pid(&st).unwrap();
+    sigkill(w);
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&m)
+            .is_some_and(|st| worker_pid(&st).is_some_and(|p| p != w) && connections(&st) == 50)),
+        "the Python worker was not replaced after its SIGKILL"
+    );
+    python_serves(&status(&m).unwrap());
+    let v = load.finish("50 clients, Python worker, reloads and restarts under systemd");
+    assert_eq!(v["connections"], 50);
+}

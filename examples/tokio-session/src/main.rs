@@ -125,8 +125,7 @@ async fn under_takeoverd(sup: Supervisor) -> u8 {
         }
     };
     let (mode, _) = watch::channel(Mode::Held);
-    let shared =
-        Arc::new(Shared { sup: Some(chan), mode, turn: RwLock::new(()), conns: Mutex::new(HashMap::new()) });
+    let shared = Arc::new(Shared { sup: Some(chan), mode, turn: RwLock::new(()), conns: Mutex::new(HashMap::new()) });
     let chan = shared.sup.as_ref().expect("under takeoverd");
     loop {
         let mut ready = match chan.readable().await {
@@ -248,7 +247,8 @@ async fn on_event(shared: &Arc<Shared>, event: Event) -> Option<u8> {
 /// while the mode is `Serving`.
 fn adopt(shared: &Arc<Shared>, name: String, stream: std::net::TcpStream, session: Session) -> io::Result<()> {
     stream.set_nonblocking(true)?;
-    let conn = Arc::new(Conn { name: name.clone(), stream: TcpStream::from_std(stream)?, session: Mutex::new(session) });
+    let conn =
+        Arc::new(Conn { name: name.clone(), stream: TcpStream::from_std(stream)?, session: Mutex::new(session) });
     let task = tokio::spawn(serve(shared.clone(), conn.clone())).abort_handle();
     shared.conns.lock().expect("not poisoned").insert(name, (conn, task));
     Ok(())
