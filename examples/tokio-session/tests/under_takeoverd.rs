@@ -75,7 +75,7 @@ fn sessions_keep_their_state_through_reloads_and_a_kill() {
         .collect();
     wait_until("the 20 sessions are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 20);
     let mut pid = serving_pid(&d);
-    let mut step = |what: &str, pid: &mut u64, act: &dyn Fn(u64)| {
+    let step = |what: &str, pid: &mut u64, act: &dyn Fn(u64)| {
         // Let requests flow under the worker that serves now.
         std::thread::sleep(Duration::from_millis(300));
         act(*pid);
