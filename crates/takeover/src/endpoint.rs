@@ -132,6 +132,32 @@ impl Endpoint {
         &self.path
     }
 
+    /// An endpoint this process already listens on, carried across an
+    /// `execve` (a supervisor that re-executes itself keeps its control
+    /// socket, so that clients never find it missing): `fd` must be a
+    /// listening `SOCK_SEQPACKET` Unix socket, and `path` the socket file it
+    /// is bound to (its inode is kept, so that only our own file is ever
+    /// removed). On error `fd` is closed.
+    pub fn inherit(fd: OwnedFd, path: &Path) -> Result<Endpoint> {
+        let name = path.display().to_string();
+        crate::fd::validate(fd.as_fd(), crate::Kind::UnixSeqpacket)
+            .map_err(|problem| Error::BadFd { name: name.clone(), problem })?;
+        if !socket::getsockopt(&fd, sockopt::AcceptConn).map_err(|e| Error::io("SO_ACCEPTCONN", e))? {
+            return Err(Error::BadFd { name, problem: "a unix-seqpacket socket that is not listening".into() });
+        }
+        let ino = std::fs::symlink_metadata(path).map(|m| m.ino()).map_err(|e| Error::Io {
+            context: "finding the inherited socket's file",
+            source: io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+        })?;
+        Ok(Endpoint { fd, path: path.to_owned(), ino })
+    }
+
+    /// Gives up the endpoint without removing its file: its fd (to carry
+    /// across an `execve`, see [`inherit`](Self::inherit)).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Accepts one taker, if one is waiting, and checks its credentials:
     /// only root and our own uid may take our sockets. A refused peer's
     /// pid and uid are in the error.

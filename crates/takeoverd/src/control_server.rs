@@ -83,6 +83,10 @@ impl Supervisor {
                 tracing::info!("reload requested on the control socket");
                 self.request_reload(Some(conn));
             }
+            Request::Upgrade => {
+                tracing::info!("in-place upgrade requested on the control socket");
+                self.upgrade(conn);
+            }
         }
     }
 }

@@ -19,6 +19,8 @@ pub enum Request {
     Reload,
     /// Report the status.
     Status,
+    /// Re-execute the binary on disk in place and report the outcome.
+    Upgrade,
 }
 
 /// The default control socket: `$RUNTIME_DIRECTORY/control.sock` under
@@ -52,6 +54,28 @@ pub fn reload(path: &Path, timeout: Duration) -> anyhow::Result<i32> {
         Ok(0)
     } else {
         eprintln!("reload failed: {}", rec.error.as_deref().unwrap_or("unknown reason"));
+        Ok(1)
+    }
+}
+
+/// `takeoverd ctl upgrade`: asks for an in-place upgrade, waits for its
+/// outcome. Returns the process exit status (0: the new binary runs).
+pub fn upgrade(path: &Path, timeout: Duration) -> anyhow::Result<i32> {
+    let reply = request(path, Request::Upgrade, timeout)?;
+    let r: crate::upgrade::UpgradeReply = serde_json::from_slice(&reply).context("unreadable reply from takeoverd")?;
+    if r.ok {
+        println!(
+            "upgrade ok: takeoverd {} -> {}, pid {} (unchanged), worker {} untouched, {} connections carried, took {:.2} ms",
+            r.from,
+            r.to,
+            r.pid,
+            r.worker_pid.map_or("none".into(), |p| p.to_string()),
+            r.connections,
+            r.took_ms
+        );
+        Ok(0)
+    } else {
+        eprintln!("upgrade failed: {}", r.error.as_deref().unwrap_or("unknown reason"));
         Ok(1)
     }
 }

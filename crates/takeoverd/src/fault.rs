@@ -15,6 +15,11 @@
 //! it for the serving worker (the "old" worker of the actions).
 //! Actions: `kill-new`, `kill-old` (SIGKILL), `stop-new`, `stop-old` (SIGSTOP,
 //! so the step's deadline runs out), `kill-self` (SIGKILL takeoverd).
+//!
+//! `ctl upgrade` has steps of its own: `upgrade-exec` (about to exec the
+//! new binary) and `upgrade-restore` (the new image, about to take the
+//! snapshot), with the action `fail` (the step fails as if the exec, or
+//! taking the snapshot, had) or `kill-self`.
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -28,6 +33,12 @@ pub enum Step {
     SocketsSent,
     NewServing,
     Accepted,
+    /// `ctl upgrade`, about to exec the new binary (action `fail`: exec a
+    /// path that does not exist).
+    UpgradeExec,
+    /// The new image, about to take the snapshot (action `fail`: act as if
+    /// it could not, and go back to the previous binary).
+    UpgradeRestore,
 }
 
 impl Step {
@@ -39,8 +50,23 @@ impl Step {
             Step::SocketsSent => "sockets-sent",
             Step::NewServing => "new-serving",
             Step::Accepted => "accepted",
+            Step::UpgradeExec => "upgrade-exec",
+            Step::UpgradeRestore => "upgrade-restore",
         }
     }
+}
+
+/// Whether the configured fault is `STEP:fail:MARKER` for `step` (and had
+/// not fired yet): the caller then fails that step on purpose.
+pub fn fail_at(step: Step) -> bool {
+    let Ok(spec) = std::env::var("TAKEOVERD_FAULT") else { return false };
+    let mut parts = spec.splitn(3, ':');
+    let (Some(s), Some("fail"), Some(marker)) = (parts.next(), parts.next(), parts.next()) else { return false };
+    if s != step.name() || std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_err() {
+        return false;
+    }
+    tracing::warn!(step = step.name(), "injecting a failure (TAKEOVERD_FAULT)");
+    true
 }
 
 /// Injects the configured fault if `step` is its step. `new`/`old` are the
@@ -61,6 +87,7 @@ pub fn at(step: Step, new: Option<u32>, old: Option<u32>) {
         "stop-new" => (new, Signal::SIGSTOP),
         "stop-old" => (old, Signal::SIGSTOP),
         "kill-self" => (Some(std::process::id()), Signal::SIGKILL),
+        "fail" => return, // see fail_at
         _ => {
             tracing::warn!(%action, "unknown TAKEOVERD_FAULT action; ignored");
             return;

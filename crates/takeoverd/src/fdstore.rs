@@ -22,6 +22,19 @@ const MAX_ENV_STRING: usize = 32 * 4096;
 /// `LISTEN_FDNAMES=` prefix, the NUL, and a margin.
 pub const NAMES_BUDGET: usize = MAX_ENV_STRING - "LISTEN_FDNAMES=".len() - 1 - 1024;
 
+/// The store's bookkeeping, carried across an upgrade (`ctl upgrade`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct StoreSnapshot {
+    /// Whether systemd is there.
+    pub enabled: bool,
+    /// The names stored.
+    pub stored: Vec<String>,
+    /// The `--fdstore-max` in force.
+    pub max_fds: usize,
+    /// The overflow queue.
+    pub overflow: crate::overflow::OverflowSnapshot,
+}
+
 /// The fd store, or nothing when not running under systemd.
 #[derive(Debug)]
 pub struct FdStore {
@@ -54,6 +67,37 @@ impl FdStore {
         let (overflow, carried) = Overflow::restore(queue);
         store.overflow = overflow;
         (store, carried)
+    }
+
+    /// What an upgraded takeoverd needs to go on with this store.
+    pub fn snapshot(&self) -> StoreSnapshot {
+        StoreSnapshot {
+            enabled: self.enabled,
+            stored: self.stored.keys().map(|n| n.to_string()).collect(),
+            max_fds: self.max_fds,
+            overflow: self.overflow.snapshot(),
+        }
+    }
+
+    /// The store as a previous image left it (systemd still holds every fd
+    /// it names); `take` hands over the fd carried under each number.
+    pub fn from_snapshot(s: StoreSnapshot, take: impl FnMut(i32) -> OwnedFd) -> FdStore {
+        let mut store = FdStore {
+            enabled: s.enabled,
+            stored: HashMap::new(),
+            used: 0,
+            max_fds: s.max_fds,
+            overflow: Overflow::from_snapshot(s.overflow, take),
+        };
+        for name in s.stored {
+            store.mark_stored(&name);
+        }
+        store
+    }
+
+    /// The overflow pairs' fds (both ends of each).
+    pub fn pair_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.overflow.fds()
     }
 
     /// Whether a service manager is there to store fds.

@@ -11,6 +11,7 @@ mod restore;
 mod state;
 mod status;
 mod supervisor;
+mod upgrade;
 mod worker;
 mod worker_channel;
 mod workers;
@@ -84,6 +85,11 @@ struct Cli {
     /// Arguments for the worker.
     #[arg(last = true, value_name = "WORKER ARGS")]
     worker_args: Vec<String>,
+
+    /// Print the upgrade-state version this binary reads and exit (what
+    /// `ctl upgrade` asks a candidate binary before it executes it).
+    #[arg(long, hide = true)]
+    upgrade_check: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +110,16 @@ enum Ctl {
         #[arg(long, default_value_t = 90)]
         timeout_s: u64,
     },
+    /// Re-execute the takeoverd binary on disk in place: same pid, every
+    /// socket and the worker carried over, clients untouched. Refused (and
+    /// nothing changed) if the binary is missing, not executable, or reads
+    /// another upgrade-state version; if the new binary cannot take over, the
+    /// previous one serves again. Exits 1 unless the new binary runs.
+    Upgrade {
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
+    },
     /// Show generation, worker, connections, listeners and reload history.
     Status {
         /// One line of JSON.
@@ -114,10 +130,15 @@ enum Ctl {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.upgrade_check {
+        upgrade::print_check();
+        return ExitCode::SUCCESS;
+    }
     if let Some(Command::Ctl { what }) = cli.command {
         let path = cli.control_socket.unwrap_or_else(ctl::default_path);
         let result = match what {
             Ctl::Reload { timeout_s } => ctl::reload(&path, Duration::from_secs(timeout_s)),
+            Ctl::Upgrade { timeout_s } => ctl::upgrade(&path, Duration::from_secs(timeout_s)),
             Ctl::Status { json } => ctl::status(&path, json),
         };
         return match result {
@@ -175,9 +196,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         ack_timeout: Duration::from_millis(cli.ack_timeout_ms),
         control_socket: cli.control_socket.unwrap_or_else(ctl::default_path),
         fdstore_max,
+        exe: std::env::current_exe()?,
         listen: cli.listen,
         backlog: cli.backlog,
     };
-    let mut sup = supervisor::Supervisor::new(cfg)?;
+    // An in-place upgrade (`ctl upgrade`) hands this image everything the
+    // previous one held; otherwise start from systemd's fds or --listen.
+    let mut sup = match upgrade::resume(cfg.clone())? {
+        Some(sup) => sup,
+        None => supervisor::Supervisor::new(cfg)?,
+    };
     Ok(sup.run())
 }

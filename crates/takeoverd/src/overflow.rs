@@ -90,6 +90,20 @@ impl Pair {
     }
 }
 
+/// The queue's bookkeeping, carried across an upgrade (`ctl upgrade`)
+/// together with its pairs' fds, which keep their numbers across `execve`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct OverflowSnapshot {
+    /// Each pair: (read end, write end, live, dead).
+    pub pairs: Vec<(i32, i32, usize, usize)>,
+    /// Which pair each queued connection is in.
+    pub which: Vec<(String, u16)>,
+    /// Names to add at the next flush.
+    pub pending: Vec<String>,
+    /// Connections no pair had room for.
+    pub lost: u64,
+}
+
 /// The overflow queue: one or more pairs.
 #[derive(Debug, Default)]
 pub struct Overflow {
@@ -119,6 +133,33 @@ impl Overflow {
             q.pairs.push(pair);
         }
         (q, carried)
+    }
+
+    /// What an upgraded takeoverd needs to go on with this queue.
+    pub fn snapshot(&self) -> OverflowSnapshot {
+        use std::os::fd::AsRawFd;
+        OverflowSnapshot {
+            pairs: self.pairs.iter().map(|p| (p.r.as_raw_fd(), p.w.as_raw_fd(), p.live, p.dead)).collect(),
+            which: self.which.iter().map(|(n, i)| (n.to_string(), *i)).collect(),
+            pending: self.pending.iter().map(|n| n.to_string()).collect(),
+            lost: self.lost,
+        }
+    }
+
+    /// The queue as a previous image left it; `take` hands over the fd
+    /// carried under each number.
+    pub fn from_snapshot(s: OverflowSnapshot, mut take: impl FnMut(i32) -> OwnedFd) -> Overflow {
+        Overflow {
+            pairs: s.pairs.into_iter().map(|(r, w, live, dead)| Pair { r: take(r), w: take(w), live, dead }).collect(),
+            which: s.which.into_iter().map(|(n, i)| (n.into_boxed_str(), i)).collect(),
+            pending: s.pending.into_iter().map(String::into_boxed_str).collect(),
+            lost: s.lost,
+        }
+    }
+
+    /// Both ends of every pair.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.pairs.iter().flat_map(|p| [p.r.as_fd(), p.w.as_fd()]).collect()
     }
 
     /// Queues `name` at the next flush.

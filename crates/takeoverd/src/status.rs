@@ -76,6 +76,12 @@ pub struct Status {
     pub fdstore_refused: u64,
     /// Workers restarted after a crash.
     pub worker_restarts: u64,
+    /// In-place upgrades of takeoverd (`ctl upgrade`) since it started.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// takeoverd's own package version.
+    #[serde(default)]
+    pub version: String,
     /// The last reloads, oldest first.
     pub reloads: Vec<ReloadRecord>,
 }
@@ -123,6 +129,7 @@ impl Status {
             let _ = writeln!(s, "fd store:     not in use (not started by systemd)");
         }
         let _ = writeln!(s, "restarts:     {} worker crash restarts", self.worker_restarts);
+        let _ = writeln!(s, "takeoverd:    version {}, {} in-place upgrades", self.version, self.upgrades);
         for r in &self.reloads {
             let outcome = if r.ok {
                 format!("ok, pause {}, staging {}, total {:.2} ms", pause(r), opt_ms(r.stage_ms), r.handoff_ms)

@@ -61,6 +61,8 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// The unit's `FileDescriptorStoreMax=`.
     pub fdstore_max: usize,
+    /// takeoverd's own binary, as started: what `ctl upgrade` executes.
+    pub exe: PathBuf,
     /// Addresses to bind when systemd passes no listener.
     pub listen: Vec<std::net::SocketAddr>,
     /// Listen backlog for those.
@@ -101,13 +103,15 @@ pub struct Supervisor {
     pub(crate) conns: Conns,
     pub(crate) workers: Workers,
     /// Threads reaping workers told to exit (killed past their grace).
-    pub(crate) retiring: Vec<std::thread::JoinHandle<()>>,
+    pub(crate) retiring: Vec<(u32, std::thread::JoinHandle<()>)>,
     pub(crate) next_token: usize,
     pub(crate) generation: u64,
     pub(crate) store: FdStore,
-    state: StateFile,
+    pub(crate) state: StateFile,
     pub(crate) reloads: VecDeque<ReloadRecord>,
     pub(crate) restarts: u64,
+    /// In-place upgrades since the service started.
+    pub(crate) upgrades: u64,
     pub(crate) backoff: Duration,
     /// READY=1 goes out when the first worker's start ends.
     pub(crate) ready_sent: bool,
@@ -116,6 +120,22 @@ pub struct Supervisor {
     status_at: Instant,
     /// When the last ping went out, and whether its pong is still due.
     pub(crate) ping: (Instant, bool),
+    /// This image was exec'd by `ctl upgrade`: what to report once it runs.
+    pub(crate) upgraded: Option<crate::upgrade::Upgraded>,
+}
+
+/// The epoll instance and the signalfd (SIGTERM, SIGINT, SIGHUP, SIGCHLD
+/// blocked and read from it), registered.
+pub(crate) fn event_basics() -> anyhow::Result<(Poll, SignalFd)> {
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+        mask.add(s);
+    }
+    mask.thread_block()?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+    let poll = Poll::new()?;
+    poll.registry().register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)?;
+    Ok((poll, signals))
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -128,16 +148,20 @@ impl Supervisor {
     /// Gathers the sockets (systemd's, or bound here), the control socket
     /// and signal handling. Does not start a worker yet.
     pub fn new(cfg: Config) -> anyhow::Result<Supervisor> {
-        let mut mask = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
-            mask.add(s);
-        }
-        mask.thread_block()?;
-        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-        let poll = Poll::new()?;
-        poll.registry().register(&mut SourceFd(&signals.as_fd().as_raw_fd()), SIGNALS, Interest::READABLE)?;
+        let (poll, signals) = event_basics()?;
         let restored = crate::restore::restore(&cfg)?;
         let ctl = Endpoint::bind(&cfg.control_socket, Existing::ReplaceStale)?;
+        Self::assemble(cfg, poll, signals, ctl, restored)
+    }
+
+    /// The supervisor around what it holds, no worker yet.
+    pub(crate) fn assemble(
+        cfg: Config,
+        poll: Poll,
+        signals: SignalFd,
+        ctl: Endpoint,
+        restored: crate::restore::Restored,
+    ) -> anyhow::Result<Supervisor> {
         poll.registry().register(&mut SourceFd(&ctl.as_fd().as_raw_fd()), CTL, Interest::READABLE)?;
         let watchdog = sd_notify::watchdog_enabled().map(|d| (d / 2, Instant::now()));
         Ok(Supervisor {
@@ -162,12 +186,14 @@ impl Supervisor {
             state: restored.state,
             reloads: VecDeque::new(),
             restarts: 0,
+            upgrades: 0,
             backoff: Duration::ZERO,
             ready_sent: false,
             watchdog,
             status_dirty: true,
             status_at: Instant::now(),
             ping: (Instant::now(), false),
+            upgraded: None,
         })
     }
 
@@ -178,10 +204,15 @@ impl Supervisor {
             tracing::info!(name = %l.name, addr = %l.addr, "holding listener");
         }
         tracing::info!(path = %self.cfg.control_socket.display(), fdstore = self.store.enabled(), "control socket ready");
-        // Connections restored from the store were served by a process that
-        // is gone: their states may be stale.
-        let recovered = !self.conns.is_empty();
-        self.begin_handoff(crate::workers::Why::Start, recovered, Vec::new());
+        if let Some(upgrade) = self.upgraded.take() {
+            // The previous image's worker serves on: nothing to start.
+            self.finish_upgrade(upgrade);
+        } else {
+            // Connections restored from the store were served by a process
+            // that is gone: their states may be stale.
+            let recovered = !self.conns.is_empty();
+            self.begin_handoff(crate::workers::Why::Start, recovered, Vec::new());
+        }
         self.sync_accepting();
 
         let mut events = Events::with_capacity(1024);
@@ -266,7 +297,7 @@ impl Supervisor {
             self.accept_retry = None;
             self.accept_more = true;
         }
-        self.retiring.retain(|r| !r.is_finished());
+        self.retiring.retain(|(_, r)| !r.is_finished());
     }
 
     /// Pings the serving worker; replaces one that stays silent past the
@@ -320,6 +351,8 @@ impl Supervisor {
             fdstore_pairs: self.store.pairs(),
             fdstore_refused: self.store.lost(),
             worker_restarts: self.restarts,
+            upgrades: self.upgrades,
+            version: env!("CARGO_PKG_VERSION").into(),
             reloads: self.reloads.iter().cloned().collect(),
         }
     }
@@ -498,7 +531,7 @@ impl Supervisor {
             let _ = w.flush(&self.conns);
             w.proc.finish(Duration::from_secs(2));
         }
-        for reaper in std::mem::take(&mut self.retiring) {
+        for (_, reaper) in std::mem::take(&mut self.retiring) {
             let _ = reaper.join();
         }
         self.save_state();

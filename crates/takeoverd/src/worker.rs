@@ -23,7 +23,8 @@
 use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,12 +47,19 @@ const MAX_LINE: usize = 64 * 1024;
 /// (a child it left behind may keep the pipe open).
 const STDERR_END_WAIT: Duration = Duration::from_millis(200);
 
-/// A running worker.
+/// A running worker. Known by its pid rather than a `std::process::Child`,
+/// so that a takeoverd that re-executed itself (`ctl upgrade`) can adopt the
+/// workers its previous image started.
 #[derive(Debug)]
 pub struct WorkerProc {
-    child: Child,
+    pid: nix::unistd::Pid,
+    /// How it ended, once reaped.
+    status: Option<ExitStatus>,
     chan: OwnedFd,
     stderr: Arc<StderrTap>,
+    /// A copy of the read end of its stderr pipe (the forwarding thread
+    /// reads the other): what an upgraded takeoverd forwards from.
+    stderr_pipe: OwnedFd,
 }
 
 impl WorkerProc {
@@ -97,15 +105,10 @@ impl WorkerProc {
             cmd.env("JOURNAL_STREAM", format!("{}:{}", st.st_dev, st.st_ino));
         }
         cmd.stderr(Stdio::from(err_write));
-        let tap = Arc::new(StderrTap::default());
-        let thread_tap = Arc::clone(&tap);
         // Started before the worker, so that it never writes into a pipe no
         // one reads; if the worker does not start, `cmd` drops the write end
         // and the thread ends.
-        std::thread::Builder::new()
-            .name("worker-stderr".into())
-            .spawn(move || forward(err_read, &thread_tap, to_stderr))
-            .context("starting a thread for the worker's stderr")?;
+        let (tap, stderr_pipe) = start_forwarding(err_read, to_stderr)?;
         if let Some((uid, gid)) = user {
             // std drops supplementary groups (setgroups(0)) when it changes uid.
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
@@ -114,8 +117,23 @@ impl WorkerProc {
         takeover::pass_fd(&mut cmd, theirs, 3);
         let child = cmd.spawn().with_context(|| format!("starting worker {}", path.display()))?;
         // `cmd` (and with it our copies of the worker's ends of the channel
-        // and of the stderr pipe) is dropped here.
-        Ok(WorkerProc { child, chan: ours, stderr: tap })
+        // and of the stderr pipe) is dropped here; so is `child`, which
+        // neither kills nor reaps: the worker is known by its pid from now on.
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        Ok(WorkerProc { pid, status: None, chan: ours, stderr: tap, stderr_pipe })
+    }
+
+    /// A worker the previous image of this takeoverd started (it is our
+    /// child): its pid, our end of its channel, and the read end of its
+    /// stderr pipe, forwarded from now on.
+    pub fn adopt(pid: u32, chan: OwnedFd, stderr_read: OwnedFd) -> anyhow::Result<WorkerProc> {
+        let (stderr, stderr_pipe) = start_forwarding(stderr_read, true)?;
+        Ok(WorkerProc { pid: nix::unistd::Pid::from_raw(pid as i32), status: None, chan, stderr, stderr_pipe })
+    }
+
+    /// The read end of its stderr pipe (a copy), to carry across an upgrade.
+    pub fn stderr_pipe(&self) -> BorrowedFd<'_> {
+        self.stderr_pipe.as_fd()
     }
 
     /// [`finish`](Self::finish), then the first lines the worker wrote to
@@ -123,7 +141,7 @@ impl WorkerProc {
     /// prefix, joined with `" | "` into one line fit for an error; empty if
     /// it wrote nothing): how a worker that failed before its hello ended,
     /// and what it said.
-    pub fn finish_with_stderr(self, grace: Duration) -> (std::process::ExitStatus, String) {
+    pub fn finish_with_stderr(self, grace: Duration) -> (ExitStatus, String) {
         let tap = Arc::clone(&self.stderr);
         let status = self.finish(grace);
         (status, tap.early_text())
@@ -131,7 +149,7 @@ impl WorkerProc {
 
     /// The worker's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid.as_raw() as u32
     }
 
     /// Our end of the control channel.
@@ -140,14 +158,17 @@ impl WorkerProc {
     }
 
     /// `Some(status)` once it has exited (reaped).
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = reap(self.pid, false);
+        }
+        self.status
     }
 
     /// Waits up to `grace` for it to exit, then kills it. Returns how it
     /// ended, once its last stderr lines are forwarded (or 200 ms later, if
     /// a child it left behind holds its stderr).
-    pub fn finish(mut self, grace: Duration) -> std::process::ExitStatus {
+    pub fn finish(mut self, grace: Duration) -> ExitStatus {
         let t0 = Instant::now();
         let status = loop {
             if let Some(status) = self.exited() {
@@ -155,8 +176,7 @@ impl WorkerProc {
             }
             if t0.elapsed() >= grace {
                 tracing::warn!(pid = self.pid(), "worker did not exit within {grace:?}; killing it");
-                let _ = self.child.kill();
-                break self.child.wait().unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(9));
+                break self.kill_and_reap();
             }
             std::thread::sleep(Duration::from_micros(200));
         };
@@ -167,10 +187,68 @@ impl WorkerProc {
     /// SIGKILL and reap (and let its last stderr lines through, as
     /// [`finish`](Self::finish)).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill_and_reap();
         self.stderr.wait_end(STDERR_END_WAIT);
     }
+
+    fn kill_and_reap(&mut self) -> ExitStatus {
+        if let Some(status) = self.exited() {
+            return status;
+        }
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        let status = reap(self.pid, true).unwrap_or_else(|| ExitStatus::from_raw(nix::sys::signal::Signal::SIGKILL as i32));
+        self.status = Some(status);
+        status
+    }
+}
+
+/// Waits up to `grace` for child `pid` (a worker told to exit, known only
+/// by its pid) to exit, then kills it; how it ended.
+pub fn finish_pid(pid: u32, grace: Duration) -> ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = reap(pid, false) {
+            return status;
+        }
+        if t0.elapsed() >= grace {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return reap(pid, true).unwrap_or_else(|| ExitStatus::from_raw(nix::sys::signal::Signal::SIGKILL as i32));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Reaps child `pid` if it has exited (or, with `block`, once it has):
+/// `None` while it runs. A pid that is not our child (reaped elsewhere)
+/// counts as exited with an unknown status (0xff00: "exit 255").
+fn reap(pid: nix::unistd::Pid, block: bool) -> Option<ExitStatus> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let flags = if block { None } else { Some(WaitPidFlag::WNOHANG) };
+    loop {
+        return match waitpid(pid, flags) {
+            Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::from_raw((code & 0xff) << 8)),
+            Ok(WaitStatus::Signaled(_, sig, core)) => Some(ExitStatus::from_raw(sig as i32 | if core { 0x80 } else { 0 })),
+            Ok(WaitStatus::StillAlive) => None,
+            Ok(_) if block => continue,
+            Ok(_) => None,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => Some(ExitStatus::from_raw(0xff00)),
+        };
+    }
+}
+
+/// Starts the thread that forwards a worker's stderr from `pipe` (see the
+/// module's documentation); returns what it keeps and a copy of the pipe.
+fn start_forwarding(pipe: OwnedFd, to_stderr: bool) -> anyhow::Result<(Arc<StderrTap>, OwnedFd)> {
+    let copy = pipe.try_clone().context("duplicating the worker's stderr pipe")?;
+    let tap = Arc::new(StderrTap::default());
+    let thread_tap = Arc::clone(&tap);
+    std::thread::Builder::new()
+        .name("worker-stderr".into())
+        .spawn(move || forward(pipe, &thread_tap, to_stderr))
+        .context("starting a thread for the worker's stderr")?;
+    Ok((tap, copy))
 }
 
 /// A worker's stderr as its forwarding thread saw it: the first lines, and

@@ -83,16 +83,26 @@ impl Supervisor {
         // the old worker held (its /proc entries, one per fd if anything
         // looked at them: milliseconds at 10 000 connections) in the reaper's
         // context, and that must not delay the new worker on a shared core.
-        let (pid, grace, proc) = (w.pid(), self.cfg.ack_timeout, w.proc);
+        let (pid, grace) = (w.pid(), self.cfg.ack_timeout);
+        self.reap_in_background(pid, move || w.proc.finish(grace));
+    }
+
+    /// Reaps worker `pid` (told to exit) from a thread at nice 19: `finish`
+    /// waits for it to exit, killing it past its grace.
+    pub(crate) fn reap_in_background(
+        &mut self,
+        pid: u32,
+        finish: impl FnOnce() -> std::process::ExitStatus + Send + 'static,
+    ) {
         let reaper = std::thread::Builder::new().name("reaper".into()).spawn(move || {
             takeover::priority::wind_down();
-            let status = proc.finish(grace);
+            let status = finish();
             if !status.success() {
                 tracing::warn!(pid, %status, "the old worker did not exit cleanly after the handoff");
             }
         });
         match reaper {
-            Ok(handle) => self.retiring.push(handle),
+            Ok(handle) => self.retiring.push((pid, handle)),
             Err(e) => tracing::error!(pid, "could not start a thread to reap the old worker: {e}"),
         }
     }
