@@ -338,9 +338,13 @@ impl Supervisor {
     pub(crate) fn finish_upgrade(&mut self, up: Upgraded) {
         let took_ms = now_ms() - up.began_ms;
         self.upgrades += 1;
+        let fell_back = up
+            .fell_back
+            .as_ref()
+            .map(|why| format!("the new binary could not take over ({why}); the previous binary serves again"));
         let answer = UpgradeReply {
-            ok: up.fell_back.is_none(),
-            error: up.fell_back.clone(),
+            ok: fell_back.is_none(),
+            error: fell_back.clone(),
             pid: std::process::id(),
             from: up.from.clone(),
             to: env!("CARGO_PKG_VERSION").into(),
@@ -348,7 +352,7 @@ impl Supervisor {
             worker_pid: self.workers.serving().map(Worker::pid),
             connections: self.conns.len(),
         };
-        match &up.fell_back {
+        match &fell_back {
             None => tracing::info!(
                 from = %up.from,
                 to = %env!("CARGO_PKG_VERSION"),
@@ -356,7 +360,7 @@ impl Supervisor {
                 connections = self.conns.len(),
                 "upgraded in place; the worker served throughout"
             ),
-            Some(why) => tracing::error!("upgrade failed, the previous binary serves again: {why}"),
+            Some(why) => tracing::error!("upgrade failed: {why}"),
         }
         crate::control_server::reply(&up.reply, &answer);
         self.publish_ready();
@@ -381,7 +385,9 @@ fn monotonic_now() -> NotifyState<'static> {
 fn exec_env(add: &[(&str, String)], drop: &[&str]) -> Vec<CString> {
     let skip = |k: &std::ffi::OsStr| {
         let k = k.as_bytes();
-        k.starts_with(b"LISTEN_") || add.iter().any(|(a, _)| a.as_bytes() == k) || drop.iter().any(|d| d.as_bytes() == k)
+        k.starts_with(b"LISTEN_")
+            || add.iter().any(|(a, _)| a.as_bytes() == k)
+            || drop.iter().any(|d| d.as_bytes() == k)
     };
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| !skip(k))
@@ -420,7 +426,9 @@ pub fn resume(cfg: Config) -> anyhow::Result<Option<Supervisor>> {
     let fell_back = std::env::var(FALLBACK_ENV).ok();
     let Some((raw, fallback_raw)) = var.split_once(',').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
     else {
-        anyhow::bail!("${SNAPSHOT_ENV}={var:?} is not SNAPSHOT_FD,BINARY_FD; exiting so that systemd restarts takeoverd");
+        anyhow::bail!(
+            "${SNAPSHOT_ENV}={var:?} is not SNAPSHOT_FD,BINARY_FD; exiting so that systemd restarts takeoverd"
+        );
     };
     let memfd = match takeover::take_raw_inherited(raw) {
         Ok(fd) => fd,

@@ -22,8 +22,8 @@
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -196,7 +196,8 @@ impl WorkerProc {
             return status;
         }
         let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
-        let status = reap(self.pid, true).unwrap_or_else(|| ExitStatus::from_raw(nix::sys::signal::Signal::SIGKILL as i32));
+        let status =
+            reap(self.pid, true).unwrap_or_else(|| ExitStatus::from_raw(nix::sys::signal::Signal::SIGKILL as i32));
         self.status = Some(status);
         status
     }
@@ -228,7 +229,9 @@ fn reap(pid: nix::unistd::Pid, block: bool) -> Option<ExitStatus> {
     loop {
         return match waitpid(pid, flags) {
             Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::from_raw((code & 0xff) << 8)),
-            Ok(WaitStatus::Signaled(_, sig, core)) => Some(ExitStatus::from_raw(sig as i32 | if core { 0x80 } else { 0 })),
+            Ok(WaitStatus::Signaled(_, sig, core)) => {
+                Some(ExitStatus::from_raw(sig as i32 | if core { 0x80 } else { 0 }))
+            }
             Ok(WaitStatus::StillAlive) => None,
             Ok(_) if block => continue,
             Ok(_) => None,
