@@ -404,3 +404,39 @@ fn a_python_worker_survives_reloads_and_takeoverd_restarts_under_systemd() {
     let v = load.finish("50 clients, Python worker, reloads and restarts under systemd");
     assert_eq!(v["connections"], 50);
 }
+
+/// `takeoverd ctl upgrade` under systemd: `MainPID` stays, the unit goes
+/// back to active (RELOADING=1, then READY=1), the fd store still holds
+/// exactly what takeoverd holds, and a SIGKILL of the upgraded takeoverd is
+/// recovered from it like any crash. 100 clients, not one error.
+#[test]
+fn upgrades_under_systemd_keep_main_pid_and_the_fd_store() {
+    let Some((m, port)) = start("upgrade", &[]) else { return };
+    let load = Client::start(
+        port,
+        &["--connections", "100", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"],
+    );
+    wait_connections(&m, 100, Duration::from_secs(10));
+    let main = m.main_pid(SERVICE);
+    let worker = worker_pid(&status(&m).unwrap());
+    for i in 1..=3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = m.ctl(&["upgrade"]);
+        assert!(out.status.success(), "upgrade {i} failed: {out:?}\n{}", m.service_log_tail(30));
+        assert_eq!(m.main_pid(SERVICE), main, "MainPID changed");
+        assert!(
+            wait_until(Duration::from_secs(5), || m.show(SERVICE, "ActiveState") == "active"),
+            "the unit did not return to active after the upgrade: {}",
+            m.show(SERVICE, "ActiveState")
+        );
+        let st = status(&m).unwrap();
+        assert_eq!(st["upgrades"], i, "{st}");
+        assert_eq!(worker_pid(&st), worker, "an upgrade must not replace the worker: {st}");
+    }
+    assert_fd_store(&m, 100, Duration::from_secs(5));
+    m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
+    m.wait_running(SERVICE, main, Duration::from_secs(30));
+    wait_connections(&m, 100, Duration::from_secs(10));
+    let v = load.finish("100 clients through 3 upgrades and a SIGKILL of the upgraded takeoverd");
+    assert_eq!(v["connections"], 100);
+}

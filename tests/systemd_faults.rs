@@ -62,6 +62,9 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// takeoverd SIGKILLs itself at `step` of a reload (`systemctl reload`) or,
+/// for the `upgrade-*` steps, of an in-place upgrade (`ctl upgrade`):
+/// systemd restarts it with every connection from the fd store.
 fn kill_self_at(step: &str) {
     // The marker lives in a directory the DynamicUser= service may write.
     let marker_dir = testkit::systemd::run_base().join(format!("fault-{step}-{}", std::process::id()));
@@ -77,7 +80,7 @@ fn kill_self_at(step: &str) {
     let pid0 = m.main_pid(SERVICE);
     let c = client(port, &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"]);
     std::thread::sleep(Duration::from_millis(700));
-    let first = m.systemctl(&["reload", SERVICE]);
+    let first = if step.starts_with("upgrade-") { m.ctl(&["upgrade"]) } else { m.systemctl(&["reload", SERVICE]) };
     assert!(marker.exists(), "{step}: the fault did not fire\n{}", m.service_log_tail(30));
     let pid1 = m.wait_running(SERVICE, pid0, Duration::from_secs(30));
     assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["worker_pid"].is_u64())));
@@ -120,10 +123,20 @@ fn takeoverd_killed_when_the_new_worker_serves() {
     kill_self_at("new-serving");
 }
 
+#[test]
+fn takeoverd_killed_just_before_it_execs_an_upgrade() {
+    kill_self_at("upgrade-exec");
+}
+
+#[test]
+fn takeoverd_killed_in_the_new_image_before_it_takes_the_snapshot() {
+    kill_self_at("upgrade-restore");
+}
+
 /// With room for only 8 fds by name (a listener, the state and 6
 /// connections; the overflow pair's two ends come on top), the other 54
-/// connections ride in the overflow queue, and all 60 survive a restart and
-/// a SIGKILL of takeoverd.
+/// connections ride in the overflow queue, and all 60 survive a restart, a
+/// SIGKILL of takeoverd, and an in-place upgrade followed by a SIGKILL.
 #[test]
 fn connections_past_the_names_budget_survive_restarts() {
     let Some((m, port)) = start("overflow", &["--fdstore-max", "8"], &[], None) else { return };
@@ -145,6 +158,17 @@ fn connections_past_the_names_budget_survive_restarts() {
     let st = status(&m).unwrap();
     assert_eq!(st["fdstore_overflow"], 54, "after two restarts: {st}");
     assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 10, "after two restarts: {st}");
+    // An in-place upgrade carries the queue's bookkeeping: the SIGKILL of
+    // the upgraded takeoverd still finds every connection.
+    let out = m.ctl(&["upgrade"]);
+    assert!(out.status.success(), "upgrade: {out:?}\n{}", m.service_log_tail(30));
+    let st = status(&m).unwrap();
+    assert_eq!(st["fdstore_overflow"], 54, "after the upgrade: {st}");
+    let pid2 = m.main_pid(SERVICE);
+    m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
+    m.wait_running(SERVICE, pid2, Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
+    assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 10, "after an upgrade and a SIGKILL");
 
     let (out, v) = client_summary(c);
     assert_clean(&out, &v);
