@@ -7,19 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
 
-use crate::status::{ReloadRecord, Status};
-
-/// A request on the control socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
-    /// Reload now (or join the reload that is running) and report the outcome.
-    Reload,
-    /// Report the status.
-    Status,
-}
+use takeoverd::protocol::Request;
+use takeoverd::status::{ReloadRecord, Status};
 
 /// The default control socket: `$RUNTIME_DIRECTORY/control.sock` under
 /// systemd, else `$XDG_RUNTIME_DIR/takeoverd.sock`, else
