@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::client::Row;
+use crate::kinds::{EventKind, Placement};
 use crate::profile::Profile;
 use crate::scenarios::{EchoResult, Event, HandoffResult, MemoryResult, ScaleResult, WindowSpread};
 use crate::stats::{show, Spread};
@@ -135,7 +136,7 @@ fn tick(met: Option<bool>) -> &'static str {
 /// Evaluates the targets of the issue.
 pub fn targets(r: &Results) -> Vec<Target> {
     let mut t = Vec::new();
-    let h = |n: u64| r.handoff.iter().find(|h| h.connections == n && h.placement == "pinned");
+    let h = |n: u64| r.handoff.iter().find(|h| h.connections == n && h.placement == Placement::Pinned);
     let mut push = |name: &str, bound: f64, unit: &str, measured: Option<f64>, basis: &str| {
         t.push(Target {
             name: name.to_owned(),
@@ -181,7 +182,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
     let echo1k = r
         .echo
         .iter()
-        .find(|e| e.connections == 1_000 && e.placement == "pinned")
+        .find(|e| e.connections == 1_000 && e.placement == Placement::Pinned)
         .or_else(|| r.echo.iter().find(|e| e.connections == 1_000));
     push(
         "1 000 conns: server CPU per echo",
@@ -820,10 +821,10 @@ pub fn svg(title: &str, timelines: &[Vec<Row>], events: &[Event]) -> String {
     }
     // Event markers.
     for e in events {
-        let color = match e.kind.as_str() {
-            "reload" => "#2a9d3a",
-            "restart" => "#8e44ad",
-            _ => "#e67e22",
+        let color = match e.kind {
+            EventKind::Reload => "#2a9d3a",
+            EventKind::Restart => "#8e44ad",
+            EventKind::Kill => "#e67e22",
         };
         let xx = x(e.at_ms);
         if !(left..=left + pw).contains(&xx) {
@@ -838,7 +839,7 @@ pub fn svg(title: &str, timelines: &[Vec<Row>], events: &[Event]) -> String {
             top + 24.0,
             xx + 3.0,
             top + 24.0,
-            escape(&e.kind)
+            e.kind
         );
     }
     // Series: one polyline per run of consecutive rows with echoes.
@@ -945,7 +946,7 @@ mod tests {
             })
             .collect();
         let ev = Event {
-            kind: "reload".into(),
+            kind: EventKind::Reload,
             at_ms: 1000.0,
             done_ms: 1010.0,
             ok: true,
