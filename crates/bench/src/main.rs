@@ -7,6 +7,7 @@ mod client;
 mod diagnosis;
 mod floor;
 mod kinds;
+mod markdown;
 mod phases;
 mod procs;
 mod profile;
@@ -15,6 +16,7 @@ mod report_floor;
 mod scenarios;
 mod server;
 mod stats;
+mod svg;
 mod systemd;
 mod target;
 
@@ -301,7 +303,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                  and kill -9 of the main process with automatic restart, marked by dashed lines.",
                 sd.connections, sd.interval_ms
             ),
-            report::svg(
+            svg::svg(
                 &format!("echo latency per 100 ms, {} connections, takeoverd under systemd", sd.connections),
                 &sd.timelines,
                 &sd.events,
@@ -316,14 +318,14 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                  (no systemd run to show).",
                 h.connections, h.interval_ms, h.reloads
             ),
-            report::svg(
+            svg::svg(
                 &format!("echo latency per 100 ms, {} connections, reloads", h.connections),
                 &h.timelines,
                 &h.events,
             ),
         )
     } else {
-        ("No run to plot.".to_owned(), report::svg("no data", &[], &[]))
+        ("No run to plot.".to_owned(), svg::svg("no data", &[], &[]))
     };
 
     let total_errors = handoff.iter().map(|h| h.errors).sum::<u64>()
@@ -380,7 +382,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
 
     let json = serde_json::to_string_pretty(&results)?;
     std::fs::write(out_dir.join("benchmarks.json"), json + "\n")?;
-    std::fs::write(out_dir.join("BENCHMARKS.md"), report::markdown(&results, &diagnosis))?;
+    std::fs::write(out_dir.join("BENCHMARKS.md"), markdown::markdown(&results, &diagnosis))?;
     std::fs::write(out_dir.join("latency.svg"), svg)?;
     print!("{}", report::console(&results));
     println!("\nwrote {}/{{benchmarks.json,BENCHMARKS.md,latency.svg}}", out_dir.display());
