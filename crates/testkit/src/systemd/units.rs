@@ -15,7 +15,8 @@ impl UserManager {
     /// `service.log`, and what cannot work here dropped or adapted, each
     /// with a note on stderr. Then `daemon-reload`.
     pub fn install_seqnum(&mut self, port: u16, takeoverd_args: &[&str]) {
-        let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("units");
+        // This crate is crates/testkit; the units are at the top of the workspace.
+        let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../units");
         let bins = format!("{}/", self.service_bins().display());
         let read = |n: &str| std::fs::read_to_string(units.join(n)).unwrap_or_else(|e| panic!("units/{n}: {e}"));
 
