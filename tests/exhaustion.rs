@@ -70,29 +70,6 @@ impl Client {
 }
 
 /// fds of `pid`, by number.
-fn fd_numbers(pid: u32) -> Vec<usize> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let (_, rest) = stat.rsplit_once(')').unwrap();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn clock_ticks_per_sec() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
-}
-
 fn warnings(log: &Path) -> usize {
     std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains(WARNING)).count()
 }
@@ -151,7 +128,7 @@ fn fd_exhaustion_neither_spins_nor_floods_the_log_and_recovers() {
         "the worker does not run under the fd limit: {nofile}"
     );
     // The connection wait_for_port made is closed again.
-    std::thread::sleep(Duration::from_millis(200));
+    settled_fd_count(pid);
     let start_fds = fd_numbers(pid);
     // accept(2) needs a free fd *number* below the limit.
     let low = start_fds.iter().filter(|&&n| n < LIMIT).count();
@@ -179,10 +156,12 @@ fn fd_exhaustion_neither_spins_nor_floods_the_log_and_recovers() {
     assert!(warnings(&log) >= 1, "no accept warning logged:\n{}", std::fs::read_to_string(&log).unwrap());
 
     // Two seconds of this state: no spinning, no log flood.
-    let hz = clock_ticks_per_sec();
-    let (cpu0, warn0, t0) = (cpu_ticks(pid), warnings(&log), Instant::now());
+    let hz = clk_tck();
+    let cpu = || cpu_ticks(pid).expect("the worker runs");
+    let (cpu0, warn0, t0) = (cpu(), warnings(&log), Instant::now());
+    // The thing under test: two seconds of exhaustion.
     std::thread::sleep(Duration::from_secs(2));
-    let (cpu1, warn1, wall) = (cpu_ticks(pid), warnings(&log), t0.elapsed());
+    let (cpu1, warn1, wall) = (cpu(), warnings(&log), t0.elapsed());
     let cpu_s = (cpu1 - cpu0) as f64 / hz as f64;
     eprintln!(
         "exhausted for {:.2} s: worker CPU {cpu_s:.3} s, accept warnings logged meanwhile: {}",
@@ -230,15 +209,12 @@ fn fd_exhaustion_neither_spins_nor_floods_the_log_and_recovers() {
 
     // Everything closed: the worker holds what it held at the start.
     drop(clients);
-    let t0 = Instant::now();
-    let now_fds = loop {
-        let fds = fd_numbers(pid);
-        if fds.len() == start_fds.len() || t0.elapsed() > Duration::from_secs(5) {
-            break fds;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let settled = now_fds.len() == start_fds.len();
+    let mut now_fds = Vec::new();
+    let settled = poll_until("the worker is back to its fds of the start", Duration::from_secs(5), || {
+        now_fds = fd_numbers(pid);
+        now_fds.len() == start_fds.len()
+    })
+    .is_ok();
     let text = std::fs::read_to_string(&log).unwrap();
     let total = warnings(&log);
     eprintln!("fds: {} at start, {} at the end; accept warnings in all: {total}", start_fds.len(), now_fds.len());

@@ -25,24 +25,24 @@ fn run_case(step: &str, action: &str, reload_ok: bool, channel: u32) {
     let fds_before = settled_fd_count(dpid);
 
     let load = client(port, &["--connections", "20", "--interval-ms", "5", "--duration", "3", "--timeout-ms", "5000"]);
-    std::thread::sleep(Duration::from_millis(400));
+    wait_until("takeoverd holds the client's 20 connections", Duration::from_secs(5), || {
+        ctl_status(&sock).connections == 20
+    });
     let first = ctl(&sock, &["reload"]);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(first.status.success(), reload_ok, "{step}:{action}: first reload {:?}\n{}", first, log_text());
     assert!(dir.path("fired").exists(), "{step}:{action}: the fault was not injected\n{}", log_text());
     // A worker killed or hung after its commit is replaced by takeoverd.
-    wait_until("a worker serves again", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
+    wait_until("a worker serves again", Duration::from_secs(5), || ctl_status(&sock).worker_pid.is_some());
     let second = ctl(&sock, &["reload"]);
     assert!(second.status.success(), "{step}:{action}: a reload after the fault failed: {second:?}\n{}", log_text());
 
     let (out, v) = client_summary(load);
     assert_clean(&out, &v);
-    eprintln!("{step}:{action}: longest pause {} us", v["latency_us"]["max"]);
+    eprintln!("{step}:{action}: longest pause {} us", v.latency_us.max);
 
     // Every client connection is gone; takeoverd holds what it held before.
-    wait_until("takeoverd drops the closed connections", Duration::from_secs(5), || {
-        ctl_status(&sock)["connections"] == 0
-    });
+    wait_until("takeoverd drops the closed connections", Duration::from_secs(5), || ctl_status(&sock).connections == 0);
     let kids = live_children(dpid);
     assert_eq!(kids.len(), 1, "{step}:{action}: exactly one worker should run, found {kids:?}");
     assert_eq!(settled_fd_count(dpid), fds_before, "{step}:{action}: takeoverd leaked fds: {:?}", fds_of(dpid));
@@ -124,12 +124,14 @@ fn reloads_asked_during_a_reload_share_its_outcome() {
         .unwrap();
     let _d = Reaper(d);
     wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
+    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock).worker_pid.is_some());
     let ask = |sock: std::path::PathBuf| {
         move || Command::new(bin("takeoverd")).arg("ctl").arg("--control-socket").arg(sock).arg("reload").output()
     };
     let first = std::thread::spawn(ask(sock.clone()));
-    std::thread::sleep(Duration::from_millis(300));
+    // The first reload is under way once its new worker has started (and
+    // been stopped by the fault).
+    wait_for_path(&dir.path("fired"), Duration::from_secs(5));
     let late: Vec<_> = (0..3).map(|_| std::thread::spawn(ask(sock.clone()))).collect();
     let first = first.join().unwrap().unwrap();
     assert!(!first.status.success(), "the first reload should fail: {first:?}");
@@ -139,6 +141,6 @@ fn reloads_asked_during_a_reload_share_its_outcome() {
         assert_eq!(out.stderr, first.stderr, "every waiter reports the same outcome");
     }
     let st = ctl_status(&sock);
-    assert_eq!(st["reloads"].as_array().unwrap().len(), 1, "only one reload ran: {st}");
-    assert_eq!(st["generation"], 1);
+    assert_eq!(st.reloads.len(), 1, "only one reload ran: {st:?}");
+    assert_eq!(st.generation, 1);
 }

@@ -8,10 +8,6 @@ use std::time::Duration;
 
 use testkit::*;
 
-fn status_or_null(sock: &std::path::Path) -> serde_json::Value {
-    try_ctl_status(sock).unwrap_or(serde_json::Value::Null)
-}
-
 fn start(dir: &TempDir, extra: &[&str]) -> (Reaper, u16, std::path::PathBuf) {
     let port = free_port();
     let sock = dir.path("ctl.sock");
@@ -28,13 +24,12 @@ fn start(dir: &TempDir, extra: &[&str]) -> (Reaper, u16, std::path::PathBuf) {
 }
 
 fn worker_pid(sock: &std::path::Path) -> u32 {
-    for _ in 0..100 {
-        if let Some(pid) = status_or_null(sock)["worker_pid"].as_u64() {
-            return pid as u32;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("no worker serving");
+    let mut pid = None;
+    wait_until("a worker serves", Duration::from_secs(2), || {
+        pid = try_ctl_status(sock).and_then(|s| s.worker_pid);
+        pid.is_some()
+    });
+    pid.unwrap()
 }
 
 #[test]
@@ -79,14 +74,14 @@ fn a_worker_holds_only_its_own_fds_and_takeoverd_leaks_none_into_it() {
 #[test]
 fn workers_can_run_as_another_user() {
     if !nix::unistd::geteuid().is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run this test as root");
-        eprintln!("SKIP workers_can_run_as_another_user: needs root");
-        return;
+        return skip("needs root");
     }
     let dir = TempDir::new("worker-user");
     let (d, port, sock) = start(&dir, &["--worker-user", "nobody"]);
     let load = client(port, &["--connections", "10", "--interval-ms", "5", "--duration", "2"]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the client's 10 connections are held", Duration::from_secs(5), || {
+        try_ctl_status(&sock).is_some_and(|s| s.connections == 10)
+    });
     let reload =
         Command::new(bin("takeoverd")).args(["ctl", "--control-socket"]).arg(&sock).arg("reload").output().unwrap();
     assert!(reload.status.success(), "{reload:?}");

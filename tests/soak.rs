@@ -55,14 +55,12 @@ fn quiet_fds(pid: u32, expect: Option<usize>) -> usize {
 
 /// Waits up to 5 s for the fd count of `pid` to be `want`; the last count.
 fn fds_become(pid: u32, want: usize) -> usize {
-    let t0 = Instant::now();
-    loop {
-        let n = fds_of(pid).len();
-        if n == want || t0.elapsed() > Duration::from_secs(5) {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut n = 0;
+    let _ = poll_until(&format!("{pid} has {want} fds"), Duration::from_secs(5), || {
+        n = fds_of(pid).len();
+        n == want
+    });
+    n
 }
 
 /// The reload time in `reload ok: generation G, worker pid P, clients paused
@@ -122,9 +120,9 @@ fn start_client(port: u16, duration_s: f64) -> Child {
 }
 
 /// Judges a finished client; returns its summary.
-fn judge(c: Child, log: &Path) -> serde_json::Value {
+fn judge(c: Child, log: &Path) -> Summary {
     let (out, v) = client_summary(c);
-    if v["errors"] != 0 || !out.status.success() {
+    if v.errors != 0 || !out.status.success() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         panic!(
             "the client saw errors: {v}\nclient stderr: {}\ntakeoverd/worker trouble:\n{}",
@@ -144,7 +142,7 @@ fn soak(kill_every: Option<usize>, tag: &str) {
     let dir = TempDir::new(&format!("soak{tag}"));
     let Takeoverd { proc: mut d, pid: dpid, port, sock, log } = Takeoverd::start(&dir, &[], &[]);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_until("the probe connection is gone", Duration::from_secs(5), || ctl_status(&sock)["connections"] == 0);
+    wait_until("the probe connection is gone", Duration::from_secs(5), || ctl_status(&sock).connections == 0);
     let idle_fds = quiet_fds(dpid, None);
 
     let per_reload = if cfg!(debug_assertions) { 0.25 } else { 0.1 };
@@ -157,7 +155,7 @@ fn soak(kill_every: Option<usize>, tag: &str) {
         let t_client = Instant::now();
         let mut load = start_client(port, duration_s);
         wait_until("the client's connections are all held", Duration::from_secs(30), || {
-            ctl_status(&sock)["connections"] == CONNS
+            ctl_status(&sock).connections == CONNS
         });
         let t0 = Instant::now();
         let mut samples: Vec<Sample> = Vec::with_capacity(n);
@@ -178,14 +176,14 @@ fn soak(kill_every: Option<usize>, tag: &str) {
                 reload: i,
                 t_s: t0.elapsed().as_secs_f64(),
                 fds: quiet_fds(dpid, samples.last().map(|s| s.fds)),
-                rss_kb: rss_kib(dpid),
+                rss_kb: rss_kib(dpid).unwrap_or(0),
                 handoff_ms: handoff_ms(&String::from_utf8_lossy(&out.stdout)),
                 killed,
             });
             killed = false;
             if kill_every.is_some_and(|k| i % k == 0 && i < n) {
                 // Straight on to the next reload: it races the crash restart.
-                if let Some(pid) = ctl_status(&sock)["worker_pid"].as_u64() {
+                if let Some(pid) = ctl_status(&sock).worker_pid {
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
                         .unwrap();
                     kills += 1;
@@ -198,7 +196,7 @@ fn soak(kill_every: Option<usize>, tag: &str) {
             .checked_duration_since(Instant::now())
             .is_some_and(|left| left > Duration::from_millis(500));
         if samples.len() == n && margin_left && load.try_wait().unwrap().is_none() {
-            let held = ctl_status(&sock)["connections"].clone();
+            let held = ctl_status(&sock).connections;
             if held != CONNS {
                 judge(load, &log);
                 panic!("{name}: takeoverd holds {held} connections after {n} reloads, not {CONNS}");
@@ -214,9 +212,7 @@ fn soak(kill_every: Option<usize>, tag: &str) {
         );
         judge(load, &log);
         duration_s = 5.0 + 1.5 * n as f64 / rate;
-        wait_until("the client's connections are gone", Duration::from_secs(10), || {
-            ctl_status(&sock)["connections"] == 0
-        });
+        wait_until("the client's connections are gone", Duration::from_secs(10), || ctl_status(&sock).connections == 0);
     };
 
     // Every reload held the same 1 000 connections: fds back to where the
@@ -268,24 +264,23 @@ fn soak(kill_every: Option<usize>, tag: &str) {
     let v = judge(load, &log);
     eprintln!(
         "{name}: client {} echoes, 0 errors; latency p99 {:.1} ms, max {:.1} ms",
-        v["echoed"],
-        v["latency_us"]["p99"].as_f64().unwrap_or(0.0) / 1e3,
-        v["latency_us"]["max"].as_f64().unwrap_or(0.0) / 1e3
+        v.echoed,
+        v.latency_us.p99 as f64 / 1e3,
+        v.latency_us.max as f64 / 1e3
     );
 
     // Everything closed: takeoverd as idle as at the start, with one worker
     // and no unreaped one.
     wait_until("takeoverd drops the closed connections", Duration::from_secs(10), || {
-        ctl_status(&sock)["connections"] == 0
+        ctl_status(&sock).connections == 0
     });
     let end_fds = fds_become(dpid, idle_fds);
     assert_eq!(end_fds, idle_fds, "{name}: takeoverd leaked fds: {:?}", fds_of(dpid));
-    let t_kids = Instant::now();
-    let mut kids = children_of(dpid);
-    while kids.len() != 1 && t_kids.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
+    let mut kids = Vec::new();
+    let _ = poll_until("takeoverd has one child", Duration::from_secs(5), || {
         kids = children_of(dpid);
-    }
+        kids.len() == 1
+    });
     let text = log_text();
     assert!(
         !text.contains("takeoverd went away"),

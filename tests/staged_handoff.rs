@@ -23,14 +23,14 @@ fn a_hung_new_worker_does_not_pause_clients() {
     let d = Takeoverd::start(&dir, &["--ack-timeout-ms", "2000"], &[fault]);
     let load =
         client(d.port, &["--connections", "50", "--interval-ms", "5", "--duration", "4", "--timeout-ms", "5000"]);
-    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 50);
+    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 50);
     let t0 = Instant::now();
     let out = ctl(&d.sock, &["reload"]);
     assert!(!out.status.success(), "the reload should fail: {out:?}");
     assert!(t0.elapsed() >= Duration::from_millis(1900), "the reload should wait for the deadline");
     let (out, v) = client_summary(load);
     assert_clean(&out, &v);
-    let worst_us = v["latency_us"]["max"].as_u64().unwrap();
+    let worst_us = v.latency_us.max;
     assert!(
         worst_us < 1_000_000,
         "a client waited {worst_us} us for an echo while the new worker hung: the old one should have served it"
@@ -50,7 +50,7 @@ fn a_worker_killed_just_after_an_accept_loses_nothing() {
     let (out, v) = client_summary(load);
     assert!(dir.path("fired").exists(), "the fault was not injected");
     assert_clean(&out, &v);
-    assert_eq!(ctl_status(&d.sock)["worker_restarts"], 1);
+    assert_eq!(ctl_status(&d.sock).worker_restarts, 1);
 }
 
 /// Connections opened one after another while the worker is SIGKILLed ten
@@ -82,12 +82,13 @@ fn connections_opened_during_worker_kills_are_all_served() {
         served
     });
     for _ in 0..10 {
+        // The pace of the kills: connections open and close between them.
         std::thread::sleep(Duration::from_millis(200));
-        let pid = ctl_status(&d.sock)["worker_pid"].as_u64();
+        let pid = ctl_status(&d.sock).worker_pid;
         if let Some(pid) = pid {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             wait_until("a new worker serves", Duration::from_secs(5), || {
-                ctl_status(&d.sock)["worker_pid"].as_u64().is_some_and(|p| p != pid)
+                ctl_status(&d.sock).worker_pid.is_some_and(|p| p != pid)
             });
         }
     }
@@ -125,21 +126,21 @@ fn version_1_and_version_2_workers_hand_over_to_each_other() {
     let d = Takeoverd::start(&dir, &["--ack-timeout-ms", "2000", "--worker", &worker], &[]);
     let load =
         client(d.port, &["--connections", "50", "--interval-ms", "5", "--duration", "5", "--timeout-ms", "5000"]);
-    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 50);
-    let sockets = |pid: u64| fds_of(pid as u32).iter().filter(|f| f.starts_with("socket:")).count();
+    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 50);
+    let sockets = |pid: u32| fds_of(pid).iter().filter(|f| f.starts_with("socket:")).count();
     for version in ["2", "1", "2"] {
         std::fs::write(&version_file, version).unwrap();
         let out = ctl(&d.sock, &["reload"]);
         assert!(out.status.success(), "reload to version {version} failed: {out:?}");
         let st = ctl_status(&d.sock);
-        let pid = st["worker_pid"].as_u64().unwrap();
+        let pid = st.worker_pid.unwrap();
         let held = sockets(pid);
         if version == "1" {
             assert!(held > 50, "a version-1 worker holds the listener, its channel and 50 connections: {held}");
             // And a crash of it loses nothing either.
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
             wait_until("a new worker serves", Duration::from_secs(5), || {
-                ctl_status(&d.sock)["worker_pid"].as_u64().is_some_and(|p| p != pid)
+                ctl_status(&d.sock).worker_pid.is_some_and(|p| p != pid)
             });
         } else {
             assert_eq!(held, 51, "a version-2 worker holds its channel and the 50 connections, no listener");

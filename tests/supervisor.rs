@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
 use testkit::{
-    alive, assert_clean, bin, client, client_summary, ctl, ctl_status, free_port, wait_for_path, wait_for_port,
-    wait_timeout,
+    alive, assert_clean, bin, client, client_summary, ctl, ctl_status, free_port, poll_until, wait_for_path,
+    wait_for_port, wait_timeout, Status,
 };
 use testkit::{Reaper, TempDir};
 
@@ -27,21 +26,21 @@ impl Drop for ClientGuard {
     }
 }
 
-fn worker_pid(st: &Value) -> Option<u32> {
-    st["worker_pid"].as_u64().map(|p| p as u32)
+fn worker_pid(st: &Status) -> Option<u32> {
+    st.worker_pid
 }
 
-/// Polls `ctl status` until `cond` holds; panics after `timeout`.
-fn wait_status(sock: &Path, timeout: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let st = ctl_status(sock);
-        if cond(&st) {
-            return st;
-        }
-        assert!(t0.elapsed() < timeout, "{what}: not within {timeout:?}; status {st}");
-        std::thread::sleep(Duration::from_millis(20));
+/// Polls `ctl status` until `cond` holds; panics after `timeout`, with the
+/// last status.
+fn wait_status(sock: &Path, timeout: Duration, what: &str, cond: impl Fn(&Status) -> bool) -> Status {
+    let mut st = ctl_status(sock);
+    if let Err(e) = poll_until(what, timeout, || {
+        st = ctl_status(sock);
+        cond(&st)
+    }) {
+        panic!("{e}; status {st:?}");
     }
+    st
 }
 
 #[test]
@@ -76,7 +75,7 @@ fn reloads_crashes_and_sighup_without_systemd_drop_nothing() {
         port,
         &["--connections", "50", "--interval-ms", "5", "--duration", "10", "--timeout-ms", "10000"],
     )));
-    wait_status(&sock, Duration::from_secs(10), "50 connections", |st| st["connections"] == 50);
+    wait_status(&sock, Duration::from_secs(10), "50 connections", |st| st.connections == 50);
     let mut workers = vec![worker_pid(&ctl_status(&sock)).expect("a worker serves")];
 
     for i in 0..10 {
@@ -91,48 +90,51 @@ fn reloads_crashes_and_sighup_without_systemd_drop_nothing() {
             log_tail()
         );
         workers.extend(worker_pid(&ctl_status(&sock)));
+        // The pace of the reloads: the client runs between two of them.
         std::thread::sleep(Duration::from_millis(50));
     }
 
     for i in 0..3 {
         let st = ctl_status(&sock);
         let w = worker_pid(&st).expect("a worker serves");
-        let restarts = st["worker_restarts"].as_u64().unwrap();
+        let restarts = st.worker_restarts;
         kill(Pid::from_raw(w as i32), Signal::SIGKILL).unwrap();
         let st = wait_status(&sock, Duration::from_secs(10), "worker restart after SIGKILL", |st| {
-            worker_pid(st).is_some_and(|p| p != w) && st["worker_restarts"].as_u64() == Some(restarts + 1)
+            worker_pid(st).is_some_and(|p| p != w) && st.worker_restarts == (restarts + 1)
         });
         eprintln!("SIGKILL {}: worker {w} -> {:?}", i + 1, worker_pid(&st));
         workers.extend(worker_pid(&st));
+        // The pace of the crashes: the client runs between two of them.
         std::thread::sleep(Duration::from_millis(200));
     }
 
     for i in 0..3 {
-        let before = ctl_status(&sock)["reloads"].as_array().unwrap().len();
-        let gen = ctl_status(&sock)["generation"].as_u64().unwrap();
+        let before = ctl_status(&sock).reloads.len();
+        let gen = ctl_status(&sock).generation;
         kill(Pid::from_raw(dpid as i32), Signal::SIGHUP).unwrap();
         let st = wait_status(&sock, Duration::from_secs(10), "reload after SIGHUP", |st| {
-            st["generation"].as_u64().unwrap() > gen && st["reloads"].as_array().unwrap().len() > before
+            st.generation > gen && st.reloads.len() > before
         });
-        let last = st["reloads"].as_array().unwrap().last().unwrap().clone();
-        assert_eq!(last["ok"], true, "SIGHUP reload {} failed: {st}", i + 1);
+        let last = st.reloads.last().unwrap().clone();
+        assert!(last.ok, "SIGHUP reload {} failed: {st:?}", i + 1);
         workers.extend(worker_pid(&st));
+        // The pace of the SIGHUPs: the client runs between two of them.
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("operations done in {:?}", t0.elapsed());
 
     let st = ctl_status(&sock);
-    let reloads = st["reloads"].as_array().unwrap();
-    assert_eq!(reloads.len(), 13, "10 ctl reloads + 3 SIGHUP: {st}");
-    assert!(reloads.iter().all(|r| r["ok"] == true), "{st}");
-    assert_eq!(st["worker_restarts"], 3, "{st}");
-    assert_eq!(st["connections"], 50, "{st}");
-    assert_eq!(st["fdstore"], false, "no systemd here: {st}");
+    let reloads = &st.reloads;
+    assert_eq!(reloads.len(), 13, "10 ctl reloads + 3 SIGHUP: {reloads:?}");
+    assert!(reloads.iter().all(|r| r.ok), "{reloads:?}");
+    assert_eq!(st.worker_restarts, 3, "{st:?}");
+    assert_eq!(st.connections, 50, "{st:?}");
+    assert!(!st.fdstore, "no systemd here: {st:?}");
 
     let (out, v) = client_summary(c.0.take().unwrap());
     eprintln!("client: {v}");
     assert_clean(&out, &v);
-    eprintln!("longest pause seen by the client: {} us", v["latency_us"]["max"]);
+    eprintln!("longest pause seen by the client: {} us", v.latency_us.max);
 
     let t = Instant::now();
     kill(Pid::from_raw(dpid as i32), Signal::SIGTERM).unwrap();

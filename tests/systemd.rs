@@ -1,19 +1,21 @@
 //! takeoverd under a real systemd: `units/seqnum.socket` and
 //! `units/seqnum.service` run in a private `systemd --user` manager (see
-//! tests/support/systemd.rs). Each test has its own manager, directory and
+//! crates/testkit/src/systemd/). Each test has its own manager, directory and
 //! port; the harness runs one manager at a time.
 //!
-//! Skipped (with a note) when not root or when systemd/unshare are missing;
-//! with `CI=true` those skips are failures.
+//! Skipped (with a `SKIP:` line on stderr) when not root or when
+//! systemd/unshare are missing; with `CI=true` those skips are failures.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use testkit::systemd::{wait_until, UserManager};
-use testkit::{assert_clean, bin, client, client_summary, fds_of, free_port, wait_for_port};
+use testkit::systemd::UserManager;
+use testkit::{
+    assert_clean, bin, client, client_summary, fds_of, free_port, poll_until, wait_for_port, wait_until, Status,
+    Summary,
+};
 
 const SERVICE: &str = "seqnum.service";
 const SOCKET: &str = "seqnum.socket";
@@ -26,7 +28,7 @@ impl Client {
         Client(Some(client(port, args)))
     }
     /// Waits for the summary and asserts a clean run.
-    fn finish(mut self, what: &str) -> Value {
+    fn finish(mut self, what: &str) -> Summary {
         let (out, v) = client_summary(self.0.take().unwrap());
         eprintln!("{what}: {v}");
         assert_clean(&out, &v);
@@ -58,47 +60,41 @@ fn up(m: &UserManager, port: u16) {
     m.systemctl_ok(&["start", SERVICE]);
     m.wait_running(SERVICE, 0, Duration::from_secs(30));
     wait_for_port(port, Duration::from_secs(10));
-    assert!(
-        wait_until(Duration::from_secs(10), || status(m).is_some()),
-        "takeoverd's control socket {} does not answer",
-        m.control_socket().display()
+    wait_until(
+        &format!("takeoverd's control socket {} answers", m.control_socket().display()),
+        Duration::from_secs(10),
+        || status(m).is_some(),
     );
 }
 
 /// `ctl status --json`, or `None` while takeoverd is not there (restarting).
-fn status(m: &UserManager) -> Option<Value> {
-    let out = m.ctl(&["status", "--json"]);
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
+fn status(m: &UserManager) -> Option<Status> {
+    m.try_ctl_status()
 }
 
-fn connections(st: &Value) -> u64 {
-    st["connections"].as_u64().unwrap()
+fn connections(st: &Status) -> u64 {
+    st.connections as u64
 }
 
-fn listeners(st: &Value) -> u64 {
-    st["listeners"].as_array().unwrap().len() as u64
+fn listeners(st: &Status) -> u64 {
+    st.listeners.len() as u64
 }
 
-fn worker_pid(st: &Value) -> Option<u32> {
-    st["worker_pid"].as_u64().map(|p| p as u32)
+fn worker_pid(st: &Status) -> Option<u32> {
+    st.worker_pid
 }
 
 /// Waits until takeoverd reports `n` live connections.
-fn wait_connections(m: &UserManager, n: u64, timeout: Duration) -> Value {
-    let mut last = Value::Null;
-    let ok = wait_until(timeout, || {
-        if let Some(st) = status(m) {
-            let done = connections(&st) == n && worker_pid(&st).is_some();
-            last = st;
-            return done;
-        }
-        false
+fn wait_connections(m: &UserManager, n: u64, timeout: Duration) -> Status {
+    let mut last = None;
+    let waited = poll_until(&format!("takeoverd reports {n} connections"), timeout, || {
+        last = status(m);
+        last.as_ref().is_some_and(|st| connections(st) == n && worker_pid(st).is_some())
     });
-    assert!(ok, "takeoverd did not report {n} connections within {timeout:?}: {last}\n{}", m.service_log_tail(30));
-    last
+    if let Err(e) = waited {
+        panic!("{e}: {last:?}\n{}", m.service_log_tail(30));
+    }
+    last.unwrap()
 }
 
 /// What systemd's fd store must hold for takeoverd's status `st`: every
@@ -106,9 +102,9 @@ fn wait_connections(m: &UserManager, n: u64, timeout: Duration) -> Value {
 /// the two ends of each overflow queue pair (`ovfK-r`, `ovfK-w`; takeoverd
 /// reports `fdstore_pairs`); connections carried in that queue are not
 /// stored by name. Returns (expected, how).
-fn expected_store(st: &Value) -> (u64, String) {
-    let overflowed = st["fdstore_overflow"].as_u64().unwrap_or(0);
-    let queue_ends = 2 * st["fdstore_pairs"].as_u64().unwrap_or(0);
+fn expected_store(st: &Status) -> (u64, String) {
+    let overflowed = st.fdstore_overflow as u64;
+    let queue_ends = 2 * st.fdstore_pairs as u64;
     let named = connections(st) - overflowed;
     let n = listeners(st) + named + 1 + queue_ends;
     let how = format!(
@@ -123,20 +119,22 @@ fn expected_store(st: &Value) -> (u64, String) {
 /// `expected_store`) with `expect_conns` live connections, and what
 /// takeoverd believes it stored; waits for it to settle, then asserts it.
 fn assert_fd_store(m: &UserManager, expect_conns: u64, timeout: Duration) {
-    let mut seen = (0, Value::Null);
-    let ok = wait_until(timeout, || {
+    let mut seen = (0, None);
+    let settled = poll_until("the fd store holds what takeoverd holds", timeout, || {
         let Some(st) = status(m) else { return false };
         let n = m.show_u64(SERVICE, "NFileDescriptorStore");
-        let done = connections(&st) == expect_conns && n == expected_store(&st).0 && st["fdstore_fds"] == n;
-        seen = (n, st);
+        let done = connections(&st) == expect_conns && n == expected_store(&st).0 && st.fdstore_fds as u64 == n;
+        seen = (n, Some(st));
         done
     });
-    let (want, how) = expected_store(&seen.1);
+    let st = seen.1.expect("takeoverd never answered");
+    let (want, how) = expected_store(&st);
     assert!(
-        ok,
+        settled.is_ok(),
         "NFileDescriptorStore={} but takeoverd holds {how} = {want} (expected {expect_conns} connections; takeoverd \
-         counts {} stored): {}",
-        seen.0, seen.1["fdstore_fds"], seen.1
+         counts {} stored): {st:?}",
+        seen.0,
+        st.fdstore_fds
     );
     eprintln!("fd store: NFileDescriptorStore={} = {how}", seen.0);
 }
@@ -164,18 +162,21 @@ fn reloads_restarts_and_kills_under_systemd_drop_nothing() {
         &["--connections", "10", "--interval-ms", "1000", "--duration", &dur, "--timeout-ms", "10000"],
     );
     wait_connections(&m, 210, Duration::from_secs(20));
+    // The clients run at full rate for a moment before the storm begins:
+    // the storm is tested against traffic, not against a ramp.
     std::thread::sleep(Duration::from_millis(500));
 
     let t_reloads = Instant::now();
     for i in 0..20 {
         let out = m.systemctl_ok(&["reload", SERVICE]);
         let _ = (i, out);
+        // The storm's pace: 20 reloads in about 2 s, each followed by traffic.
         std::thread::sleep(Duration::from_millis(100));
     }
     let st = status(&m).expect("status after the reloads");
-    let reloads = st["reloads"].as_array().unwrap();
-    assert!(reloads.len() >= 20 && reloads.iter().all(|r| r["ok"] == true), "reload history: {st}");
-    eprintln!("20 reloads in {:?}; generation {}", t_reloads.elapsed(), st["generation"]);
+    let reloads = st.reloads;
+    assert!(reloads.len() >= 20 && reloads.iter().all(|r| r.ok), "reload history: {reloads:?}");
+    eprintln!("20 reloads in {:?}; generation {}", t_reloads.elapsed(), st.generation);
 
     for i in 0..3 {
         let old = m.main_pid(SERVICE);
@@ -184,7 +185,8 @@ fn reloads_restarts_and_kills_under_systemd_drop_nothing() {
         let new = m.wait_running(SERVICE, old, Duration::from_secs(30));
         // Every connection came back from the fd store.
         let st = wait_connections(&m, 210, Duration::from_secs(10));
-        eprintln!("restart {}: takeoverd {old} -> {new} in {:?}; {}", i + 1, t.elapsed(), st["connections"]);
+        eprintln!("restart {}: takeoverd {old} -> {new} in {:?}; {}", i + 1, t.elapsed(), st.connections);
+        // Traffic between two operations (the storm's pace).
         std::thread::sleep(Duration::from_millis(300));
     }
 
@@ -194,23 +196,23 @@ fn reloads_restarts_and_kills_under_systemd_drop_nothing() {
     let new = m.wait_running(SERVICE, old, Duration::from_secs(30));
     wait_connections(&m, 210, Duration::from_secs(10));
     eprintln!("SIGKILL of takeoverd {old}: restarted as {new} in {:?}", t.elapsed());
+    // Traffic between two operations (the storm's pace).
     std::thread::sleep(Duration::from_millis(300));
 
     let st = status(&m).unwrap();
     let w = worker_pid(&st).expect("a worker serves");
     let t = Instant::now();
     sigkill(w);
-    let mut after = Value::Null;
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            after = status(&m).unwrap_or(Value::Null);
-            worker_pid(&after).is_some_and(|p| p != w) && connections(&after) == 210
-        }),
-        "the worker was not restarted after SIGKILL: {after}"
-    );
+    let mut after = None;
+    wait_until("a new worker serves the 210 connections after the SIGKILL", Duration::from_secs(10), || {
+        after = status(&m);
+        after.as_ref().is_some_and(|a| worker_pid(a).is_some_and(|p| p != w) && connections(a) == 210)
+    });
+    let after = after.unwrap();
     assert_eq!(m.main_pid(SERVICE), new, "takeoverd itself must survive the worker's crash");
-    assert_eq!(after["worker_restarts"], 1, "{after}");
+    assert_eq!(after.worker_restarts, 1, "{after:?}");
     eprintln!("SIGKILL of worker {w}: replaced by {:?} in {:?}", worker_pid(&after), t.elapsed());
+    // Traffic between two operations (the storm's pace).
     std::thread::sleep(Duration::from_millis(300));
 
     // With both clients still connected.
@@ -227,9 +229,9 @@ fn reloads_restarts_and_kills_under_systemd_drop_nothing() {
     let vi = idle.finish("idle client (10 connections, 1 s)");
     eprintln!(
         "longest pause seen by a client: {} us (busy client), {} us (idle client)",
-        v["latency_us"]["max"], vi["latency_us"]["max"]
+        v.latency_us.max, vi.latency_us.max
     );
-    assert_eq!(v["connections"], 200);
+    assert_eq!(v.connections, 200);
 
     assert_fd_store(&m, 0, Duration::from_secs(10));
     eprintln!("test took {:?}", t0.elapsed());
@@ -261,7 +263,7 @@ fn failed_reload_under_systemd_keeps_serving() {
     wait_connections(&m, 20, Duration::from_secs(10));
     m.systemctl_ok(&["reload", SERVICE]);
     let before = status(&m).unwrap();
-    assert_eq!(before["reloads"].as_array().unwrap().last().unwrap()["ok"], true, "{before}");
+    assert!(before.reloads.last().unwrap().ok, "{before:?}");
 
     put(b"#!/bin/sh\nexit 1\n");
     let t = Instant::now();
@@ -269,21 +271,21 @@ fn failed_reload_under_systemd_keeps_serving() {
     eprintln!("failing reload: {} in {:?}: {}", out.status, t.elapsed(), String::from_utf8_lossy(&out.stderr).trim());
     assert!(!out.status.success(), "systemctl reload must fail when the new worker exits at once");
     let st = status(&m).expect("takeoverd still answers");
-    let last = st["reloads"].as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["ok"], false, "{st}");
-    let err = last["error"].as_str().unwrap_or_default();
-    assert!(!err.is_empty(), "a failed reload must say why: {st}");
+    let last = st.reloads.last().unwrap().clone();
+    assert!(!last.ok, "{st:?}");
+    let err = last.error.as_deref().unwrap_or_default();
+    assert!(!err.is_empty(), "a failed reload must say why: {st:?}");
     eprintln!("ctl status shows: {err}");
-    assert_eq!(worker_pid(&st), worker_pid(&before), "the old worker must go on serving: {st}");
-    assert_eq!(connections(&st), 20, "{st}");
+    assert_eq!(worker_pid(&st), worker_pid(&before), "the old worker must go on serving: {st:?}");
+    assert_eq!(connections(&st), 20, "{st:?}");
     assert_eq!(m.show(SERVICE, "ActiveState"), "active");
 
     put(&real);
     m.systemctl_ok(&["reload", SERVICE]);
     let st = status(&m).unwrap();
-    let last = st["reloads"].as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["ok"], true, "{st}");
-    assert_ne!(worker_pid(&st), worker_pid(&before), "{st}");
+    let last = st.reloads.last().unwrap().clone();
+    assert!(last.ok, "{st:?}");
+    assert_ne!(worker_pid(&st), worker_pid(&before), "{st:?}");
     assert_fd_store(&m, 20, Duration::from_secs(5));
 
     c.finish("client across the failed reload");
@@ -321,11 +323,12 @@ fn connection_churn_under_systemd_leaks_no_fd() {
     eprintln!("1000 connect/echo/close cycles in {:?}", t.elapsed());
 
     assert_fd_store(&m, 0, Duration::from_secs(10));
-    let settled =
-        wait_until(Duration::from_secs(10), || fds_of(d).len() == base_d.len() && fds_of(w).len() == base_w.len());
+    let settled = poll_until("takeoverd and the worker are back to their fds", Duration::from_secs(10), || {
+        fds_of(d).len() == base_d.len() && fds_of(w).len() == base_w.len()
+    });
     let (now_d, now_w) = (fds_of(d), fds_of(w));
     assert!(
-        settled,
+        settled.is_ok(),
         "fd leak: takeoverd {} -> {} fds, worker {} -> {} fds\ntakeoverd now: {now_d:?}\nworker now: {now_w:?}",
         base_d.len(),
         now_d.len(),
@@ -373,7 +376,7 @@ fn a_python_worker_survives_reloads_and_takeoverd_restarts_under_systemd() {
         &["--connections", "50", "--interval-ms", "5", "--duration", "12", "--timeout-ms", "10000"],
     );
     wait_connections(&m, 50, Duration::from_secs(10));
-    let python_serves = |st: &Value| {
+    let python_serves = |st: &Status| {
         let pid = worker_pid(st).expect("a worker serves");
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         assert!(String::from_utf8_lossy(&cmd).contains("seqnum_worker.py"), "worker {pid} is not the Python worker");
@@ -395,14 +398,12 @@ fn a_python_worker_survives_reloads_and_takeoverd_restarts_under_systemd() {
     std::thread::sleep(Duration::from_millis(300));
     let w = worker_pid(&st).unwrap();
     sigkill(w);
-    assert!(
-        wait_until(Duration::from_secs(10), || status(&m)
-            .is_some_and(|st| worker_pid(&st).is_some_and(|p| p != w) && connections(&st) == 50)),
-        "the Python worker was not replaced after its SIGKILL"
-    );
+    wait_until("the Python worker is replaced after its SIGKILL", Duration::from_secs(10), || {
+        status(&m).is_some_and(|st| worker_pid(&st).is_some_and(|p| p != w) && connections(&st) == 50)
+    });
     python_serves(&status(&m).unwrap());
     let v = load.finish("50 clients, Python worker, reloads and restarts under systemd");
-    assert_eq!(v["connections"], 50);
+    assert_eq!(v.connections, 50);
 }
 
 /// `takeoverd ctl upgrade` under systemd: `MainPID` stays, the unit goes
@@ -424,19 +425,17 @@ fn upgrades_under_systemd_keep_main_pid_and_the_fd_store() {
         let out = m.ctl(&["upgrade"]);
         assert!(out.status.success(), "upgrade {i} failed: {out:?}\n{}", m.service_log_tail(30));
         assert_eq!(m.main_pid(SERVICE), main, "MainPID changed");
-        assert!(
-            wait_until(Duration::from_secs(5), || m.show(SERVICE, "ActiveState") == "active"),
-            "the unit did not return to active after the upgrade: {}",
-            m.show(SERVICE, "ActiveState")
-        );
+        wait_until("the unit is active again after the upgrade", Duration::from_secs(5), || {
+            m.show(SERVICE, "ActiveState") == "active"
+        });
         let st = status(&m).unwrap();
-        assert_eq!(st["upgrades"], i, "{st}");
-        assert_eq!(worker_pid(&st), worker, "an upgrade must not replace the worker: {st}");
+        assert_eq!(st.upgrades, i, "{st:?}");
+        assert_eq!(worker_pid(&st), worker, "an upgrade must not replace the worker: {st:?}");
     }
     assert_fd_store(&m, 100, Duration::from_secs(5));
     m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
     m.wait_running(SERVICE, main, Duration::from_secs(30));
     wait_connections(&m, 100, Duration::from_secs(10));
     let v = load.finish("100 clients through 3 upgrades and a SIGKILL of the upgraded takeoverd");
-    assert_eq!(v["connections"], 100);
+    assert_eq!(v.connections, 100);
 }

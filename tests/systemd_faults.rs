@@ -7,9 +7,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use serde_json::Value;
-use testkit::systemd::{wait_until, UserManager};
-use testkit::{assert_clean, client, client_summary, free_port, wait_for_port};
+use testkit::systemd::UserManager;
+use testkit::{assert_clean, client, client_summary, free_port, live_children, wait_for_port, wait_until};
 
 const SERVICE: &str = "seqnum.service";
 const SOCKET: &str = "seqnum.socket";
@@ -37,29 +36,8 @@ fn start(tag: &str, args: &[&str], env: &[String], rw: Option<&std::path::Path>)
     m.systemctl_ok(&["start", SERVICE]);
     m.wait_running(SERVICE, 0, Duration::from_secs(30));
     wait_for_port(port, Duration::from_secs(10));
-    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some()), "takeoverd does not answer");
+    wait_until("takeoverd answers", Duration::from_secs(10), || m.try_ctl_status().is_some());
     Some((m, port))
-}
-
-fn status(m: &UserManager) -> Option<Value> {
-    let out = m.ctl(&["status", "--json"]);
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
-}
-
-/// Children of `pid` that are alive.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().and_then(|s| {
-                let rest = s.rsplit_once(')')?.1.to_owned();
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                Some(f[0] != "Z" && f[1].parse::<u32>().ok()? == pid)
-            }) == Some(true)
-        })
-        .collect()
 }
 
 /// takeoverd SIGKILLs itself at `step` of a reload (`systemctl reload`) or,
@@ -79,26 +57,28 @@ fn kill_self_at(step: &str) {
     };
     let pid0 = m.main_pid(SERVICE);
     let c = client(port, &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"]);
-    std::thread::sleep(Duration::from_millis(700));
+    wait_until("takeoverd holds the 50 connections", Duration::from_secs(10), || {
+        m.try_ctl_status().is_some_and(|s| s.connections == 50)
+    });
     let first = if step.starts_with("upgrade-") { m.ctl(&["upgrade"]) } else { m.systemctl(&["reload", SERVICE]) };
     assert!(marker.exists(), "{step}: the fault did not fire\n{}", m.service_log_tail(30));
     let pid1 = m.wait_running(SERVICE, pid0, Duration::from_secs(30));
-    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["worker_pid"].is_u64())));
+    wait_until("a worker serves", Duration::from_secs(10), || {
+        m.try_ctl_status().is_some_and(|s| s.worker_pid.is_some())
+    });
     eprintln!("{step}: first reload exited {}; takeoverd {pid0} -> {pid1}", first.status);
     m.systemctl_ok(&["reload", SERVICE]);
     let (out, v) = client_summary(c);
     assert_clean(&out, &v);
-    eprintln!("{step}: longest pause {} us over {} echoes", v["latency_us"]["max"], v["echoed"]);
+    eprintln!("{step}: longest pause {} us over {} echoes", v.latency_us.max, v.echoed);
 
     // Nothing lingers: one takeoverd with one worker; the store holds the
     // listener and the state memfd (50 connections fit by name: no overflow).
-    assert!(
-        wait_until(Duration::from_secs(10), || m.show_u64(SERVICE, "NFileDescriptorStore") == 1 + 1),
-        "{step}: NFileDescriptorStore is {} with no client connected",
-        m.show_u64(SERVICE, "NFileDescriptorStore")
-    );
+    wait_until("the fd store holds the listener and the state only", Duration::from_secs(10), || {
+        m.show_u64(SERVICE, "NFileDescriptorStore") == 1 + 1
+    });
     let main = m.main_pid(SERVICE);
-    let kids = children(main);
+    let kids = live_children(main);
     assert_eq!(kids.len(), 1, "{step}: takeoverd should have one worker, has {kids:?}");
     let _ = std::fs::remove_dir_all(&marker_dir);
 }
@@ -141,39 +121,49 @@ fn takeoverd_killed_in_the_new_image_before_it_takes_the_snapshot() {
 fn connections_past_the_names_budget_survive_restarts() {
     let Some((m, port)) = start("overflow", &["--fdstore-max", "8"], &[], None) else { return };
     let c = client(port, &["--connections", "60", "--interval-ms", "5", "--duration", "10", "--timeout-ms", "10000"]);
-    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
-    let st = status(&m).unwrap();
-    assert_eq!(st["fdstore_fds"], 10, "{st}");
-    assert_eq!(st["fdstore_overflow"], 54, "{st}");
-    assert_eq!(st["fdstore_pairs"], 1, "{st}");
+    wait_until("takeoverd holds the 60 connections", Duration::from_secs(10), || {
+        m.try_ctl_status().is_some_and(|s| s.connections == 60)
+    });
+    let st = m.ctl_status();
+    assert_eq!(st.fdstore_fds, 10, "{st:?}");
+    assert_eq!(st.fdstore_overflow, 54, "{st:?}");
+    assert_eq!(st.fdstore_pairs, 1, "{st:?}");
     assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 10);
 
     let pid0 = m.main_pid(SERVICE);
     m.systemctl_ok(&["restart", SERVICE]);
     let pid1 = m.wait_running(SERVICE, pid0, Duration::from_secs(30));
-    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
+    wait_until("takeoverd holds the 60 connections", Duration::from_secs(10), || {
+        m.try_ctl_status().is_some_and(|s| s.connections == 60)
+    });
     m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
     m.wait_running(SERVICE, pid1, Duration::from_secs(30));
-    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
-    let st = status(&m).unwrap();
-    assert_eq!(st["fdstore_overflow"], 54, "after two restarts: {st}");
-    assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 10, "after two restarts: {st}");
+    wait_until("takeoverd holds the 60 connections", Duration::from_secs(10), || {
+        m.try_ctl_status().is_some_and(|s| s.connections == 60)
+    });
+    let st = m.ctl_status();
+    assert_eq!(st.fdstore_overflow, 54, "after two restarts: {st:?}");
+    assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 10, "after two restarts: {st:?}");
     // An in-place upgrade carries the queue's bookkeeping: the SIGKILL of
     // the upgraded takeoverd still finds every connection.
     let out = m.ctl(&["upgrade"]);
     assert!(out.status.success(), "upgrade: {out:?}\n{}", m.service_log_tail(30));
-    let st = status(&m).unwrap();
-    assert_eq!(st["fdstore_overflow"], 54, "after the upgrade: {st}");
+    let st = m.ctl_status();
+    assert_eq!(st.fdstore_overflow, 54, "after the upgrade: {st:?}");
     let pid2 = m.main_pid(SERVICE);
     m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
     m.wait_running(SERVICE, pid2, Duration::from_secs(30));
-    assert!(wait_until(Duration::from_secs(10), || status(&m).is_some_and(|s| s["connections"] == 60)));
+    wait_until("takeoverd holds the 60 connections after the upgrade and a SIGKILL", Duration::from_secs(10), || {
+        m.try_ctl_status().is_some_and(|s| s.connections == 60)
+    });
     assert_eq!(m.show_u64(SERVICE, "NFileDescriptorStore"), 10, "after an upgrade and a SIGKILL");
 
     let (out, v) = client_summary(c);
     assert_clean(&out, &v);
-    eprintln!("overflow: 60 connections across a restart and a SIGKILL, longest pause {} us", v["latency_us"]["max"]);
+    eprintln!("overflow: 60 connections across a restart and a SIGKILL, longest pause {} us", v.latency_us.max);
     // Once the clients are gone, by name only the essentials remain: the
     // listener, the state and the pair.
-    assert!(wait_until(Duration::from_secs(10), || m.show_u64(SERVICE, "NFileDescriptorStore") == 4));
+    wait_until("the fd store holds the listener, the state and the pair", Duration::from_secs(10), || {
+        m.show_u64(SERVICE, "NFileDescriptorStore") == 4
+    });
 }

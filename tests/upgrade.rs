@@ -48,8 +48,8 @@ fn log(d: &Takeoverd) -> String {
     format!("---- takeoverd's log:\n{}", std::fs::read_to_string(&d.log).unwrap_or_default())
 }
 
-fn worker_pid(d: &Takeoverd) -> u64 {
-    ctl_status(&d.sock)["worker_pid"].as_u64().expect("a worker serves")
+fn worker_pid(d: &Takeoverd) -> u32 {
+    ctl_status(&d.sock).worker_pid.expect("a worker serves")
 }
 
 /// Five upgrades under load: same takeoverd pid, same worker, every
@@ -60,17 +60,17 @@ fn upgrades_keep_the_pid_the_worker_and_every_connection() {
     let dir = TempDir::new("upgrade");
     let d = Takeoverd::start(&dir, &[], &[]);
     let mut load = load(d.port, "5");
-    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 30);
+    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 30);
     let worker = worker_pid(&d);
     for i in 1..=5 {
         std::thread::sleep(Duration::from_millis(100));
         upgrade_ok(&d);
         let st = ctl_status(&d.sock);
-        assert_eq!(st["upgrades"], i, "{st}");
-        assert_eq!(st["worker_pid"], worker, "the worker must never be replaced by an upgrade: {st}");
-        assert_eq!(st["connections"], 30, "{st}");
+        assert_eq!(st.upgrades, i, "{st:?}");
+        assert_eq!(st.worker_pid, Some(worker), "the worker must never be replaced by an upgrade: {st:?}");
+        assert_eq!(st.connections, 30, "{st:?}");
         assert!(alive(d.pid), "takeoverd {} is gone", d.pid);
-        assert!(children_of(d.pid).iter().any(|(p, z)| *p as u64 == worker && !z), "the worker is still our child");
+        assert!(children_of(d.pid).iter().any(|(p, z)| *p == worker && !z), "the worker is still our child");
     }
     std::thread::sleep(Duration::from_millis(200));
     let out = ctl(&d.sock, &["reload"]);
@@ -78,19 +78,19 @@ fn upgrades_keep_the_pid_the_worker_and_every_connection() {
     let second = worker_pid(&d);
     assert_ne!(second, worker);
     wait_until("the old worker is reaped (no zombie)", Duration::from_secs(5), || {
-        !children_of(d.pid).iter().any(|(p, _)| *p as u64 == worker)
+        !children_of(d.pid).iter().any(|(p, _)| *p == worker)
     });
     upgrade_ok(&d);
     std::thread::sleep(Duration::from_millis(200));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(second as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_until("a new worker serves after the kill", Duration::from_secs(5), || {
-        try_ctl_status(&d.sock).and_then(|s| s["worker_pid"].as_u64()).is_some_and(|p| p != second)
+        try_ctl_status(&d.sock).and_then(|s| s.worker_pid).is_some_and(|p| p != second)
     });
     assert!(load.try_wait().unwrap().is_none(), "the client ended before the upgrades were done");
     let (out, v) = client_summary(load);
     assert_clean(&out, &v);
     let st = ctl_status(&d.sock);
-    assert_eq!(st["worker_restarts"], 1, "{st}");
+    assert_eq!(st.worker_restarts, 1, "{st:?}");
 }
 
 /// takeoverd started from a copy of its binary in `dir`, so that the test
@@ -115,7 +115,7 @@ fn start_copy(dir: &TempDir, env: &[(&str, String)]) -> (Takeoverd, PathBuf) {
     let pid = proc.0.id();
     wait_for_port(port, Duration::from_secs(10));
     wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock)["worker_pid"].is_u64());
+    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock).worker_pid.is_some());
     (Takeoverd { proc, pid, port, sock, log }, exe)
 }
 
@@ -134,7 +134,7 @@ fn upgrade_is_refused_when_the_binary_on_disk_cannot_take_over() {
     let dir = TempDir::new("upgrade-refused");
     let (d, exe) = start_copy(&dir, &[]);
     let mut load = load(d.port, "4");
-    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 30);
+    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 30);
     let worker = worker_pid(&d);
 
     std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
@@ -150,8 +150,8 @@ fn upgrade_is_refused_when_the_binary_on_disk_cannot_take_over() {
     std::fs::copy(bin("takeoverd"), &exe).unwrap();
     upgrade_ok(&d);
     let st = ctl_status(&d.sock);
-    assert_eq!(st["upgrades"], 1, "{st}");
-    assert_eq!(st["worker_pid"], worker, "{st}");
+    assert_eq!(st.upgrades, 1, "{st:?}");
+    assert_eq!(st.worker_pid, Some(worker), "{st:?}");
     assert!(alive(d.pid));
     let (out, v) = client_summary(load_done(&mut load));
     assert_clean(&out, &v);
@@ -174,14 +174,14 @@ fn a_failed_exec_or_snapshot_leaves_takeoverd_serving() {
         let fault = format!("{step}:fail:{}", marker.display());
         let (d, _exe) = start_copy(&dir, &[("TAKEOVERD_FAULT", fault)]);
         let mut load = load(d.port, "3");
-        wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 30);
+        wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 30);
         let worker = worker_pid(&d);
         std::thread::sleep(Duration::from_millis(200));
         upgrade_fails(&d, why);
         assert!(marker.exists(), "the fault did not fire");
         let st = ctl_status(&d.sock);
-        assert_eq!(st["worker_pid"], worker, "{st}");
-        assert_eq!(st["connections"], 30, "{st}");
+        assert_eq!(st.worker_pid, Some(worker), "{st:?}");
+        assert_eq!(st.connections, 30, "{st:?}");
         std::thread::sleep(Duration::from_millis(200));
         upgrade_ok(&d);
         assert!(alive(d.pid));
@@ -199,7 +199,7 @@ fn a_hundred_upgrades_leak_no_fd() {
     let d = Takeoverd::start(&dir, &[], &[]);
     let mut load =
         client(d.port, &["--connections", "20", "--interval-ms", "20", "--duration", "30", "--timeout-ms", "5000"]);
-    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 20);
+    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 20);
     let before = settled_fd_count(d.pid);
     let worker = worker_pid(&d);
     for _ in 0..100 {
@@ -209,7 +209,7 @@ fn a_hundred_upgrades_leak_no_fd() {
     let after = settled_fd_count(d.pid);
     assert_eq!(before, after, "takeoverd's fds: {before} before 100 upgrades, {after} after");
     assert_eq!(worker_pid(&d), worker);
-    assert_eq!(live_children(d.pid), vec![worker as u32], "one worker, the same");
+    assert_eq!(live_children(d.pid), vec![worker], "one worker, the same");
     let _ = load.kill();
     let _ = load.wait();
 }
@@ -221,7 +221,7 @@ fn a_version_1_worker_is_carried_across_an_upgrade() {
     let dir = TempDir::new("upgrade-v1");
     let d = Takeoverd::start(&dir, &["--", "--takeoverd-channel", "1"], &[]);
     let mut load = load(d.port, "3");
-    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 30);
+    wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 30);
     let worker = worker_pid(&d);
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(200));

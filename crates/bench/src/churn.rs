@@ -12,7 +12,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
+use testkit::procfs;
+
 use crate::client::{ClientRun, ClientSpec};
+use crate::kinds::Placement;
 use crate::phases::Phases;
 use crate::procs;
 use crate::scenarios::Ctx;
@@ -97,7 +100,7 @@ pub struct ChurnSection {
     /// `--churn-messages`.
     pub messages: u64,
     /// "pinned" or "shared".
-    pub placement: String,
+    pub placement: Placement,
     /// floor-echo, takeoverd, takeoverd with events.
     pub runs: Vec<ChurnRun>,
 }
@@ -141,8 +144,8 @@ pub fn run(ctx: &mut Ctx) -> ChurnSection {
             }
         }
     }
-    let placement = if ctx.server_cpu.is_some() { "pinned" } else { "shared" };
-    ChurnSection { connections: CONNECTIONS, messages: MESSAGES, placement: placement.into(), runs }
+    let placement = Placement::of(ctx.server_cpu.is_some());
+    ChurnSection { connections: CONNECTIONS, messages: MESSAGES, placement, runs }
 }
 
 fn one(ctx: &mut Ctx, kind: Kind, events: &[Ev], quiet_s: f64, spacing_ms: f64) -> anyhow::Result<ChurnRun> {
@@ -211,7 +214,7 @@ fn one(ctx: &mut Ctx, kind: Kind, events: &[Ev], quiet_s: f64, spacing_ms: f64) 
     // The client's CPU, read just before its planned end (it is reaped at
     // the end, and its ticks with it).
     procs::sleep_until(&ctx.clock, run.end_ms - 100.0);
-    let client_ticks: u64 = run.pids().iter().filter_map(|p| procs::cpu_ticks(*p)).sum();
+    let client_ticks: u64 = run.pids().iter().filter_map(|p| procfs::cpu_ticks(*p)).sum();
     let client_span_ms = ctx.clock.now_ms() - t0;
     let status = match &server {
         Running::Takeoverd(td) => td.status().ok(),
@@ -244,10 +247,10 @@ fn one(ctx: &mut Ctx, kind: Kind, events: &[Ev], quiet_s: f64, spacing_ms: f64) 
             c.discontinuities
         ));
     }
-    let tick_us = 1e6 / procs::clk_tck() as f64;
+    let tick_us = 1e6 / procfs::clk_tck() as f64;
     let cpu = cpu0.zip(cpu1).filter(|_| c.connects > 0).map(|(a, b)| b.saturating_sub(a) as f64 * tick_us);
     let reloads = events.iter().filter(|e| **e == Ev::Reload).count();
-    let phases = status.as_ref().map(|s| Phases::from_status(s, reloads)).unwrap_or_default();
+    let phases = status.as_ref().map(|s| Phases::from_records(&s.reloads, reloads)).unwrap_or_default();
     let (pause, figure) = phases.pause();
     Ok(ChurnRun {
         server: kind.name().into(),
@@ -283,9 +286,9 @@ fn one(ctx: &mut Ctx, kind: Kind, events: &[Ev], quiet_s: f64, spacing_ms: f64) 
 /// workers it reaped plus the serving worker's.
 fn server_ticks(server: &Running) -> Option<u64> {
     match server {
-        Running::Floor(f) => procs::cpu_ticks(f.pid),
+        Running::Floor(f) => procfs::cpu_ticks(f.pid),
         Running::Takeoverd(td) => {
-            Some(procs::cpu_ticks_with_reaped(td.pid)? + procs::cpu_ticks(td.worker_pid().ok()?)?)
+            Some(procfs::cpu_ticks_with_reaped(td.pid)? + procfs::cpu_ticks(td.worker_pid().ok()?)?)
         }
     }
 }
@@ -296,11 +299,10 @@ fn kill_worker(td: &Server) -> anyhow::Result<f64> {
     let old = td.worker_pid()?;
     let t0 = Instant::now();
     kill(Pid::from_raw(old as i32), Signal::SIGKILL)?;
+    // Not testkit's wait: this loop is a stopwatch, polled every 2 ms.
     loop {
-        if let Ok(s) = td.status() {
-            if s["worker_pid"].as_u64().is_some_and(|p| p != u64::from(old)) {
-                return Ok(t0.elapsed().as_secs_f64() * 1e3);
-            }
+        if td.status().is_ok_and(|s| s.worker_pid.is_some_and(|p| p != old)) {
+            return Ok(t0.elapsed().as_secs_f64() * 1e3);
         }
         if t0.elapsed() > Duration::from_secs(10) {
             anyhow::bail!("no new worker 10 s after killing {old}");

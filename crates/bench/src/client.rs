@@ -5,8 +5,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use seqnum::client::Histogram;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::procs::{self, Bins, Clock};
 
@@ -111,9 +111,11 @@ pub struct Summary {
     pub timeouts: u64,
     /// `connect_errors`.
     pub connect_errors: u64,
-    /// Median latency, µs (the highest of the processes' medians).
+    /// Median latency, µs: of every process's echoes together (their
+    /// histograms merged), or, for clients that were killed, the highest
+    /// row median of their timelines.
     pub p50_us: u64,
-    /// 99th percentile, µs (the highest of the processes').
+    /// 99th percentile, µs, the same way.
     pub p99_us: u64,
     /// Maximum latency, µs.
     pub max_us: u64,
@@ -246,10 +248,11 @@ impl ClientRun {
     /// and counted as failed.
     pub fn finish(self, clock: &Clock, grace: Duration) -> anyhow::Result<ClientResult> {
         let mut summary = Summary::default();
+        let mut latency = Histogram::new();
         let mut timelines = Vec::new();
         for mut p in self.procs {
             let left = (self.end_ms - clock.now_ms()).max(0.0) / 1e3;
-            let status = procs::wait_timeout(&mut p.child, Duration::from_secs_f64(left) + grace);
+            let status = testkit::wait_timeout(&mut p.child, Duration::from_secs_f64(left) + grace);
             let mut stdout = String::new();
             if status.is_some() {
                 if let Some(mut out) = p.child.stdout.take() {
@@ -258,9 +261,8 @@ impl ClientRun {
                 }
             }
             procs::kill_group(&mut p.child);
-            let line = stdout.lines().last().unwrap_or_default();
-            match serde_json::from_str::<Value>(line) {
-                Ok(v) => add(&mut summary, &v),
+            match testkit::parse_summary(&stdout) {
+                Ok(s) => add(&mut summary, &mut latency, &s),
                 Err(_) => {
                     summary.failed_processes += 1;
                     let text = std::fs::read_to_string(&p.stderr).unwrap_or_default();
@@ -278,29 +280,29 @@ impl ClientRun {
             }
             timelines.push(read_timeline(&p.timeline, p.t0_ms)?);
         }
+        (summary.p50_us, summary.p99_us) = (latency.percentile(0.50), latency.percentile(0.99));
         Ok(ClientResult { summary, timelines })
     }
 }
 
-fn add(s: &mut Summary, v: &Value) {
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    s.connections += n("connections");
-    s.sent += n("sent");
-    s.echoed += n("echoed");
-    s.errors += n("errors");
-    s.discontinuities += n("discontinuities");
-    s.resets += n("resets");
-    s.eofs += n("eofs");
-    s.timeouts += n("timeouts");
-    s.connect_errors += n("connect_errors");
-    let l = &v["latency_us"];
-    s.p50_us = s.p50_us.max(l["p50"].as_u64().unwrap_or(0));
-    s.p99_us = s.p99_us.max(l["p99"].as_u64().unwrap_or(0));
-    s.max_us = s.max_us.max(l["max"].as_u64().unwrap_or(0));
-    s.echoes_per_sec += v["echoes_per_sec"].as_f64().unwrap_or(0.0);
-    s.connects += n("connects");
-    s.connects_per_sec += v["connects_per_sec"].as_f64().unwrap_or(0.0);
-    s.duration_s = s.duration_s.max(v["duration_s"].as_f64().unwrap_or(0.0));
+/// Adds one process's summary `c` to `s`, and its latency histogram to
+/// `latency` (the percentiles are read from the merged histogram).
+fn add(s: &mut Summary, latency: &mut Histogram, c: &seqnum::client::Summary) {
+    s.connections += c.connections;
+    s.sent += c.sent;
+    s.echoed += c.echoed;
+    s.errors += c.errors;
+    s.discontinuities += c.discontinuities;
+    s.resets += c.resets;
+    s.eofs += c.eofs;
+    s.timeouts += c.timeouts;
+    s.connect_errors += c.connect_errors;
+    latency.merge(&c.latency_histogram);
+    s.max_us = s.max_us.max(c.latency_us.max);
+    s.echoes_per_sec += c.echoes_per_sec;
+    s.connects += c.connects;
+    s.connects_per_sec += c.connects_per_sec;
+    s.duration_s = s.duration_s.max(c.duration_s);
 }
 
 /// Reads a `--timeline` CSV, placing its rows on the benchmark's clock.

@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 
+use crate::kinds::Placement;
 use crate::profile::{ProbeRow, Profile};
 use crate::report::Results;
 use crate::stats::show;
@@ -123,7 +124,7 @@ fn reload(s: &mut String, r: &Results, prof: Option<&Profile>) {
     let wall = r
         .handoff
         .iter()
-        .find(|h| h.connections == 10_000 && h.placement == "pinned")
+        .find(|h| h.connections == 10_000 && h.placement == Placement::Pinned)
         .and_then(|h| h.handoff_ms.map(|m| m.median))
         .unwrap_or(0.0);
     if td + start >= 0.8 * wall {
@@ -310,7 +311,7 @@ fn echo(s: &mut String, r: &Results, prof: Option<&Profile>) {
         .iter()
         .find(|r| r.comm == "seqnum-worker" && r.label.starts_with("send()"))
         .map(|row| row.share_pct / 100.0)
-        .zip(r.echo.iter().find(|e| e.connections == 1_000 && e.placement == "pinned"))
+        .zip(r.echo.iter().find(|e| e.connections == 1_000 && e.placement == Placement::Pinned))
         .map(|(share, e)| share * e.server_cpu_us_per_echo);
     let per = |n: u64, m: &crate::profile::SyscallMix| n as f64 / m.sendto.max(1) as f64;
     let mix = p.syscalls.as_ref().map_or("(not counted)".to_owned(), |m| {

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
+use testkit::procfs;
+
 use crate::procs::{self, Bins};
 use crate::server::last_lines;
 
@@ -47,7 +49,7 @@ impl FloorServer {
                 // EOF and closes its side.
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     std::thread::sleep(Duration::from_millis(20));
-                    let base_fds = procs::fd_count(pid).unwrap_or(0);
+                    let base_fds = procfs::fd_count(pid).unwrap_or(0);
                     return Ok(FloorServer { child: Some(child), pid, port, base_fds });
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -61,7 +63,7 @@ impl FloorServer {
 
     /// Open connections, from its fd count.
     pub fn connections(&self) -> usize {
-        procs::fd_count(self.pid).unwrap_or(0).saturating_sub(self.base_fds)
+        procfs::fd_count(self.pid).unwrap_or(0).saturating_sub(self.base_fds)
     }
 
     /// Waits until it holds at least `n` connections.
@@ -72,7 +74,7 @@ impl FloorServer {
             if held as u64 >= n {
                 return Ok(());
             }
-            if t0.elapsed() > timeout || !procs::alive(self.pid) {
+            if t0.elapsed() > timeout || !procfs::alive(self.pid) {
                 bail!("floor-echo holds {held} connections after {timeout:?}, expected {n}");
             }
             std::thread::sleep(Duration::from_millis(20));

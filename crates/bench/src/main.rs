@@ -6,6 +6,8 @@ mod churn;
 mod client;
 mod diagnosis;
 mod floor;
+mod kinds;
+mod markdown;
 mod phases;
 mod procs;
 mod profile;
@@ -14,6 +16,7 @@ mod report_floor;
 mod scenarios;
 mod server;
 mod stats;
+mod svg;
 mod systemd;
 mod target;
 
@@ -25,6 +28,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::client::{ClientRun, ClientSpec};
+use crate::kinds::Placement;
 use crate::procs::{Bins, Clock};
 use crate::report::{Machine, Results, SystemdSection};
 use crate::scenarios::Ctx;
@@ -299,14 +303,14 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                  and kill -9 of the main process with automatic restart, marked by dashed lines.",
                 sd.connections, sd.interval_ms
             ),
-            report::svg(
+            svg::svg(
                 &format!("echo latency per 100 ms, {} connections, takeoverd under systemd", sd.connections),
                 &sd.timelines,
                 &sd.events,
             ),
         )
     } else if let Some(h) =
-        handoff.iter().find(|h| h.connections == 1_000 && h.placement == "pinned").or(handoff.first())
+        handoff.iter().find(|h| h.connections == 1_000 && h.placement == Placement::Pinned).or(handoff.first())
     {
         (
             format!(
@@ -314,14 +318,14 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                  (no systemd run to show).",
                 h.connections, h.interval_ms, h.reloads
             ),
-            report::svg(
+            svg::svg(
                 &format!("echo latency per 100 ms, {} connections, reloads", h.connections),
                 &h.timelines,
                 &h.events,
             ),
         )
     } else {
-        ("No run to plot.".to_owned(), report::svg("no data", &[], &[]))
+        ("No run to plot.".to_owned(), svg::svg("no data", &[], &[]))
     };
 
     let total_errors = handoff.iter().map(|h| h.errors).sum::<u64>()
@@ -378,7 +382,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
 
     let json = serde_json::to_string_pretty(&results)?;
     std::fs::write(out_dir.join("benchmarks.json"), json + "\n")?;
-    std::fs::write(out_dir.join("BENCHMARKS.md"), report::markdown(&results, &diagnosis))?;
+    std::fs::write(out_dir.join("BENCHMARKS.md"), markdown::markdown(&results, &diagnosis))?;
     std::fs::write(out_dir.join("latency.svg"), svg)?;
     print!("{}", report::console(&results));
     println!("\nwrote {}/{{benchmarks.json,BENCHMARKS.md,latency.svg}}", out_dir.display());
@@ -391,19 +395,15 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
 }
 
 fn run_systemd(ctx: &mut Ctx) -> SystemdSection {
-    if !nix::unistd::geteuid().is_root() && !Path::new("/run/systemd/system").is_dir() {
-        return SystemdSection {
-            status: "not run: needs root (a private mount namespace) on a host not booted with systemd".into(),
-            unit: None,
-            runs: Vec::new(),
-        };
+    if let Some(why) = testkit::systemd::unavailable(false) {
+        return SystemdSection { status: format!("not run: {why}"), unit: None, runs: Vec::new() };
     }
-    let mut mgr = match systemd::Manager::start(&ctx.dir) {
+    let mut mgr = match testkit::systemd::UserManager::start_in(&ctx.dir, "systemd") {
         Ok(m) => m,
         Err(e) => {
-            ctx.note(format!("the private systemd --user manager did not start: {e:#}"));
+            ctx.note(format!("the private systemd --user manager did not start: {e}"));
             return SystemdSection {
-                status: format!("not run: the private systemd manager did not start: {e:#}"),
+                status: format!("not run: the private systemd manager did not start: {e}"),
                 unit: None,
                 runs: Vec::new(),
             };
@@ -413,12 +413,10 @@ fn run_systemd(ctx: &mut Ctx) -> SystemdSection {
     let mut problems = Vec::new();
     // The fd-store settings of the shipped unit (units/seqnum.service).
     let shipped = systemd::ShippedUnit::load();
-    let plans: [(u64, &[&str]); 2] = [
-        (1_000, &["reload", "reload", "restart", "restart", "restart", "kill", "kill", "kill"]),
-        (10_000, &["reload", "reload", "restart", "restart", "restart", "kill", "kill", "kill"]),
-    ];
-    for (n, plan) in plans {
-        match systemd::run(ctx, &mut mgr, n, &shipped, plan) {
+    use kinds::EventKind::{Kill, Reload, Restart};
+    let plan = [Reload, Reload, Restart, Restart, Restart, Kill, Kill, Kill];
+    for n in [1_000, 10_000] {
+        match systemd::run(ctx, &mut mgr, n, &shipped, &plan) {
             Ok(r) => runs.push(r),
             Err(e) => {
                 ctx.note(format!("systemd run at {n} connections failed: {e:#}"));

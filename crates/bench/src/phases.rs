@@ -10,7 +10,7 @@
 //! new worker's ack), which then stands in for the pause.
 
 use serde::Serialize;
-use serde_json::Value;
+use takeoverd::status::ReloadRecord;
 
 use crate::stats::Spread;
 
@@ -35,17 +35,17 @@ pub struct Phases {
 impl Phases {
     /// The phases of the last `reloads` records (at most [`HISTORY`]) of a
     /// `ctl status --json`; failed reloads are left out.
-    pub fn from_status(status: &Value, reloads: usize) -> Phases {
-        let all = status["reloads"].as_array().map(Vec::as_slice).unwrap_or_default();
+    pub fn from_records(all: &[ReloadRecord], reloads: usize) -> Phases {
         let last = &all[all.len().saturating_sub(reloads.min(HISTORY))..];
-        let ok: Vec<&Value> = last.iter().filter(|r| r["ok"].as_bool() != Some(false)).collect();
-        let spread = |key: &str| Spread::of(&ok.iter().filter_map(|r| r[key].as_f64()).collect::<Vec<_>>());
+        let ok: Vec<&ReloadRecord> = last.iter().filter(|r| r.ok).collect();
+        let spread =
+            |get: fn(&ReloadRecord) -> Option<f64>| Spread::of(&ok.iter().filter_map(|r| get(r)).collect::<Vec<_>>());
         Phases {
             records: ok.len(),
-            pause_ms: spread("pause_ms"),
-            stage_ms: spread("stage_ms"),
-            total_ms: spread("total_ms"),
-            handoff_ms: spread("handoff_ms"),
+            pause_ms: spread(|r| r.pause_ms),
+            stage_ms: spread(|r| r.stage_ms),
+            total_ms: spread(|r| r.total_ms),
+            handoff_ms: spread(|r| Some(r.handoff_ms)),
         }
     }
 
@@ -63,27 +63,43 @@ impl Phases {
 mod tests {
     use super::*;
 
+    /// Records as takeoverd writes them (the fields every version has,
+    /// plus `extra`).
+    fn records(extra: serde_json::Value) -> Vec<ReloadRecord> {
+        let all = extra
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let mut r = serde_json::json!({"generation": 2, "at": 0, "connections": 1});
+                r.as_object_mut().unwrap().extend(e.as_object().unwrap().clone());
+                r
+            })
+            .collect();
+        serde_json::from_value(serde_json::Value::Array(all)).unwrap()
+    }
+
     #[test]
     fn new_fields_when_present_else_handoff() {
-        let old: Value = serde_json::json!({"reloads": [
+        let old = records(serde_json::json!([
             {"ok": true, "handoff_ms": 4.0, "old_exit_ms": 5.0},
             {"ok": false, "handoff_ms": 99.0, "old_exit_ms": 0.0},
             {"ok": true, "handoff_ms": 2.0, "old_exit_ms": 3.0},
-        ]});
-        let p = Phases::from_status(&old, 10);
+        ]));
+        let p = Phases::from_records(&old, 10);
         assert_eq!(p.records, 2);
         assert!(p.pause_ms.is_none() && p.stage_ms.is_none() && p.total_ms.is_none());
         let (pause, name) = p.pause();
         assert_eq!((pause.map(|s| s.max), name), (Some(4.0), "handoff_ms"));
-        let new: Value = serde_json::json!({"reloads": [
+        let new = records(serde_json::json!([
             {"ok": true, "handoff_ms": 9.0, "pause_ms": 1.5, "stage_ms": 0.5, "total_ms": 12.0},
             {"ok": true, "handoff_ms": 7.0, "pause_ms": 0.5, "stage_ms": 0.25, "total_ms": 10.0},
-        ]});
-        let p = Phases::from_status(&new, 1);
+        ]));
+        let p = Phases::from_records(&new, 1);
         assert_eq!(p.records, 1, "only the last one asked for");
         let (pause, name) = p.pause();
         assert_eq!((pause.map(|s| s.median), name), (Some(0.5), "pause_ms"));
         assert_eq!(p.total_ms.map(|s| s.median), Some(10.0));
-        assert_eq!(Phases::from_status(&Value::Null, 5).records, 0);
+        assert_eq!(Phases::from_records(&[], 5).records, 0);
     }
 }

@@ -1,4 +1,5 @@
-//! Processes the benchmark starts, and what it reads about them in /proc.
+//! Processes the benchmark starts (what it reads about them in /proc is
+//! `testkit::procfs`).
 //!
 //! Every child is started in a process group of its own, and every group is
 //! recorded here, so that the benchmark can kill all it started (with the
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
+use testkit::procfs;
 
 /// Process groups started here and not known to be gone.
 static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
@@ -54,7 +56,7 @@ pub fn kill_all() {
     }
     let strays: Vec<(i32, String)> = std::mem::take(&mut *STRAYS.lock().unwrap_or_else(|e| e.into_inner()));
     for (pid, comm) in strays {
-        if alive(pid as u32) && self::comm(pid as u32).as_deref() == Some(comm.as_str()) {
+        if procfs::alive(pid as u32) && procfs::comm(pid as u32).as_deref() == Some(comm.as_str()) {
             let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
@@ -178,71 +180,6 @@ pub fn have_taskset() -> bool {
 /// Number of online CPUs.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
-/// Fields of /proc/PID/stat after the command name.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = s.rsplit_once(')')?;
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
-
-/// utime + stime of `pid`, in clock ticks.
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
-    // After ')': state(3) ppid(4) ... utime(14) stime(15): indexes 11 and 12.
-    let f = stat_fields(pid)?;
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// utime + stime of `pid` and of its children it has waited for (cutime +
-/// cstime), in clock ticks: takeoverd's figure covers the workers it reaped.
-pub fn cpu_ticks_with_reaped(pid: u32) -> Option<u64> {
-    let f = stat_fields(pid)?;
-    (11..=14).map(|i| f.get(i)?.parse::<u64>().ok()).sum()
-}
-
-/// Open file descriptors of `pid`.
-pub fn fd_count(pid: u32) -> Option<usize> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
-}
-
-/// Clock ticks per second (`CLK_TCK`).
-pub fn clk_tck() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map(|v| v as u64).unwrap_or(100)
-}
-
-/// VmRSS of `pid`, in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Whether `pid` runs (and is not a zombie).
-pub fn alive(pid: u32) -> bool {
-    match stat_fields(pid) {
-        None => false,
-        Some(f) => !matches!(f.first().map(String::as_str), Some("Z" | "X")),
-    }
-}
-
-/// The command name of `pid`.
-pub fn comm(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_owned())
-}
-
-/// Waits for `child` up to `timeout`; `None` if it is still running.
-pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        if t0.elapsed() >= timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Sleeps until `clock` reads `at_ms` (no-op if that is past).

@@ -126,7 +126,7 @@ impl Recording {
         probes: &[Probe],
         comms: &[&str],
     ) -> anyhow::Result<Profile> {
-        let _ = procs::wait_timeout(&mut self.child, Duration::from_secs(120));
+        let _ = testkit::wait_timeout(&mut self.child, Duration::from_secs(120));
         procs::kill_group(&mut self.child);
         // Only the processes of interest: resolving the inlined frames of
         // everything else on the machine (compilers…) takes minutes.

@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 
 use crate::client::Window;
+use crate::kinds::Placement;
 use crate::report::{Results, Target};
 use crate::scenarios::{EchoResult, HandoffResult};
 use crate::stats::show;
@@ -106,7 +107,7 @@ impl Pause {
 }
 
 fn pinned(r: &Results, n: u64) -> Option<&HandoffResult> {
-    r.handoff.iter().find(|h| h.connections == n && h.placement == "pinned")
+    r.handoff.iter().find(|h| h.connections == n && h.placement == Placement::Pinned)
 }
 
 /// Section 1: the worst latency in reload windows against the same
@@ -125,7 +126,8 @@ pub fn reload_pause(w: &mut String, r: &Results) {
          latency, same windows without reload (ms) | bound: without + {PAUSE_SLACK_MS} ms | windows within their own \
          bound | target |\n|---:|---|---:|---|---:|---:|---:|---:|---|"
     );
-    let mut sizes: Vec<u64> = r.handoff.iter().filter(|h| h.placement == "pinned").map(|h| h.connections).collect();
+    let mut sizes: Vec<u64> =
+        r.handoff.iter().filter(|h| h.placement == Placement::Pinned).map(|h| h.connections).collect();
     sizes.extend(PAUSE_SIZES.iter().filter(|n| !sizes.contains(n)).collect::<Vec<_>>());
     sizes.sort_unstable();
     for n in sizes {
@@ -253,7 +255,7 @@ pub fn churn(w: &mut String, r: &Results) {
          |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
         n = c.connections,
         k = c.messages,
-        p = if c.placement == "pinned" { "pinned to CPU 0, servers to CPU 1" } else { "no pinning" },
+        p = if c.placement == Placement::Pinned { "pinned to CPU 0, servers to CPU 1" } else { "no pinning" },
     );
     let floor = c.runs.iter().find(|x| x.server == "floor-echo" && x.failure.is_none());
     let vs = |v: Option<f64>, f: Option<f64>| match (v, f) {
@@ -327,7 +329,7 @@ pub fn method(w: &mut String) {
 /// The targets of the "Constant-time reload" issue.
 pub fn targets(r: &Results) -> Vec<Target> {
     let mut t = Vec::new();
-    let e = r.echo.iter().find(|e| e.connections == 1_000 && e.placement == "pinned");
+    let e = r.echo.iter().find(|e| e.connections == 1_000 && e.placement == Placement::Pinned);
     let ratio = e.and_then(|e| echo_pair(r, e).map(|f| e.server_cpu_us_per_echo / f.server_cpu_us_per_echo));
     t.push(Target {
         name: "1 000 conns: echo CPU against the floor".into(),
@@ -389,7 +391,7 @@ pub fn console(r: &Results) -> String {
             );
         }
     }
-    for h in r.handoff.iter().filter(|h| h.placement == "pinned") {
+    for h in r.handoff.iter().filter(|h| h.placement == Placement::Pinned) {
         let p = Pause::of(h);
         let _ = writeln!(
             s,

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use testkit::procfs;
+
 use crate::client::{self, ClientRun, ClientSpec, Row, Summary, Window};
+use crate::kinds::{EventKind, Placement};
 use crate::phases::Phases;
 use crate::procs::{self, Bins, Clock};
 use crate::server::Server;
@@ -67,8 +70,8 @@ fn ramp_for(connections: u64) -> u64 {
 /// One event (reload, restart, kill) and what clients saw around it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
-    /// `reload`, `restart` or `kill`.
-    pub kind: String,
+    /// What was done.
+    pub kind: EventKind,
     /// When it was asked for, ms on the benchmark's clock.
     pub at_ms: f64,
     /// When it was over (the command returned, or service was back).
@@ -117,7 +120,7 @@ pub struct HandoffResult {
     /// Live connections.
     pub connections: u64,
     /// "pinned" (server on one CPU, clients on the other) or "shared".
-    pub placement: String,
+    pub placement: Placement,
     /// Per-connection interval, ms (lock-step: next message this long after the echo).
     pub interval_ms: u64,
     /// Reloads asked for.
@@ -152,7 +155,7 @@ pub struct HandoffResult {
 /// Reload `reloads` times, `spacing_ms` apart, with `n` live connections;
 /// then the same run without reloads.
 pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: bool) -> anyhow::Result<HandoffResult> {
-    let placement = if pinned { "pinned" } else { "shared" };
+    let placement = Placement::of(pinned);
     let (scpu, ccpu) = if pinned { (ctx.server_cpu, ctx.client_cpu) } else { (None, None) };
     let interval = interval_for(n);
     let ramp = ramp_for(n);
@@ -189,7 +192,7 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
             ctx.note(format!("reload FAILED at {n} connections: {}", out.output));
         }
         events.push(Event {
-            kind: "reload".into(),
+            kind: EventKind::Reload,
             at_ms: at,
             done_ms: done,
             ok: out.ok,
@@ -204,13 +207,12 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
         ctx.note(format!("handoff {n}: the reloads ran past the client's planned end; late windows may be empty"));
     }
     let status = server.status()?;
-    let phases = Phases::from_status(&status, reloads);
-    let records: Vec<serde_json::Value> = status["reloads"].as_array().cloned().unwrap_or_default();
-    let records = &records[records.len().saturating_sub(reloads)..];
+    let phases = Phases::from_records(&status.reloads, reloads);
+    let records = &status.reloads[status.reloads.len().saturating_sub(reloads)..];
     for (e, r) in events.iter_mut().zip(records) {
-        e.handoff_ms = r["handoff_ms"].as_f64();
-        e.old_exit_ms = r["old_exit_ms"].as_f64();
-        if r["ok"].as_bool() == Some(false) {
+        e.handoff_ms = Some(r.handoff_ms);
+        e.old_exit_ms = Some(r.old_exit_ms);
+        if !r.ok {
             e.ok = false;
         }
     }
@@ -244,7 +246,7 @@ pub fn handoff(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: b
     let windows: Vec<Window> = events.iter().map(|e| e.window).collect();
     Ok(HandoffResult {
         connections: n,
-        placement: placement.into(),
+        placement,
         interval_ms: interval,
         reloads,
         reloads_ok: events.iter().filter(|e| e.ok).count(),
@@ -270,7 +272,7 @@ pub struct EchoResult {
     /// Connections (each sends its next message as soon as the echo is in).
     pub connections: u64,
     /// "pinned" (server on one CPU, client on the other) or "shared".
-    pub placement: String,
+    pub placement: Placement,
     /// Echoes per second in the measured window.
     pub echoes_per_sec: f64,
     /// CPU time of takeoverd + worker (or of floor-echo) per echo, µs.
@@ -296,7 +298,7 @@ pub struct EchoResult {
 /// Echo cost with `n` connections at `--interval-ms 0`, against takeoverd
 /// or against the floor.
 pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<EchoResult> {
-    let placement = if pinned { "pinned" } else { "shared" };
+    let placement = Placement::of(pinned);
     ctx.say(&format!("echo cost: {n} connections, {placement}, {}", kind.name()));
     let (scpu, ccpu) = if pinned { (ctx.server_cpu, ctx.client_cpu) } else { (None, None) };
     let ramp = ramp_for(n);
@@ -325,12 +327,12 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<E
     let others = server.other_pids();
     procs::sleep_until(&ctx.clock, ctx.clock.now_ms() + warm_ms);
     let pids = run.pids();
-    let client_ticks = |ps: &[u32]| ps.iter().filter_map(|p| procs::cpu_ticks(*p)).sum::<u64>();
-    let server_ticks = |ps: &[u32]| ps.iter().map(|p| procs::cpu_ticks(*p)).sum::<Option<u64>>();
+    let client_ticks = |ps: &[u32]| ps.iter().filter_map(|p| procfs::cpu_ticks(*p)).sum::<u64>();
+    let server_ticks = |ps: &[u32]| ps.iter().map(|p| procfs::cpu_ticks(*p)).sum::<Option<u64>>();
     let t1 = ctx.clock.now_ms();
-    let (w1, d1, c1) = (procs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
+    let (w1, d1, c1) = (procfs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
     procs::sleep_until(&ctx.clock, t1 + measure_ms);
-    let (w2, d2, c2) = (procs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
+    let (w2, d2, c2) = (procfs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
     let t2 = ctx.clock.now_ms();
     let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
     server.stop();
@@ -341,7 +343,7 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<E
     let echoes: u64 = rows.iter().map(|r| r.echoes).sum();
     let rate = if slices > 0.0 { echoes as f64 / (slices * 0.1) } else { 0.0 };
     let secs = (t2 - t1) / 1e3;
-    let tick_us = 1e6 / procs::clk_tck() as f64;
+    let tick_us = 1e6 / procfs::clk_tck() as f64;
     let (Some(w1), Some(w2), Some(d1), Some(d2)) = (w1, w2, d1, d2) else {
         anyhow::bail!("could not read the CPU times of the server ({})", kind.name())
     };
@@ -361,7 +363,7 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<E
     Ok(EchoResult {
         server: kind.name().into(),
         connections: n,
-        placement: placement.into(),
+        placement,
         echoes_per_sec: rate,
         server_cpu_us_per_echo: per(server_us),
         worker_cpu_us_per_echo: per(worker_us),
@@ -407,7 +409,7 @@ pub fn memory(ctx: &mut Ctx, n: u64) -> anyhow::Result<MemoryResult> {
     ctx.say(&format!("memory: 0 and {n} idle connections"));
     let server = Server::start(&ctx.bins, &ctx.dir, &format!("memory-{n}"), None)?;
     std::thread::sleep(Duration::from_millis(500));
-    let rss = |pid: u32| procs::rss_kib(pid).unwrap_or(0);
+    let rss = |pid: u32| procfs::rss_kib(pid).unwrap_or(0);
     let w0 = server.worker_pid()?;
     let (wi, di) = (rss(w0), rss(server.pid));
     let ramp = ramp_for(n);
@@ -565,7 +567,7 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("scale-{n}"), &spec)?;
     let client_processes = run.pids().len() as u64;
     let up = server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3));
-    let held = server.status().ok().and_then(|s| s["connections"].as_u64()).unwrap_or(0);
+    let held = server.status().map_or(0, |s| s.connections as u64);
     let mut failure = up.err().map(|e| format!("{e:#}"));
     let mut events = Vec::new();
     if failure.is_none() {
@@ -591,11 +593,10 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
             failure = Some(format!("{}; log: {}", failure.unwrap_or_default(), line.trim()));
         }
     }
-    let records: Vec<serde_json::Value> =
-        status.as_ref().and_then(|s| s["reloads"].as_array().cloned()).unwrap_or_default();
+    let records = status.map(|s| s.reloads).unwrap_or_default();
     let records = &records[records.len().saturating_sub(events.len())..];
-    let handoff = Spread::of(&records.iter().filter_map(|r| r["handoff_ms"].as_f64()).collect::<Vec<_>>());
-    let old_exit = Spread::of(&records.iter().filter_map(|r| r["old_exit_ms"].as_f64()).collect::<Vec<_>>());
+    let handoff = Spread::of(&records.iter().map(|r| r.handoff_ms).collect::<Vec<_>>());
+    let old_exit = Spread::of(&records.iter().map(|r| r.old_exit_ms).collect::<Vec<_>>());
     let worst = events.iter().map(|(a, d, _)| client::window(&result.timelines, *a, d + 50.0).max_us).max().unwrap_or(0)
         as f64
         / 1e3;

@@ -2,10 +2,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use serde_json::Value;
+use takeoverd::status::Status;
+use testkit::poll_until;
 
 use crate::procs::{self, Bins};
 
@@ -19,7 +20,7 @@ pub struct ReloadOutcome {
 }
 
 /// `takeoverd ctl --control-socket PATH status --json`.
-pub fn ctl_status(bins: &Bins, ctl: &Path) -> anyhow::Result<Value> {
+pub fn ctl_status(bins: &Bins, ctl: &Path) -> anyhow::Result<Status> {
     let out = Command::new(&bins.takeoverd)
         .arg("ctl")
         .arg("--control-socket")
@@ -50,24 +51,19 @@ pub fn ctl_reload(bins: &Bins, ctl: &Path) -> anyhow::Result<ReloadOutcome> {
 }
 
 /// Polls the status until it shows at least `n` connections (and a worker).
-pub fn wait_connections(bins: &Bins, ctl: &Path, n: u64, timeout: Duration) -> anyhow::Result<Value> {
-    let t0 = Instant::now();
-    let mut last = None;
-    loop {
-        if let Ok(s) = ctl_status(bins, ctl) {
-            let conns = s["connections"].as_u64().unwrap_or(0);
-            if conns >= n && s["worker_pid"].as_u64().is_some() {
-                return Ok(s);
-            }
-            last = Some(conns);
-        }
-        if t0.elapsed() > timeout {
-            bail!(
-                "takeoverd holds {} connections after {timeout:?}, expected {n}",
-                last.map_or("?".into(), |c| c.to_string())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+pub fn wait_connections(bins: &Bins, ctl: &Path, n: u64, timeout: Duration) -> anyhow::Result<Status> {
+    let (mut last, mut held) = (None, None);
+    let waited = poll_until(&format!("takeoverd holds {n} connections"), timeout, || {
+        last = ctl_status(bins, ctl).ok();
+        held = last.as_ref().map(|s| s.connections).or(held);
+        last.as_ref().is_some_and(|s| s.connections as u64 >= n && s.worker_pid.is_some())
+    });
+    match (waited, last) {
+        (Ok(()), Some(s)) => Ok(s),
+        _ => bail!(
+            "takeoverd holds {} connections after {timeout:?}, expected {n}",
+            held.map_or("?".into(), |c| c.to_string())
+        ),
     }
 }
 
@@ -109,22 +105,12 @@ impl Server {
                 .stderr(logf);
             let mut child = procs::spawn(&mut cmd)?;
             let pid = child.id();
-            let t0 = Instant::now();
-            let mut up = false;
-            while t0.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if ctl.exists() {
-                    if let Ok(s) = ctl_status(bins, &ctl) {
-                        if s["worker_pid"].as_u64().is_some() {
-                            up = true;
-                            break;
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let mut exited = false;
+            let _ = poll_until("takeoverd's first worker serves", Duration::from_secs(10), || {
+                exited = matches!(child.try_wait(), Ok(Some(_)));
+                exited || (ctl.exists() && ctl_status(bins, &ctl).is_ok_and(|s| s.worker_pid.is_some()))
+            });
+            let up = !exited && ctl_status(bins, &ctl).is_ok_and(|s| s.worker_pid.is_some());
             if up {
                 return Ok(Server { child: Some(child), pid, ctl, log, port, bins: bins.clone() });
             }
@@ -136,7 +122,7 @@ impl Server {
     }
 
     /// `ctl status --json`.
-    pub fn status(&self) -> anyhow::Result<Value> {
+    pub fn status(&self) -> anyhow::Result<Status> {
         ctl_status(&self.bins, &self.ctl)
     }
 
@@ -148,11 +134,11 @@ impl Server {
     /// The serving worker's pid.
     pub fn worker_pid(&self) -> anyhow::Result<u32> {
         let s = self.status()?;
-        s["worker_pid"].as_u64().map(|p| p as u32).context("takeoverd reports no worker")
+        s.worker_pid.context("takeoverd reports no worker")
     }
 
     /// Waits for `n` connections.
-    pub fn wait_connections(&self, n: u64, timeout: Duration) -> anyhow::Result<Value> {
+    pub fn wait_connections(&self, n: u64, timeout: Duration) -> anyhow::Result<Status> {
         wait_connections(&self.bins, &self.ctl, n, timeout)
     }
 
@@ -165,7 +151,7 @@ impl Server {
     fn shutdown(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
-            let _ = procs::wait_timeout(&mut child, Duration::from_secs(5));
+            let _ = testkit::wait_timeout(&mut child, Duration::from_secs(5));
             procs::kill_group(&mut child);
         }
     }

@@ -1,134 +1,36 @@
-//! Restarts through the fd store under a real, private `systemd --user`
-//! manager (the technique of /work/shared/SYSTEMD.md): on a host not booted
-//! with systemd, the manager runs in a private mount namespace
-//! (`unshare -m --propagation private`) with a tmpfs on /run/systemd holding
-//! the "booted with systemd" marker; `systemctl --user` reaches it through
-//! `$XDG_RUNTIME_DIR/systemd/private`, from outside that namespace.
+//! The systemd section: reloads, restarts and kills of a takeoverd service
+//! configured like the shipped unit, with live connections carried through
+//! the fd store, under the tests' private `systemd --user` manager
+//! ([`testkit::systemd::UserManager`]: a private mount namespace on a host
+//! not booted with systemd, its own cgroup, a scrubbed environment).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde::Serialize;
+use testkit::systemd::UserManager;
+use testkit::{poll_until, procfs};
 
 use crate::client::{self, ClientRun, ClientSpec, Row, Summary};
+use crate::kinds::EventKind;
 use crate::procs::{self, Bins};
 use crate::scenarios::{interval_for, Ctx, Event};
 use crate::server;
 use crate::stats::Spread;
 
-/// The private manager.
-#[derive(Debug)]
-pub struct Manager {
-    child: Child,
-    runtime: PathBuf,
-    config: PathBuf,
-    units: Vec<String>,
+/// How long a `systemctl` call may take (a restart re-reads a store of
+/// 10 000 fds).
+const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `systemctl --user ARGS` against `mgr`, as an `anyhow` result.
+fn systemctl(mgr: &UserManager, args: &[&str]) -> anyhow::Result<String> {
+    mgr.systemctl_checked(args, SYSTEMCTL_TIMEOUT).map_err(anyhow::Error::msg)
 }
 
-fn systemd_binary() -> Option<PathBuf> {
-    ["/lib/systemd/systemd", "/usr/lib/systemd/systemd"].iter().map(PathBuf::from).find(|p| p.is_file())
-}
-
-impl Manager {
-    /// Starts a private `systemd --user` with its runtime and config dirs
-    /// under `dir`.
-    pub fn start(dir: &Path) -> anyhow::Result<Manager> {
-        let systemd = systemd_binary().context("no systemd binary (/lib/systemd/systemd)")?;
-        let runtime = dir.join("sd-run");
-        let config = dir.join("sd-config");
-        std::fs::create_dir_all(&runtime)?;
-        std::fs::create_dir_all(config.join("systemd/user"))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700))?;
-        let booted = Path::new("/run/systemd/system").is_dir();
-        let mut cmd = if booted {
-            // A host booted with systemd: a private manager with its own
-            // XDG_RUNTIME_DIR does not disturb the user's own.
-            let mut c = Command::new(&systemd);
-            c.arg("--user");
-            c
-        } else {
-            let mut c = Command::new("unshare");
-            c.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!(
-                "mount -t tmpfs tmpfs /run/systemd && mkdir -p /run/systemd/system && exec {} --user",
-                systemd.display()
-            ));
-            c
-        };
-        let log = std::fs::File::create(dir.join("systemd-manager.log"))?;
-        cmd.env("XDG_RUNTIME_DIR", &runtime)
-            .env("XDG_CONFIG_HOME", &config)
-            .env_remove("DBUS_SESSION_BUS_ADDRESS")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let mut child = procs::spawn(&mut cmd)?;
-        let private = runtime.join("systemd/private");
-        let t0 = Instant::now();
-        while !private.exists() {
-            if let Ok(Some(st)) = child.try_wait() {
-                let text = std::fs::read_to_string(dir.join("systemd-manager.log")).unwrap_or_default();
-                bail!("systemd --user exited ({st}): {}", server::last_lines(&text, 5));
-            }
-            if t0.elapsed() > Duration::from_secs(15) {
-                procs::kill_group(&mut child);
-                bail!("systemd --user did not create {} within 15 s", private.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Manager { child, runtime, config, units: Vec::new() })
-    }
-
-    /// The manager's pid (unshare and sh exec into it).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `systemctl --user ARGS`; fails when it exits non-zero.
-    pub fn systemctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("systemctl")
-            .arg("--user")
-            .args(args)
-            .env("XDG_RUNTIME_DIR", &self.runtime)
-            .env("XDG_CONFIG_HOME", &self.config)
-            .env_remove("DBUS_SESSION_BUS_ADDRESS")
-            .stdin(Stdio::null())
-            .output()
-            .context("running systemctl")?;
-        if !out.status.success() {
-            bail!(
-                "systemctl --user {} failed: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim(),
-                String::from_utf8_lossy(&out.stdout).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
-    /// `systemctl --user show -p PROP --value UNIT`.
-    pub fn show(&self, unit: &str, prop: &str) -> String {
-        self.systemctl(&["show", "-p", prop, "--value", unit]).unwrap_or_default()
-    }
-
-    /// Writes `unit` into the manager's unit directory.
-    pub fn install(&mut self, name: &str, text: &str) -> anyhow::Result<()> {
-        std::fs::write(self.config.join("systemd/user").join(name), text)?;
-        self.units.push(name.to_owned());
-        self.systemctl(&["daemon-reload"])?;
-        Ok(())
-    }
-}
-
-impl Drop for Manager {
-    fn drop(&mut self) {
-        for u in self.units.clone() {
-            let _ = self.systemctl(&["stop", &u]);
-        }
-        procs::kill_group(&mut self.child);
-    }
+/// One property of a unit, empty when systemctl fails.
+fn show(mgr: &UserManager, unit: &str, prop: &str) -> String {
+    systemctl(mgr, &["show", "-p", prop, "--value", unit]).unwrap_or_default()
 }
 
 /// What the benchmark copies from the shipped unit (`units/seqnum.service`).
@@ -235,15 +137,14 @@ fn nofile_hard() -> u64 {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(_, h)| h).unwrap_or(20_000)
 }
 
-/// Runs `plan` (a list of "reload", "restart", "kill") against `n` live
-/// connections of a takeoverd service configured as `shipped` under the
-/// private manager.
+/// Runs `plan` against `n` live connections of a takeoverd service
+/// configured as `shipped` under the private manager.
 pub fn run(
     ctx: &mut Ctx,
-    mgr: &mut Manager,
+    mgr: &mut UserManager,
     n: u64,
     shipped: &ShippedUnit,
-    plan: &[&str],
+    plan: &[EventKind],
 ) -> anyhow::Result<SystemdResult> {
     let fdstore_max = shipped.fdstore_max;
     // Each FDSTORE=1 costs the manager a scan of the whole store (about 1 µs
@@ -257,25 +158,24 @@ pub fn run(
         "systemd: {n} connections, --fdstore-max {}, connects over {:.0} s: {}",
         fdstore_max.map_or("(default)".into(), |m| m.to_string()),
         ramp as f64 / 1e3,
-        plan.join(", ")
+        plan.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
     ));
     let port = procs::free_port()?;
     let tag = format!("sd-{n}");
     let unit = format!("seqnum-bench-{n}.service");
     let ctl = ctx.dir.join(format!("{tag}.ctl"));
     let log = ctx.dir.join(format!("{tag}.log"));
-    mgr.install(&unit, &unit_text(&ctx.bins, port, &ctl, &log, ctx.server_cpu, shipped))?;
-    mgr.systemctl(&["start", &unit])?;
-    let note_pids = |mgr: &Manager, bins: &Bins| {
-        if let Ok(p) = mgr.show(&unit, "MainPID").parse::<u32>() {
+    mgr.install_unit(&unit, &unit_text(&ctx.bins, port, &ctl, &log, ctx.server_cpu, shipped));
+    systemctl(mgr, &["daemon-reload"])?;
+    systemctl(mgr, &["start", &unit])?;
+    let note_pids = |mgr: &UserManager, bins: &Bins| {
+        if let Ok(p) = show(mgr, &unit, "MainPID").parse::<u32>() {
             if p > 0 {
                 procs::note_stray(p, "takeoverd");
             }
         }
-        if let Ok(s) = server::ctl_status(bins, &ctl) {
-            if let Some(w) = s["worker_pid"].as_u64() {
-                procs::note_stray(w as u32, "seqnum-worker");
-            }
+        if let Some(w) = server::ctl_status(bins, &ctl).ok().and_then(|s| s.worker_pid) {
+            procs::note_stray(w, "seqnum-worker");
         }
     };
     server::wait_connections(&ctx.bins, &ctl, 0, Duration::from_secs(10))?;
@@ -297,56 +197,43 @@ pub fn run(
     let up = server::wait_connections(&ctx.bins, &ctl, n, Duration::from_secs_f64(ramp as f64 / 1e3 + 60.0));
     if let Err(e) = up {
         let r = run.kill_and_collect();
-        let _ = mgr.systemctl(&["stop", &unit]);
+        let _ = systemctl(mgr, &["stop", &unit]);
         bail!(
             "connections did not all come up under systemd: {e:#} (client errors so far: {:?})",
             r.ok().map(|r| r.summary.errors)
         );
     }
-    let fdstore_fds = mgr.show(&unit, "NFileDescriptorStore");
+    let fdstore_fds = show(mgr, &unit, "NFileDescriptorStore");
     std::thread::sleep(Duration::from_millis(1500));
     let mut events = Vec::new();
     let mut mgr_cpu = Vec::new();
-    let tick_ms = 1e3 / procs::clk_tck() as f64;
-    for kind in plan {
-        let held = server::ctl_status(&ctx.bins, &ctl).ok().and_then(|s| s["connections"].as_u64()).unwrap_or(n);
-        let main_before = mgr.show(&unit, "MainPID");
-        let cpu0 = procs::cpu_ticks(mgr.pid());
+    let tick_ms = 1e3 / procfs::clk_tck() as f64;
+    for &kind in plan {
+        let held = server::ctl_status(&ctx.bins, &ctl).map_or(n as usize, |s| s.connections);
+        let main_before = show(mgr, &unit, "MainPID");
+        let cpu0 = procfs::cpu_ticks(mgr.pid());
         let at = ctx.clock.now_ms();
-        let (ok, detail) = match *kind {
-            "reload" => match mgr.systemctl(&["reload", &unit]) {
-                Ok(o) => (true, o),
-                Err(e) => (false, format!("{e:#}")),
-            },
-            "restart" => match mgr.systemctl(&["restart", &unit]) {
-                Ok(o) => (true, o),
-                Err(e) => (false, format!("{e:#}")),
-            },
-            "kill" => match mgr.systemctl(&["kill", "-s", "KILL", "--kill-who=main", &unit]) {
-                Ok(o) => (true, o),
-                Err(e) => (false, format!("{e:#}")),
-            },
-            other => bail!("unknown event {other}"),
+        let args: &[&str] = match kind {
+            EventKind::Reload => &["reload", &unit],
+            EventKind::Restart => &["restart", &unit],
+            EventKind::Kill => &["kill", "-s", "KILL", "--kill-who=main", &unit],
+        };
+        let (ok, detail) = match systemctl(mgr, args) {
+            Ok(o) => (true, o),
+            Err(e) => (false, format!("{e:#}")),
         };
         // Back when a (new) main process serves every connection again.
-        let t0 = Instant::now();
-        let mut back = false;
-        while t0.elapsed() < Duration::from_secs(300) {
-            let main = mgr.show(&unit, "MainPID");
-            let fresh = *kind == "reload" || (main != main_before && main != "0");
-            if fresh && mgr.show(&unit, "ActiveState") == "active" {
-                if let Ok(s) = server::ctl_status(&ctx.bins, &ctl) {
-                    if s["connections"].as_u64().unwrap_or(0) >= held && s["worker_pid"].as_u64().is_some() {
-                        back = true;
-                        break;
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let back = poll_until("a main process serves every connection again", Duration::from_secs(300), || {
+            let main = show(mgr, &unit, "MainPID");
+            let fresh = kind == EventKind::Reload || (main != main_before && main != "0");
+            fresh
+                && show(mgr, &unit, "ActiveState") == "active"
+                && server::ctl_status(&ctx.bins, &ctl).is_ok_and(|s| s.connections >= held && s.worker_pid.is_some())
+        })
+        .is_ok();
         let done = ctx.clock.now_ms();
-        let cpu1 = procs::cpu_ticks(mgr.pid());
-        if *kind != "reload" {
+        let cpu1 = procfs::cpu_ticks(mgr.pid());
+        if kind != EventKind::Reload {
             if let (Some(a), Some(b)) = (cpu0, cpu1) {
                 mgr_cpu.push((b - a) as f64 * tick_ms);
             }
@@ -357,16 +244,13 @@ pub fn run(
             ctx.note(format!("systemd {kind} at {n} connections did not come back cleanly: {detail}"));
         }
         let (mut handoff, mut old_exit) = (None, None);
-        if *kind == "reload" {
-            if let Ok(s) = server::ctl_status(&ctx.bins, &ctl) {
-                if let Some(r) = s["reloads"].as_array().and_then(|a| a.last()) {
-                    handoff = r["handoff_ms"].as_f64();
-                    old_exit = r["old_exit_ms"].as_f64();
-                }
+        if kind == EventKind::Reload {
+            if let Some(r) = server::ctl_status(&ctx.bins, &ctl).ok().and_then(|mut s| s.reloads.pop()) {
+                (handoff, old_exit) = (Some(r.handoff_ms), Some(r.old_exit_ms));
             }
         }
         events.push(Event {
-            kind: (*kind).to_owned(),
+            kind,
             at_ms: at,
             done_ms: done,
             ok,
@@ -379,11 +263,11 @@ pub fn run(
     }
     std::thread::sleep(Duration::from_millis(500));
     let result = run.kill_and_collect()?;
-    let _ = mgr.systemctl(&["stop", &unit]);
+    let _ = systemctl(mgr, &["stop", &unit]);
     for e in &mut events {
         e.window = client::window(&result.timelines, e.at_ms, e.done_ms + 50.0);
     }
-    let pause = |k: &str| {
+    let pause = |k: EventKind| {
         Spread::of(&events.iter().filter(|e| e.kind == k).map(|e| e.window.max_us as f64 / 1e3).collect::<Vec<_>>())
     };
     let (stop, restore, serving) = restart_phases(&log);
@@ -401,9 +285,9 @@ pub fn run(
         interval_ms: interval_for(n),
         timeout_ms,
         fdstore_fds,
-        restart_pause_ms: pause("restart"),
-        kill_pause_ms: pause("kill"),
-        reload_pause_ms: pause("reload"),
+        restart_pause_ms: pause(EventKind::Restart),
+        kill_pause_ms: pause(EventKind::Kill),
+        reload_pause_ms: pause(EventKind::Reload),
         manager_cpu_ms: Spread::of(&mgr_cpu),
         restore_to_ready_ms: restore,
         ready_to_serving_ms: serving,

@@ -288,13 +288,15 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    /// How long a test waits for an echo before it fails (rather than hang).
+    /// How long a test waits for an echo, or to send, before it fails
+    /// (rather than hang).
     const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
     fn pair() -> (std::net::TcpStream, EchoConn) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         client.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        client.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
         let (s, peer) = l.accept().unwrap();
         s.set_nonblocking(true).unwrap();
         (client, EchoConn::accepted(TcpStream::from_std(s), peer).unwrap())

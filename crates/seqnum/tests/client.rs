@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use seqnum::client::Summary;
 
 /// How a test server treats each connection.
 #[derive(Clone, Copy)]
@@ -52,6 +52,10 @@ fn serve_on(listener: TcpListener, behaviour: Behaviour) -> Server {
 }
 
 fn handle(mut s: TcpStream, behaviour: Behaviour, clean_eofs: &AtomicUsize) {
+    // A client that stops without closing ends this thread rather than
+    // leaving it blocked for good.
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
     let mut n = 0u32;
     loop {
         let mut buf = [0u8; 4];
@@ -105,7 +109,7 @@ fn client(args: &[&str]) -> Output {
 }
 
 /// Runs the client against `port` with `--json` and parses the summary.
-fn run_json(port: u16, args: &[&str]) -> (i32, Value, String) {
+fn run_json(port: u16, args: &[&str]) -> (i32, Summary, String) {
     let port = port.to_string();
     let mut all = vec!["-a", "127.0.0.1", "-p", &port, "--json"];
     all.extend_from_slice(args);
@@ -113,7 +117,7 @@ fn run_json(port: u16, args: &[&str]) -> (i32, Value, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let line = stdout.lines().last().unwrap_or_else(|| panic!("no output; stderr: {stderr}"));
-    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout:?}; stderr: {stderr}"));
+    let v: Summary = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout:?}; stderr: {stderr}"));
     (out.status.code().expect("exit status"), v, stderr)
 }
 
@@ -130,13 +134,13 @@ fn correct_server_passes_and_closes_cleanly() {
     let server = serve(Behaviour::Echo);
     let (code, v, stderr) = run_json(server.port, &["--connections", "50", "--count", "20", "--interval-ms", "0"]);
     assert_eq!(code, 0, "{v}\n{stderr}");
-    assert_eq!(v["errors"], 0, "{v}");
-    assert_eq!(v["connections"], 50);
-    assert_eq!(v["sent"], 50 * 20);
-    assert_eq!(v["echoed"], 50 * 20);
-    let lat = &v["latency_us"];
-    assert!(lat["max"].as_u64().unwrap() >= lat["p50"].as_u64().unwrap(), "{v}");
-    assert!(v["echoes_per_sec"].as_f64().unwrap() > 0.0);
+    assert_eq!(v.errors, 0, "{v:?}");
+    assert_eq!(v.connections, 50);
+    assert_eq!(v.sent, 50 * 20);
+    assert_eq!(v.echoed, 50 * 20);
+    let lat = &v.latency_us;
+    assert!(lat.max >= lat.p50, "{v:?}");
+    assert!(v.echoes_per_sec > 0.0);
     // Every connection ended with shutdown(write): the server saw EOF.
     assert_eq!(wait_for(&server.clean_eofs, 50), 50);
 }
@@ -146,9 +150,9 @@ fn partial_echoes_are_reassembled() {
     let server = serve(Behaviour::Dribble);
     let (code, v, stderr) = run_json(server.port, &["--connections", "4", "--count", "10", "--interval-ms", "0"]);
     assert_eq!(code, 0, "{v}\n{stderr}");
-    assert_eq!(v["echoed"], 40);
+    assert_eq!(v.echoed, 40);
     // Four bytes 1 ms apart: at least 3 ms each.
-    assert!(v["latency_us"]["p50"].as_u64().unwrap() >= 3000, "{v}");
+    assert!(v.latency_us.p50 >= 3000, "{v:?}");
 }
 
 #[test]
@@ -172,7 +176,7 @@ fn interval_and_ramp() {
     let (code, v, stderr) =
         run_json(server.port, &["--connections", "10", "--count", "3", "--interval-ms", "50", "--ramp-ms", "100"]);
     assert_eq!(code, 0, "{v}\n{stderr}");
-    assert_eq!(v["echoed"], 30);
+    assert_eq!(v.echoed, 30);
     // Two intervals of 50 ms between three messages.
     assert!(start.elapsed() >= Duration::from_millis(100));
 }
@@ -182,10 +186,10 @@ fn duration_run_drains_and_passes() {
     let server = serve(Behaviour::Echo);
     let (code, v, stderr) = run_json(server.port, &["--connections", "20", "--duration", "0.5", "--interval-ms", "5"]);
     assert_eq!(code, 0, "{v}\n{stderr}");
-    assert_eq!(v["errors"], 0);
-    assert!(v["echoed"].as_u64().unwrap() >= 20, "{v}");
-    assert_eq!(v["sent"], v["echoed"]);
-    let d = v["duration_s"].as_f64().unwrap();
+    assert_eq!(v.errors, 0);
+    assert!(v.echoed >= 20, "{v:?}");
+    assert_eq!(v.sent, v.echoed);
+    let d = v.duration_s;
     assert!((0.5..2.0).contains(&d), "{d}");
     assert_eq!(wait_for(&server.clean_eofs, 20), 20);
 }
@@ -198,18 +202,18 @@ fn churn_replaces_each_connection_after_k_echoes() {
         &["--connections", "5", "--churn-messages", "3", "--interval-ms", "0", "--duration", "0.5"],
     );
     assert_eq!(code, 0, "{v}\n{stderr}");
-    assert_eq!(v["errors"], 0, "{v}");
-    assert_eq!(v["connections"], 5, "--connections stays the number of concurrent connections");
-    assert_eq!(v["churn_messages"], 3);
-    let connects = v["connects"].as_u64().unwrap();
-    let echoed = v["echoed"].as_u64().unwrap();
-    assert!(connects > 5, "connections were not replaced: {v}");
+    assert_eq!(v.errors, 0, "{v:?}");
+    assert_eq!(v.connections, 5, "--connections stays the number of concurrent connections");
+    assert_eq!(v.churn_messages, Some(3));
+    let connects = v.connects;
+    let echoed = v.echoed;
+    assert!(connects > 5, "connections were not replaced: {v:?}");
     // Every connection but the (at most 5) last ones echoed exactly 3.
-    assert!(echoed <= 3 * connects && echoed >= 3 * (connects - 5), "{v}");
-    assert_eq!(v["sent"], v["echoed"], "{v}");
-    let rate = v["connects_per_sec"].as_f64().unwrap();
-    let d = v["duration_s"].as_f64().unwrap();
-    assert!((rate * d - connects as f64).abs() <= 1.0 + connects as f64 * 0.01, "{v}");
+    assert!(echoed <= 3 * connects && echoed >= 3 * (connects - 5), "{v:?}");
+    assert_eq!(v.sent, v.echoed, "{v:?}");
+    let rate = v.connects_per_sec;
+    let d = v.duration_s;
+    assert!((rate * d - connects as f64).abs() <= 1.0 + connects as f64 * 0.01, "{v:?}");
     // Each replaced connection was closed cleanly (the server read an EOF).
     assert!(wait_for(&server.clean_eofs, connects as usize - 5) >= connects as usize - 5);
     // The human summary names the churn.
@@ -229,22 +233,22 @@ fn churn_replaces_a_failed_connection_but_not_a_failed_connect() {
         server.port,
         &["--connections", "4", "--churn-messages", "5", "--interval-ms", "0", "--duration", "0.3"],
     );
-    assert_eq!(code, 1, "{v}");
+    assert_eq!(code, 1, "{v:?}");
     // An EOF, or a reset when the fourth message reached the closed socket.
-    let failed = v["eofs"].as_u64().unwrap() + v["resets"].as_u64().unwrap();
-    let (connects, echoed) = (v["connects"].as_u64().unwrap(), v["echoed"].as_u64().unwrap());
-    assert!(failed > 4 && connects >= failed && connects <= failed + 4, "{v}");
-    assert_eq!(v["errors"], failed, "{v}");
-    assert!(echoed >= 3 * failed && echoed <= 3 * (failed + 4), "three echoes per connection: {v}");
+    let failed = v.eofs + v.resets;
+    let (connects, echoed) = (v.connects, v.echoed);
+    assert!(failed > 4 && connects >= failed && connects <= failed + 4, "{v:?}");
+    assert_eq!(v.errors, failed, "{v:?}");
+    assert!(echoed >= 3 * failed && echoed <= 3 * (failed + 4), "three echoes per connection: {v:?}");
     // A refused connect is not replaced: the run ends at once.
     let port = {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let (code, v, _) = run_json(port, &["--connections", "4", "--churn-messages", "3", "--duration", "5"]);
-    assert_eq!(code, 1, "{v}");
-    assert_eq!((v["connect_errors"].as_u64(), v["connects"].as_u64()), (Some(4), Some(0)), "{v}");
-    assert!(v["duration_s"].as_f64().unwrap() < 4.0, "the run ends once every connect failed: {v}");
+    assert_eq!(code, 1, "{v:?}");
+    assert_eq!((v.connect_errors, v.connects), (4, 0), "{v:?}");
+    assert!(v.duration_s < 4.0, "the run ends once every connect failed: {v:?}");
 }
 
 #[test]
@@ -266,17 +270,17 @@ fn churn_over_several_source_addresses() {
         ],
     );
     assert_eq!(code, 0, "{v}\n{stderr}");
-    assert!(v["connects"].as_u64().unwrap() > 8, "{v}");
+    assert!(v.connects > 8, "{v:?}");
 }
 
 #[test]
 fn wrong_value_is_a_discontinuity() {
     let server = serve(Behaviour::WrongOnFifth);
     let (code, v, stderr) = run_json(server.port, &["--connections", "3", "--count", "10", "--interval-ms", "0"]);
-    assert_eq!(code, 1, "{v}");
-    assert!(v["discontinuities"].as_u64().unwrap() >= 1, "{v}");
-    assert_eq!(v["errors"], v["discontinuities"]);
-    assert_eq!(v["echoed"], 3 * 4);
+    assert_eq!(code, 1, "{v:?}");
+    assert!(v.discontinuities >= 1, "{v:?}");
+    assert_eq!(v.errors, v.discontinuities);
+    assert_eq!(v.echoed, 3 * 4);
     // The log names the connection, the peer and the seqnum.
     assert!(stderr.contains("discontinuity"), "{stderr}");
     assert!(stderr.contains("seq=4"), "{stderr}");
@@ -287,9 +291,9 @@ fn wrong_value_is_a_discontinuity() {
 fn closing_server_is_an_eof() {
     let server = serve(Behaviour::CloseAfterThree);
     let (code, v, _) = run_json(server.port, &["--connections", "3", "--count", "10", "--interval-ms", "20"]);
-    assert_eq!(code, 1, "{v}");
-    assert!(v["eofs"].as_u64().unwrap() >= 1, "{v}");
-    assert_eq!(v["echoed"], 9);
+    assert_eq!(code, 1, "{v:?}");
+    assert!(v.eofs >= 1, "{v:?}");
+    assert_eq!(v.echoed, 9);
 }
 
 #[test]
@@ -297,9 +301,9 @@ fn silent_server_times_out() {
     let server = serve(Behaviour::Silent);
     let start = Instant::now();
     let (code, v, _) = run_json(server.port, &["--connections", "2", "--count", "5", "--timeout-ms", "200"]);
-    assert_eq!(code, 1, "{v}");
-    assert_eq!(v["timeouts"], 2, "{v}");
-    assert_eq!(v["echoed"], 0);
+    assert_eq!(code, 1, "{v:?}");
+    assert_eq!(v.timeouts, 2, "{v:?}");
+    assert_eq!(v.echoed, 0);
     assert!(start.elapsed() < Duration::from_secs(2));
 }
 
@@ -310,9 +314,9 @@ fn refused_connect_is_a_connect_error() {
         l.local_addr().unwrap().port()
     };
     let (code, v, _) = run_json(port, &["--connections", "4", "--count", "1"]);
-    assert_eq!(code, 1, "{v}");
-    assert_eq!(v["connect_errors"], 4, "{v}");
-    assert_eq!(v["errors"], 4);
+    assert_eq!(code, 1, "{v:?}");
+    assert_eq!(v.connect_errors, 4, "{v:?}");
+    assert_eq!(v.errors, 4);
 }
 
 #[test]
@@ -323,7 +327,7 @@ fn many_errors_are_logged_at_most_twenty_times() {
     };
     let (code, v, stderr) = run_json(port, &["--connections", "100", "--count", "1"]);
     assert_eq!(code, 1);
-    assert_eq!(v["connect_errors"], 100);
+    assert_eq!(v.connect_errors, 100);
     let logged = stderr.lines().filter(|l| l.contains("connect_error")).count();
     assert_eq!(logged, 20, "{stderr}");
     assert!(stderr.contains("80 errors were not logged"), "{stderr}");
@@ -351,7 +355,7 @@ fn timeline_csv() {
         assert!(r[2] <= r[3] && r[3] <= r[4], "{csv}");
     }
     let echoes: u64 = rows.iter().map(|r| r[1]).sum();
-    assert_eq!(echoes, v["echoed"].as_u64().unwrap());
+    assert_eq!(echoes, v.echoed);
 }
 
 #[test]

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
-use crate::ctl::Request;
-use crate::status::ReloadRecord;
 use crate::supervisor::{Supervisor, CTL_CONN_BASE};
+use takeoverd::protocol::Request;
+use takeoverd::status::ReloadRecord;
 
 /// Control connections that may wait for their request at once, and for how
 /// long: a peer that connects and never speaks costs an fd for that long.

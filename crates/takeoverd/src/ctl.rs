@@ -7,21 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
 
-use crate::status::{ReloadRecord, Status};
-
-/// A request on the control socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
-    /// Reload now (or join the reload that is running) and report the outcome.
-    Reload,
-    /// Report the status.
-    Status,
-    /// Re-execute the binary on disk in place and report the outcome.
-    Upgrade,
-}
+use takeoverd::protocol::Request;
+use takeoverd::status::{ReloadRecord, Status};
 
 /// The default control socket: `$RUNTIME_DIRECTORY/control.sock` under
 /// systemd, else `$XDG_RUNTIME_DIR/takeoverd.sock`, else
@@ -62,7 +50,8 @@ pub fn reload(path: &Path, timeout: Duration) -> anyhow::Result<i32> {
 /// outcome. Returns the process exit status (0: the new binary runs).
 pub fn upgrade(path: &Path, timeout: Duration) -> anyhow::Result<i32> {
     let reply = request(path, Request::Upgrade, timeout)?;
-    let r: crate::upgrade::UpgradeReply = serde_json::from_slice(&reply).context("unreadable reply from takeoverd")?;
+    let r: takeoverd::status::UpgradeReply =
+        serde_json::from_slice(&reply).context("unreadable reply from takeoverd")?;
     if r.ok {
         println!(
             "upgrade ok: takeoverd {} -> {}, pid {} (unchanged), worker {} untouched, {} connections carried, took {:.2} ms",

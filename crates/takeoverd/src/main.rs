@@ -9,7 +9,6 @@ mod overflow;
 mod reload;
 mod restore;
 mod state;
-mod status;
 mod supervisor;
 mod upgrade;
 mod worker;

@@ -29,10 +29,10 @@ use takeover::{Item, Kind, Message, RawState};
 use crate::control_server::answer_reload;
 use crate::fault::{self, Step as Fault};
 use crate::fdstore::notify;
-use crate::status::{unix_now, ReloadRecord};
 use crate::supervisor::Supervisor;
 use crate::worker::WorkerProc;
 use crate::workers::{Handoff, Proto, Step, Why, Worker, Workers};
+use takeoverd::status::{unix_now, ReloadRecord};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

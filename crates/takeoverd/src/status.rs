@@ -40,6 +40,33 @@ pub struct ReloadRecord {
     pub connections: usize,
 }
 
+/// The answer to `ctl upgrade`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeReply {
+    /// Whether the new binary runs.
+    pub ok: bool,
+    /// Why not; with `ok`, why the previous binary runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// takeoverd's pid (the same before and after).
+    pub pid: u32,
+    /// Package versions before and after.
+    #[serde(default)]
+    pub from: String,
+    /// The version that runs now.
+    #[serde(default)]
+    pub to: String,
+    /// Request to the new image serving, in ms.
+    #[serde(default)]
+    pub took_ms: f64,
+    /// The serving worker's pid (untouched).
+    #[serde(default)]
+    pub worker_pid: Option<u32>,
+    /// Connections carried.
+    #[serde(default)]
+    pub connections: usize,
+}
+
 /// A listener.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListenerInfo {

@@ -21,8 +21,8 @@ use takeover::{Endpoint, Existing};
 
 use crate::fdstore::{notify, FdStore};
 use crate::state::{SavedRef, StateFile};
-use crate::status::{ListenerInfo, ReloadRecord, Status};
 use crate::workers::{Conns, HeldConn, Workers};
+use takeoverd::status::{ListenerInfo, ReloadRecord, Status};
 
 pub(crate) const SIGNALS: Token = Token(0);
 pub(crate) const CTL: Token = Token(1);

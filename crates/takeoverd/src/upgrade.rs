@@ -42,9 +42,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::fdstore::{notify, StoreSnapshot};
-use crate::status::ReloadRecord;
 use crate::supervisor::{Config, HeldListener, Supervisor};
 use crate::workers::{HeldConn, Proto, Worker, Workers};
+use takeoverd::status::{ReloadRecord, UpgradeReply};
 
 /// The version of the snapshot this build writes and reads. A binary that
 /// reads another version is refused before anything changes.
@@ -96,33 +96,6 @@ struct CarriedWorker {
     proto: u32,
     /// How long it has served, in ms.
     served_ms: u64,
-}
-
-/// The answer to `ctl upgrade`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UpgradeReply {
-    /// Whether the new binary runs.
-    pub ok: bool,
-    /// Why not; with `ok`, why the previous binary runs again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// takeoverd's pid (the same before and after).
-    pub pid: u32,
-    /// Package versions before and after.
-    #[serde(default)]
-    pub from: String,
-    /// The version that runs now.
-    #[serde(default)]
-    pub to: String,
-    /// Request to the new image serving, in ms.
-    #[serde(default)]
-    pub took_ms: f64,
-    /// The serving worker's pid (untouched).
-    #[serde(default)]
-    pub worker_pid: Option<u32>,
-    /// Connections carried.
-    #[serde(default)]
-    pub connections: usize,
 }
 
 /// Set in a new image: what to report once it serves.

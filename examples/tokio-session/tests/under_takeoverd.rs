@@ -55,8 +55,8 @@ fn session(port: u16, i: usize, stop: Arc<AtomicBool>) -> Result<u64, String> {
     Ok(id)
 }
 
-fn serving_pid(d: &Takeoverd) -> u64 {
-    ctl_status(&d.sock)["worker_pid"].as_u64().expect("a worker serves")
+fn serving_pid(d: &Takeoverd) -> u32 {
+    ctl_status(&d.sock).worker_pid.expect("a worker serves")
 }
 
 /// 20 sessions; 3 reloads, a SIGKILL of the serving worker, a reload more:
@@ -73,22 +73,22 @@ fn sessions_keep_their_state_through_reloads_and_a_kill() {
             std::thread::spawn(move || session(port, i, stop))
         })
         .collect();
-    wait_until("the 20 sessions are connected", Duration::from_secs(5), || ctl_status(&d.sock)["connections"] == 20);
+    wait_until("the 20 sessions are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 20);
     let mut pid = serving_pid(&d);
-    let step = |what: &str, pid: &mut u64, act: &dyn Fn(u64)| {
+    let step = |what: &str, pid: &mut u32, act: &dyn Fn(u32)| {
         // Let requests flow under the worker that serves now.
         std::thread::sleep(Duration::from_millis(300));
         act(*pid);
         wait_until(&format!("a new worker serves after {what}"), Duration::from_secs(5), || {
-            try_ctl_status(&d.sock).and_then(|s| s["worker_pid"].as_u64()).is_some_and(|p| p != *pid)
+            try_ctl_status(&d.sock).and_then(|s| s.worker_pid).is_some_and(|p| p != *pid)
         });
         *pid = serving_pid(&d);
     };
-    let reload = |_: u64| {
+    let reload = |_: u32| {
         let out = ctl(&d.sock, &["reload"]);
         assert!(out.status.success(), "reload failed: {out:?}");
     };
-    let kill = |pid: u64| {
+    let kill = |pid: u32| {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     };
     for i in 1..=3 {
@@ -107,9 +107,9 @@ fn sessions_keep_their_state_through_reloads_and_a_kill() {
     }
     eprintln!("20 sessions, {requests} requests, every reply exact");
     let st = ctl_status(&d.sock);
-    assert_eq!(st["worker_restarts"], 1, "only the kill should have cost a worker: {st}");
+    assert_eq!(st.worker_restarts, 1, "only the kill should have cost a worker: {st:?}");
     assert!(requests > 20 * 10, "the sessions barely ran: {requests} requests");
     wait_until("every session the clients closed is reported closed", Duration::from_secs(5), || {
-        ctl_status(&d.sock)["connections"] == 0
+        ctl_status(&d.sock).connections == 0
     });
 }

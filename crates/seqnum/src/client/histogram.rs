@@ -7,6 +7,15 @@
 //! Values up to 2^40 are tracked (about 12.7 days in microseconds); larger
 //! ones land in the last bucket. Memory is fixed: 2 240 `u64` counters.
 //! The minimum, maximum, count and sum are exact.
+//!
+//! A histogram serializes as its non-empty buckets plus those exact figures
+//! (the `latency_histogram` of `seqnum-client --json`), so that the
+//! histograms of several client processes [`merge`](Histogram::merge) into
+//! the histogram of them all: the percentiles of a merged histogram are
+//! those of the union of the samples; a percentile of percentiles is not a
+//! percentile.
+
+use serde::{Deserialize, Serialize};
 
 /// Bits of precision: values below `1 << SUB_BITS` are exact.
 const SUB_BITS: u32 = 7;
@@ -18,7 +27,8 @@ const MAX_BITS: u32 = 40;
 pub const BUCKETS: usize = (SUB_COUNT + (MAX_BITS - SUB_BITS) as u64 * HALF) as usize;
 
 /// Log-linear histogram of `u64` samples with fixed memory.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "Sparse", try_from = "Sparse")]
 pub struct Histogram {
     counts: Box<[u64]>,
     count: u64,
@@ -35,6 +45,43 @@ impl std::fmt::Debug for Histogram {
             .field("max", &self.max)
             .field("mean", &self.mean())
             .finish_non_exhaustive()
+    }
+}
+
+/// A histogram as JSON: `[bucket, count]` for each non-empty bucket, and
+/// the exact count, sum (saturating at `u64::MAX`), min and max.
+#[derive(Serialize, Deserialize)]
+struct Sparse {
+    buckets: Vec<(usize, u64)>,
+    count: u64,
+    sum: u64,
+    min: u64,
+    max: u64,
+}
+
+impl From<Histogram> for Sparse {
+    fn from(h: Histogram) -> Sparse {
+        let buckets = h.counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(i, c)| (i, *c)).collect();
+        Sparse { buckets, count: h.count, sum: h.sum.min(u128::from(u64::MAX)) as u64, min: h.min(), max: h.max }
+    }
+}
+
+impl TryFrom<Sparse> for Histogram {
+    type Error = String;
+
+    fn try_from(s: Sparse) -> Result<Histogram, String> {
+        let mut h = Histogram::new();
+        for (i, c) in s.buckets {
+            *h.counts.get_mut(i).ok_or_else(|| format!("histogram bucket {i} is past the last ({BUCKETS})"))? += c;
+        }
+        if h.counts.iter().sum::<u64>() != s.count {
+            return Err(format!("histogram buckets do not add up to its count {}", s.count));
+        }
+        (h.count, h.sum) = (s.count, u128::from(s.sum));
+        if s.count > 0 {
+            (h.min, h.max) = (s.min, s.max);
+        }
+        Ok(h)
     }
 }
 
@@ -295,6 +342,50 @@ mod tests {
         assert_eq!(h.max(), u64::MAX / 2);
         assert_eq!(h.percentile(0.99), u64::MAX / 2);
         assert_eq!(h.percentile(0.1), 1);
+    }
+
+    #[test]
+    fn merging_gives_the_percentiles_of_the_union() {
+        // Two processes: one fast (1 000 samples of 100..1100 µs), one slow
+        // (100 samples of 50..60 ms). The p99 of the union is fast (the slow
+        // ones are 9 %): the highest of the two p99s would say 60 ms.
+        let (mut fast, mut slow, mut all) = (Histogram::new(), Histogram::new(), Histogram::new());
+        for v in 0..1000u64 {
+            fast.record(100 + v);
+            all.record(100 + v);
+        }
+        for v in 0..100u64 {
+            slow.record(50_000 + v * 100);
+            all.record(50_000 + v * 100);
+        }
+        let highest_p99 = fast.percentile(0.99).max(slow.percentile(0.99));
+        let mut merged = fast.clone();
+        merged.merge(&slow);
+        assert_eq!(merged, all);
+        for q in [0.0, 0.5, 0.9, 0.91, 0.99, 0.999, 1.0] {
+            assert_eq!(merged.percentile(q), all.percentile(q), "q={q}");
+        }
+        assert!(merged.percentile(0.99) > 50_000 && highest_p99 > 50_000);
+        assert!(merged.percentile(0.5) < 1100, "{}", merged.percentile(0.5));
+        assert!(fast.percentile(0.5).max(slow.percentile(0.5)) > 50_000, "the highest p50 is no median");
+        assert_eq!((merged.count(), merged.min(), merged.max()), (1100, 100, 59_900));
+    }
+
+    #[test]
+    fn json_round_trip_keeps_every_figure() {
+        let mut h = Histogram::new();
+        for v in [0, 1, 127, 128, 5_000, 5_001, 1 << 41] {
+            h.record(v);
+        }
+        let text = serde_json::to_string(&h).unwrap();
+        let back: Histogram = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, h);
+        let empty: Histogram = serde_json::from_str(&serde_json::to_string(&Histogram::new()).unwrap()).unwrap();
+        assert_eq!(empty, Histogram::new());
+        assert!(
+            serde_json::from_str::<Histogram>(r#"{"buckets":[[99999,1]],"count":1,"sum":1,"min":1,"max":1}"#).is_err()
+        );
+        assert!(serde_json::from_str::<Histogram>(r#"{"buckets":[[1,2]],"count":1,"sum":1,"min":1,"max":1}"#).is_err());
     }
 
     #[test]

@@ -147,6 +147,11 @@ pub struct Summary {
     /// `--churn-messages`, when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub churn_messages: Option<u64>,
+    /// The latency histogram of the whole run, µs (`latency_us` is made
+    /// from it): several clients' histograms merge into the percentiles of
+    /// them all.
+    #[serde(default)]
+    pub latency_histogram: Histogram,
 }
 
 impl Summary {
@@ -169,6 +174,7 @@ impl Summary {
             connects: c.connects,
             connects_per_sec: per_sec(c.connects, secs),
             churn_messages: None,
+            latency_histogram: latency.clone(),
         }
     }
 
@@ -272,10 +278,12 @@ mod tests {
             "duration_s",
             "connects",
             "connects_per_sec",
+            "latency_histogram",
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
-        assert_eq!(keys.len(), 14, "churn_messages only with --churn-messages");
+        assert_eq!(keys.len(), 15, "churn_messages only with --churn-messages");
+        assert_eq!(v["latency_histogram"]["count"], 2);
         let lat = v["latency_us"].as_object().unwrap();
         for k in ["p50", "p99", "p999", "max", "mean"] {
             assert!(lat.contains_key(k), "{k}");
@@ -305,6 +313,7 @@ mod tests {
             "echoes_per_sec":1.0,"duration_s":1.0}"#;
         let back: Summary = serde_json::from_str(old).unwrap();
         assert_eq!((back.connects, back.churn_messages), (0, None));
+        assert_eq!(back.latency_histogram.count(), 0);
     }
 
     #[test]
