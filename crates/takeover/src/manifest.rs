@@ -386,6 +386,79 @@ mod tests {
         assert_eq!(Message::decode(&wrapped).unwrap(), m);
     }
 
+    /// The exact bytes of every message: the wire format old peers speak.
+    #[test]
+    fn message_bytes_are_pinned() {
+        let entry = Entry { name: "c1".into(), kind: Kind::TcpStream, state: json!({"next": 7}) };
+        let cases = [
+            (Message::Hello { version: 1, pid: 42 }, r#"{"type":"hello","version":1,"pid":42}"#),
+            (Message::Refuse { reason: "no".into() }, r#"{"type":"refuse","reason":"no"}"#),
+            (
+                Message::Offer { version: 1, fds: 3, batches: 1, recovered: true, app: json!({"g": 2}) },
+                r#"{"type":"offer","version":1,"fds":3,"batches":1,"recovered":true,"app":{"g":2}}"#,
+            ),
+            (
+                Message::Batch { seq: 0, entries: vec![entry.clone()] },
+                r#"{"type":"batch","seq":0,"entries":[{"name":"c1","kind":"tcp-stream","state":{"next":7}}]}"#,
+            ),
+            (Message::End { fds: 3 }, r#"{"type":"end","fds":3}"#),
+            (Message::Ack, r#"{"type":"ack"}"#),
+            (Message::Nack { reason: "bad fd".into() }, r#"{"type":"nack","reason":"bad fd"}"#),
+            (Message::Commit, r#"{"type":"commit"}"#),
+            (
+                Message::Opened { entry },
+                r#"{"type":"opened","entry":{"name":"c1","kind":"tcp-stream","state":{"next":7}}}"#,
+            ),
+            (Message::Closed { name: "c1".into() }, r#"{"type":"closed","name":"c1"}"#),
+            (Message::Quiesce, r#"{"type":"quiesce"}"#),
+            (
+                Message::State { entries: vec![StateEntry { name: "c1".into(), state: json!(null) }] },
+                r#"{"type":"state","entries":[{"name":"c1","state":null}]}"#,
+            ),
+            (Message::Quiesced { count: 1 }, r#"{"type":"quiesced","count":1}"#),
+            (Message::Resume, r#"{"type":"resume"}"#),
+            (Message::Exit, r#"{"type":"exit"}"#),
+            (Message::Ping, r#"{"type":"ping"}"#),
+            (Message::Pong, r#"{"type":"pong"}"#),
+        ];
+        for (m, want) in cases {
+            assert_eq!(String::from_utf8(m.encode()).unwrap(), want);
+        }
+    }
+
+    /// The exact bytes of the hand-built messages: old peers parse them, so
+    /// any change of encoder must write the same bytes.
+    #[test]
+    fn hand_built_bytes_are_pinned() {
+        let state = serde_json::value::to_raw_value(&json!({"next": 7, "peer": "127.0.0.1:5"})).unwrap();
+        let cases = [
+            (
+                encode_entry("c1", Some(Kind::TcpStream), Some(&state)),
+                r#"{"name":"c1","kind":"tcp-stream","state":{"next":7,"peer":"127.0.0.1:5"}}"#,
+            ),
+            (encode_entry("l0", Some(Kind::TcpListener), None), r#"{"name":"l0","kind":"tcp-listener"}"#),
+            (encode_entry("c2", None, Some(&state)), r#"{"name":"c2","state":{"next":7,"peer":"127.0.0.1:5"}}"#),
+            (encode_entry("q\"\\é\n", None, None), r#"{"name":"q\"\\é\n"}"#),
+        ];
+        for (got, want) in &cases {
+            assert_eq!(got, want);
+        }
+        let elems: Vec<String> = cases.iter().map(|(e, _)| e.clone()).collect();
+        assert_eq!(
+            String::from_utf8(wrap("batch", Some(3), &elems[..2])).unwrap(),
+            format!(r#"{{"type":"batch","seq":3,"entries":[{},{}]}}"#, cases[0].1, cases[1].1)
+        );
+        assert_eq!(
+            String::from_utf8(wrap("state", None, &elems[2..3])).unwrap(),
+            format!(r#"{{"type":"state","entries":[{}]}}"#, cases[2].1)
+        );
+        assert_eq!(String::from_utf8(wrap_field("wake", "names", &[])).unwrap(), r#"{"type":"wake","names":[]}"#);
+        assert_eq!(
+            String::from_utf8(wrap_field("release", "names", &[r#""c1""#.into(), r#""c2""#.into()])).unwrap(),
+            r#"{"type":"release","names":["c1","c2"]}"#
+        );
+    }
+
     #[test]
     fn malformed_and_unknown_are_named() {
         for (input, want) in [
