@@ -145,26 +145,8 @@ pub enum FromWorker {
     },
 }
 
-macro_rules! codec {
-    ($t:ty) => {
-        impl $t {
-            /// Encodes the message as JSON.
-            pub fn encode(&self) -> Vec<u8> {
-                serde_json::to_vec(self).expect("a channel message always serialises")
-            }
-
-            /// Decodes one message; the error says what is wrong with it.
-            pub fn decode(bytes: &[u8]) -> Result<Self> {
-                serde_json::from_slice(bytes).map_err(|e| {
-                    let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-                    Error::protocol(format!("malformed message ({e}): {shown:?}"))
-                })
-            }
-        }
-    };
-}
-codec!(ToWorker);
-codec!(FromWorker);
+manifest::codec!(ToWorker);
+manifest::codec!(FromWorker);
 
 impl ToWorker {
     /// The message's `type`, for logs.

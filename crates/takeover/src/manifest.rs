@@ -1,10 +1,11 @@
-//! The messages of the takeover protocol and of the supervisor's control
-//! channel, and their JSON encoding. `docs/PROTOCOL.md` is the prose version
+//! The messages of the takeover protocol, the parts every protocol shares
+//! (entries, names, sending and receiving), and their JSON encoding. `docs/PROTOCOL.md` is the prose version
 //! of this file.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Instant;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -44,11 +45,12 @@ pub struct StateEntry {
     pub state: Value,
 }
 
-/// Every message on a takeover or control channel.
+/// Every message of the takeover protocol ([`crate::handoff`]). The
+/// supervisor's channel has its own: version 1 in [`crate::control`],
+/// version 2 in [`crate::channel`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Message {
-    // --- takeover protocol ---
     /// Taker → giver, first message: who is asking, in which version.
     Hello {
         /// The taker's protocol version.
@@ -104,54 +106,39 @@ pub enum Message {
     /// ack); if the giver is alive, it timed out and resumed, so the taker
     /// must not serve.
     Commit,
+}
 
-    // --- supervisor control channel ---
-    /// Worker → supervisor: a connection was accepted; its fd is attached.
-    Opened {
-        /// The connection.
-        entry: Entry,
-    },
-    /// Worker → supervisor: a connection ended.
-    Closed {
-        /// Its name.
-        name: String,
-    },
-    /// Supervisor → worker: stop accepting and reading, report state.
-    Quiesce,
-    /// Worker → supervisor: state of some connections (after `quiesce`).
-    State {
-        /// One per connection.
-        entries: Vec<StateEntry>,
-    },
-    /// Worker → supervisor: quiesced; `count` state entries were sent.
-    Quiesced {
-        /// How many connections the worker holds.
-        count: usize,
-    },
-    /// Supervisor → worker: the handoff failed; serve again.
-    Resume,
-    /// Supervisor → worker: the handoff succeeded; close everything and exit 0.
-    Exit,
-    /// Supervisor → worker: are you alive? (answered with `pong`)
-    Ping,
-    /// Worker → supervisor: the answer to `ping`.
-    Pong,
+/// Gives a message enum `encode` and `decode`: JSON, the `type` field
+/// naming the variant.
+macro_rules! codec {
+    ($t:ty) => {
+        impl $t {
+            /// Encodes the message as JSON.
+            pub fn encode(&self) -> Vec<u8> {
+                serde_json::to_vec(self).expect("a message always serialises")
+            }
+
+            /// Decodes one message; the error says what is wrong with it.
+            pub fn decode(bytes: &[u8]) -> $crate::Result<Self> {
+                $crate::manifest::decode(bytes)
+            }
+        }
+    };
+}
+pub(crate) use codec;
+
+codec!(Message);
+
+/// Decodes one message of any of the protocols; the error says what is
+/// wrong with it.
+pub(crate) fn decode<M: DeserializeOwned>(bytes: &[u8]) -> Result<M> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
+        Error::protocol(format!("malformed message ({e}): {shown:?}"))
+    })
 }
 
 impl Message {
-    /// Encodes the message as JSON.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a Message always serialises")
-    }
-
-    /// Decodes one message; the error says what is wrong with it.
-    pub fn decode(bytes: &[u8]) -> Result<Message> {
-        serde_json::from_slice(bytes).map_err(|e| {
-            let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-            Error::protocol(format!("malformed message ({e}): {shown:?}"))
-        })
-    }
-
     /// The message's `type`, for error messages.
     pub fn name(&self) -> &'static str {
         match self {
@@ -163,15 +150,6 @@ impl Message {
             Message::Ack => "ack",
             Message::Nack { .. } => "nack",
             Message::Commit => "commit",
-            Message::Opened { .. } => "opened",
-            Message::Closed { .. } => "closed",
-            Message::Quiesce => "quiesce",
-            Message::State { .. } => "state",
-            Message::Quiesced { .. } => "quiesced",
-            Message::Resume => "resume",
-            Message::Exit => "exit",
-            Message::Ping => "ping",
-            Message::Pong => "pong",
         }
     }
 }
@@ -253,27 +231,33 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Sends `msg` with `fds` attached.
-pub fn send(chan: BorrowedFd<'_>, msg: &Message, fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> Result<()> {
-    wire::send(chan, &msg.encode(), fds, deadline)
+/// Sends `msg` (a message of any of the protocols) with `fds` attached.
+pub fn send<M: Serialize>(
+    chan: BorrowedFd<'_>,
+    msg: &M,
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> Result<()> {
+    wire::send(chan, &serde_json::to_vec(msg).expect("a message always serialises"), fds, deadline)
 }
 
-/// Receives one message and its fds; `Ok(None)` at the end of the channel.
-pub fn recv(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<Option<(Message, Vec<OwnedFd>)>> {
+/// Receives one message (of the protocol `M`) and its fds; `Ok(None)` at
+/// the end of the channel.
+pub fn recv<M: DeserializeOwned>(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<Option<(M, Vec<OwnedFd>)>> {
     match wire::recv(chan, deadline)? {
         None => Ok(None),
-        Some(r) => Ok(Some((Message::decode(&r.bytes)?, r.fds))),
+        Some(r) => Ok(Some((decode(&r.bytes)?, r.fds))),
     }
 }
 
 /// Like [`recv`] but returns `Ok(None)` at once when no message is queued,
 /// and `Ok(Some(None))` at the end of the channel.
 #[allow(clippy::type_complexity)]
-pub fn try_recv(chan: BorrowedFd<'_>) -> Result<Option<Option<(Message, Vec<OwnedFd>)>>> {
+pub fn try_recv<M: DeserializeOwned>(chan: BorrowedFd<'_>) -> Result<Option<Option<(M, Vec<OwnedFd>)>>> {
     match wire::try_recv(chan)? {
         None => Ok(None),
         Some(None) => Ok(Some(None)),
-        Some(Some(r)) => Ok(Some(Some((Message::decode(&r.bytes)?, r.fds)))),
+        Some(Some(r)) => Ok(Some(Some((decode(&r.bytes)?, r.fds)))),
     }
 }
 
@@ -357,15 +341,7 @@ mod tests {
             Message::End { fds: 3 },
             Message::Ack,
             Message::Nack { reason: "bad fd".into() },
-            Message::Opened { entry },
-            Message::Closed { name: "c1".into() },
-            Message::Quiesce,
-            Message::State { entries: vec![StateEntry { name: "c1".into(), state: json!(null) }] },
-            Message::Quiesced { count: 1 },
-            Message::Resume,
-            Message::Exit,
-            Message::Ping,
-            Message::Pong,
+            Message::Commit,
         ];
         for m in msgs {
             assert_eq!(Message::decode(&m.encode()).unwrap(), m);
@@ -405,21 +381,6 @@ mod tests {
             (Message::Ack, r#"{"type":"ack"}"#),
             (Message::Nack { reason: "bad fd".into() }, r#"{"type":"nack","reason":"bad fd"}"#),
             (Message::Commit, r#"{"type":"commit"}"#),
-            (
-                Message::Opened { entry },
-                r#"{"type":"opened","entry":{"name":"c1","kind":"tcp-stream","state":{"next":7}}}"#,
-            ),
-            (Message::Closed { name: "c1".into() }, r#"{"type":"closed","name":"c1"}"#),
-            (Message::Quiesce, r#"{"type":"quiesce"}"#),
-            (
-                Message::State { entries: vec![StateEntry { name: "c1".into(), state: json!(null) }] },
-                r#"{"type":"state","entries":[{"name":"c1","state":null}]}"#,
-            ),
-            (Message::Quiesced { count: 1 }, r#"{"type":"quiesced","count":1}"#),
-            (Message::Resume, r#"{"type":"resume"}"#),
-            (Message::Exit, r#"{"type":"exit"}"#),
-            (Message::Ping, r#"{"type":"ping"}"#),
-            (Message::Pong, r#"{"type":"pong"}"#),
         ];
         for (m, want) in cases {
             assert_eq!(String::from_utf8(m.encode()).unwrap(), want);

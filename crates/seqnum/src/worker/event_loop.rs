@@ -14,7 +14,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::json;
 use serde_json::value::to_raw_value;
 use slab::Slab;
-use takeover::{Endpoint, Entry, Item, Kind, Message, RawState};
+use takeover::control as v1;
+use takeover::{Endpoint, Entry, Item, Kind, RawState};
 
 use crate::echo::{conn_name, EchoConn, End};
 
@@ -413,7 +414,7 @@ impl Worker {
         drop(conn);
         if let Some(chan) = &self.control {
             let deadline = Some(Instant::now() + self.ack_timeout);
-            if let Err(e) = takeover::manifest::send(chan.as_fd(), &Message::Closed { name }, &[], deadline) {
+            if let Err(e) = takeover::manifest::send(chan.as_fd(), &v1::FromWorker::Closed { name }, &[], deadline) {
                 tracing::warn!("could not tell takeoverd about a closed connection: {e}");
             }
         }
@@ -456,7 +457,12 @@ impl Worker {
             // takeoverd keeps a copy of every connection, so that it outlives us.
             let entry = Entry { name: conn_name(conn.cookie), kind: Kind::TcpStream, state: json!({"peer": peer}) };
             let deadline = Some(Instant::now() + self.ack_timeout);
-            takeover::manifest::send(chan.as_fd(), &Message::Opened { entry }, &[conn.stream.as_fd()], deadline)?;
+            takeover::manifest::send(
+                chan.as_fd(),
+                &v1::FromWorker::Opened { entry },
+                &[conn.stream.as_fd()],
+                deadline,
+            )?;
         }
         self.add_conn(conn)?;
         Ok(())
