@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ProtocolError, Result};
 use crate::manifest::{self, Entry, RawState, StateEntry};
 
 /// The environment variable that names the control channel's fd in a
@@ -119,20 +119,17 @@ pub fn collect_quiesced(
         let raw = crate::wire::recv(chan, deadline)?.ok_or(Error::Disconnected("while quiescing"))?;
         if let Some((_, entries)) = manifest::decode_entries(&raw.bytes, "state") {
             if !raw.fds.is_empty() {
-                return Err(Error::protocol("state message came with fds"));
+                return Err(ProtocolError::FdsWithState.into());
             }
             states.extend(entries.into_iter().map(|(name, _, state)| (name, state)));
             continue;
         }
         let (msg, fds) = (FromWorker::decode(&raw.bytes)?, raw.fds);
         match msg {
-            FromWorker::State { .. } => return Err(Error::protocol("malformed state message")),
+            FromWorker::State { .. } => return Err(ProtocolError::MalformedState.into()),
             FromWorker::Quiesced { count } if count == states.len() => return Ok(states),
             FromWorker::Quiesced { count } => {
-                return Err(Error::protocol(format!(
-                    "worker said it reported {count} states, {} arrived",
-                    states.len()
-                )))
+                return Err(ProtocolError::StateCount { said: count, arrived: states.len() }.into())
             }
             m @ (FromWorker::Opened { .. } | FromWorker::Closed { .. } | FromWorker::Pong) => other(m, fds),
         }

@@ -77,6 +77,24 @@ pub fn init(binary: &'static str) {
     }
 }
 
+/// An error and its causes, joined by `: ` as anyhow's `{:#}` joins them,
+/// leaving out a cause whose text the message already carries: the errors
+/// of this crate (and `io::Error`s wrapping them) include their source's
+/// text and also return it from `source()`.
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (for status lines and reports;
 /// civil-from-days after Howard Hinnant).
 pub fn utc(unix: u64) -> String {
@@ -95,6 +113,27 @@ pub fn utc(unix: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_report_names_each_cause_once() {
+        let inner = crate::Error::io("connecting", std::io::Error::from_raw_os_error(libc::ENOENT));
+        let outer = std::io::Error::other(inner);
+        assert_eq!(super::report(&outer), "connecting: No such file or directory (os error 2)");
+        #[derive(Debug)]
+        struct Context(std::io::Error);
+        impl std::fmt::Display for Context {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("taking over")
+            }
+        }
+        impl std::error::Error for Context {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Context(outer);
+        assert_eq!(super::report(&e), "taking over: connecting: No such file or directory (os error 2)");
+    }
+
     #[test]
     fn formats_utc() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");

@@ -2,6 +2,7 @@
 //! (entries, names, sending and receiving), and their JSON encoding. `docs/PROTOCOL.md` is the prose version
 //! of this file.
 
+use std::fmt;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Instant;
 
@@ -9,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{ProtocolError, Result};
 use crate::fd::Kind;
 use crate::wire::{self, MAX_FDS, MAX_MESSAGE};
 
@@ -134,7 +135,7 @@ codec!(Message);
 pub(crate) fn decode<M: DeserializeOwned>(bytes: &[u8]) -> Result<M> {
     serde_json::from_slice(bytes).map_err(|e| {
         let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-        Error::protocol(format!("malformed message ({e}): {shown:?}"))
+        ProtocolError::Malformed { error: e, shown }.into()
     })
 }
 
@@ -220,13 +221,42 @@ pub(crate) fn encode_entry(name: &str, kind: Option<Kind>, state: Option<&serde_
     out
 }
 
+/// Why a name cannot be an fd name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NameError {
+    /// Empty, or longer than [`MAX_NAME`].
+    Length {
+        /// The name.
+        name: String,
+    },
+    /// A byte that is not printable ASCII, or a space, or a `:`.
+    Characters {
+        /// The name.
+        name: String,
+    },
+}
+
+impl fmt::Display for NameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NameError::Length { name } => write!(f, "fd name {name:?} must be 1 to {MAX_NAME} characters"),
+            NameError::Characters { name } => {
+                write!(f, "fd name {name:?} must be printable ASCII without spaces or ':'")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NameError {}
+
 /// Checks that `name` can be an fd name (here and in systemd's fd store).
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() || name.len() > MAX_NAME {
-        return Err(format!("fd name {name:?} must be 1 to {MAX_NAME} characters"));
+        return Err(NameError::Length { name: name.to_owned() });
     }
     if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
-        return Err(format!("fd name {name:?} must be printable ASCII without spaces or ':'"));
+        return Err(NameError::Characters { name: name.to_owned() });
     }
     Ok(())
 }
@@ -272,10 +302,7 @@ pub(crate) fn chunk(encoded: &[String], overhead: usize) -> Result<Vec<std::ops:
     for (i, e) in encoded.iter().enumerate() {
         let add = e.len() + 1; // the comma
         if add > budget {
-            return Err(Error::protocol(format!(
-                "one entry encodes to {} bytes, more than fits in a {MAX_MESSAGE} byte message",
-                e.len()
-            )));
+            return Err(ProtocolError::EntryTooLarge { len: e.len() }.into());
         }
         if i - start == MAX_FDS || size + add > budget {
             out.push(start..i);
@@ -435,11 +462,15 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert!(check_name("c1z").is_ok());
-        assert!(check_name("").is_err());
-        assert!(check_name("a:b").is_err());
-        assert!(check_name("a b").is_err());
-        assert!(check_name(&"x".repeat(256)).is_err());
+        assert_eq!(check_name("c1z"), Ok(()));
+        assert!(matches!(check_name(""), Err(NameError::Length { .. })));
+        assert!(matches!(check_name("a:b"), Err(NameError::Characters { .. })));
+        assert!(matches!(check_name("a b"), Err(NameError::Characters { .. })));
+        assert!(matches!(check_name(&"x".repeat(256)), Err(NameError::Length { .. })));
+        assert_eq!(
+            check_name("a b").unwrap_err().to_string(),
+            "fd name \"a b\" must be printable ASCII without spaces or ':'"
+        );
     }
 
     #[test]
@@ -452,6 +483,9 @@ mod tests {
         assert!(c.iter().all(|r| r.len() <= 3), "{c:?}");
         assert_eq!(c.iter().map(|r| r.len()).sum::<usize>(), 10);
         let huge = vec![format!("\"{}\"", "x".repeat(MAX_MESSAGE))];
-        assert!(chunk(&huge, WRAP_OVERHEAD).is_err());
+        assert!(matches!(
+            chunk(&huge, WRAP_OVERHEAD),
+            Err(crate::Error::Protocol(ProtocolError::EntryTooLarge { len })) if len == MAX_MESSAGE + 2
+        ));
     }
 }

@@ -66,7 +66,7 @@ impl Supervisor {
         let proc = match WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user, successor) {
             Ok(p) => p,
             Err(e) => {
-                let error = format!("{e:#}");
+                let error = takeover::log::report(&*e);
                 tracing::error!("{error}");
                 self.handoff_failed_to_start(why, at, t0, error, waiters);
                 return;

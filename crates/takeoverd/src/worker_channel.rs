@@ -180,7 +180,7 @@ impl Supervisor {
             return Err(format!("'opened' of a {}", entry.kind));
         }
         takeover::validate(fd.as_fd(), takeover::Kind::TcpStream).map_err(|p| format!("bad fd: {p}"))?;
-        takeover::check_name(&entry.name)?;
+        takeover::check_name(&entry.name).map_err(|e| e.to_string())?;
         self.store.store(&entry.name, fd.as_fd(), false);
         let state = Some(&entry.state).filter(|s| !s.is_null()).and_then(|s| serde_json::value::to_raw_value(s).ok());
         self.conns.insert(entry.name.clone(), HeldConn { fd, state });
