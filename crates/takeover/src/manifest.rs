@@ -203,22 +203,20 @@ pub(crate) fn decode_entries(bytes: &[u8], ty: &str) -> Option<(Option<usize>, V
     Some((raw.seq, entries))
 }
 
-/// Encodes one entry by hand from its parts, the state as raw JSON.
+/// An entry as [`encode_entry`] writes it: borrowed, the state raw JSON,
+/// so no JSON tree is built (the hot path of a handoff and of accepting).
+#[derive(Serialize)]
+struct EntryOut<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<Kind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a serde_json::value::RawValue>,
+}
+
+/// Encodes one entry from its parts, the state as raw JSON.
 pub(crate) fn encode_entry(name: &str, kind: Option<Kind>, state: Option<&serde_json::value::RawValue>) -> String {
-    let mut out = String::with_capacity(name.len() + 40 + state.map_or(0, |s| s.get().len()));
-    out.push_str("{\"name\":");
-    out.push_str(&serde_json::to_string(name).expect("a string serialises"));
-    if let Some(kind) = kind {
-        out.push_str(",\"kind\":\"");
-        out.push_str(kind.as_str());
-        out.push('"');
-    }
-    if let Some(state) = state {
-        out.push_str(",\"state\":");
-        out.push_str(state.get());
-    }
-    out.push('}');
-    out
+    serde_json::to_string(&EntryOut { name, kind, state }).expect("an entry serialises")
 }
 
 /// Why a name cannot be an fd name.
@@ -319,6 +317,12 @@ pub(crate) fn chunk(encoded: &[String], overhead: usize) -> Result<Vec<std::ops:
 
 /// Builds `{"type":"<ty>","seq":N,"entries":[...]}` (or without `seq`) from
 /// pre-encoded elements.
+///
+/// By hand, not with serde, on purpose: the elements are JSON already,
+/// encoded once so that [`chunk`] could measure them against the message
+/// size, and serde cannot splice pre-encoded JSON into its output without
+/// parsing it again (`RawValue::from_string` validates). The tests pin the
+/// bytes.
 pub(crate) fn wrap(ty: &str, seq: Option<usize>, elems: &[String]) -> Vec<u8> {
     wrap_with(ty, seq, "entries", elems)
 }
