@@ -95,20 +95,12 @@ pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (for status lines and reports;
-/// civil-from-days after Howard Hinnant).
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (for status lines and reports).
 pub fn utc(unix: u64) -> String {
-    let (days, secs) = (unix / 86400, unix % 86400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    // `2026-11-18T11:06:40Z`
+    let rfc3339 = humantime::format_rfc3339_seconds(t).to_string();
+    format!("{} UTC", rfc3339.trim_end_matches('Z').replacen('T', " ", 1))
 }
 
 #[cfg(test)]
@@ -138,5 +130,7 @@ mod tests {
     fn formats_utc() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(super::utc(1_795_000_000), "2026-11-18 11:06:40 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(4_107_542_399), "2100-02-28 23:59:59 UTC");
     }
 }
