@@ -1,6 +1,6 @@
 //! The supervisor's control channel, version 1: what a worker and its
 //! supervisor say to each other after the initial handoff (the takeover
-//! protocol of [`crate::handoff`], on the same `SOCK_SEQPACKET` socket pair).
+//! protocol, [`crate::offer`] to [`crate::ack`], on the same `SOCK_SEQPACKET` socket pair).
 //! Version 2 is [`crate::channel`].
 //!
 //! ```text

@@ -46,7 +46,7 @@ pub struct StateEntry {
     pub state: Value,
 }
 
-/// Every message of the takeover protocol ([`crate::handoff`]). The
+/// Every message of the takeover protocol ([`crate::offer`], [`crate::receive`]). The
 /// supervisor's channel has its own: version 1 in [`crate::control`],
 /// version 2 in [`crate::channel`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

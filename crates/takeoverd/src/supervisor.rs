@@ -1,7 +1,7 @@
 //! takeoverd's event loop: it owns every listener and connection (it accepts
 //! them itself, so no connection ever lives only in a worker), keeps them in
 //! the fd store, assigns them to the serving worker, and drives
-//! [`Workers`](crate::workers::Workers), the state machine of who serves.
+//! [`Workers`], the state machine of who serves.
 //! The handoff between workers is in `reload.rs`, what takeoverd starts
 //! with in `restore.rs`, the control socket in `control_server.rs`.
 
