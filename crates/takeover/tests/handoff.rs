@@ -59,9 +59,10 @@ fn hands_over_listeners_and_connections_with_state() {
         h
     });
     assert_eq!(takeover::read_hello(giver.as_fd(), deadline()).unwrap(), std::process::id());
+    let state = raw(json!({"next": 5}));
     let items = [
         Item { name: "l0", kind: Kind::TcpListener, fd: l.as_fd(), state: None },
-        Item { name: "c1", kind: Kind::TcpStream, fd: server.as_fd(), state: Some(&raw(json!({"next": 5}))) },
+        Item { name: "c1", kind: Kind::TcpStream, fd: server.as_fd(), state: Some(&state) },
     ];
     takeover::offer(giver.as_fd(), &items, &json!({"gen": 3}), false, deadline()).unwrap();
     takeover::await_ack(giver.as_fd(), deadline()).unwrap();

@@ -363,7 +363,8 @@ impl Supervisor {
             return;
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            let mut src = SourceFd(&l.fd.as_raw_fd());
+            let raw = l.fd.as_raw_fd();
+            let mut src = SourceFd(&raw);
             let r = if want {
                 self.poll.registry().register(&mut src, Token(LISTENER_BASE + i), Interest::READABLE)
             } else {
