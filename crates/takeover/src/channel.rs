@@ -30,7 +30,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ProtocolError, Result};
 use crate::fd::Kind;
 use crate::manifest::{self, RawState, StateEntry};
 
@@ -145,26 +145,8 @@ pub enum FromWorker {
     },
 }
 
-macro_rules! codec {
-    ($t:ty) => {
-        impl $t {
-            /// Encodes the message as JSON.
-            pub fn encode(&self) -> Vec<u8> {
-                serde_json::to_vec(self).expect("a channel message always serialises")
-            }
-
-            /// Decodes one message; the error says what is wrong with it.
-            pub fn decode(bytes: &[u8]) -> Result<Self> {
-                serde_json::from_slice(bytes).map_err(|e| {
-                    let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-                    Error::protocol(format!("malformed message ({e}): {shown:?}"))
-                })
-            }
-        }
-    };
-}
-codec!(ToWorker);
-codec!(FromWorker);
+manifest::codec!(ToWorker);
+manifest::codec!(FromWorker);
 
 impl ToWorker {
     /// The message's `type`, for logs.
@@ -235,19 +217,14 @@ pub type Assigned = Vec<(String, Option<RawState>, OwnedFd)>;
 
 /// Decodes an `assign` and validates its fds. Any error closes every fd.
 pub fn decode_assign(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<Assigned> {
-    let (_, entries) = manifest::decode_entries(bytes, "assign")
-        .ok_or_else(|| Error::protocol("malformed assign message".to_string()))?;
+    let (_, entries) = manifest::decode_entries(bytes, "assign").ok_or(ProtocolError::MalformedAssign)?;
     if entries.len() != fds.len() {
-        return Err(Error::protocol(format!(
-            "assign lists {} connections but carries {} fds",
-            entries.len(),
-            fds.len()
-        )));
+        return Err(ProtocolError::AssignFds { listed: entries.len(), carried: fds.len() }.into());
     }
     let mut out = Vec::with_capacity(fds.len());
     for ((name, kind, state), fd) in entries.into_iter().zip(fds) {
-        let kind = kind.ok_or_else(|| Error::protocol(format!("entry {name:?} has no kind")))?;
-        manifest::check_name(&name).map_err(Error::Protocol)?;
+        let Some(kind) = kind else { return Err(ProtocolError::NoKind { name }.into()) };
+        manifest::check_name(&name)?;
         crate::fd::validate(std::os::fd::AsFd::as_fd(&fd), kind)
             .map_err(|problem| Error::BadFd { name: name.clone(), problem })?;
         out.push((name, state, fd));

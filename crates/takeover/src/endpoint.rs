@@ -143,7 +143,13 @@ impl Endpoint {
         crate::fd::validate(fd.as_fd(), crate::Kind::UnixSeqpacket)
             .map_err(|problem| Error::BadFd { name: name.clone(), problem })?;
         if !socket::getsockopt(&fd, sockopt::AcceptConn).map_err(|e| Error::io("SO_ACCEPTCONN", e))? {
-            return Err(Error::BadFd { name, problem: "a unix-seqpacket socket that is not listening".into() });
+            let problem = crate::fd::FdError::WrongSocket {
+                expected: crate::Kind::UnixSeqpacket,
+                domain: libc::AF_UNIX,
+                ty: libc::SOCK_SEQPACKET,
+                listening: Some(false),
+            };
+            return Err(Error::BadFd { name, problem });
         }
         let ino = std::fs::symlink_metadata(path).map(|m| m.ino()).map_err(|e| Error::Io {
             context: "finding the inherited socket's file",

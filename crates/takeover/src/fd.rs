@@ -2,6 +2,7 @@
 //! its sender says.
 
 use std::fmt;
+use std::io;
 use std::os::fd::BorrowedFd;
 
 use serde::{Deserialize, Serialize};
@@ -46,22 +47,90 @@ impl fmt::Display for Kind {
     }
 }
 
+/// Why an fd is not of the kind its sender says.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum FdError {
+    /// `fstat` failed.
+    Fstat(io::Error),
+    /// Not a regular file (a [`Kind::File`] must be one).
+    NotRegularFile {
+        /// Its `st_mode`.
+        mode: u32,
+    },
+    /// Not a socket at all.
+    NotSocket {
+        /// The kind it should be.
+        expected: Kind,
+    },
+    /// `getsockopt` failed.
+    Getsockopt {
+        /// The option (`SO_DOMAIN`, ...).
+        option: &'static str,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// A socket of another family or type, or listening where it should
+    /// not be (or the other way round).
+    WrongSocket {
+        /// The kind it should be.
+        expected: Kind,
+        /// Its `SO_DOMAIN`.
+        domain: i32,
+        /// Its `SO_TYPE`.
+        ty: i32,
+        /// Whether it listens, when that was the difference.
+        listening: Option<bool>,
+    },
+}
+
+impl fmt::Display for FdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FdError::Fstat(e) => write!(f, "fstat failed: {e}"),
+            FdError::NotRegularFile { mode } => write!(f, "expected a regular file (memfd), got file mode {mode:o}"),
+            FdError::NotSocket { expected } => {
+                write!(f, "expected a {expected} socket, got something that is not a socket")
+            }
+            FdError::Getsockopt { option, error } => write!(f, "getsockopt({option}) failed: {error}"),
+            FdError::WrongSocket { expected, domain, ty, listening: None } => {
+                write!(f, "expected a {expected} socket, got {}", describe(*domain, *ty))
+            }
+            FdError::WrongSocket { expected, domain, ty, listening: Some(listening) } => {
+                let state = if *listening { "listening" } else { "not listening" };
+                write!(f, "expected a {expected} socket, got a {state} {}", describe(*domain, *ty))
+            }
+        }
+    }
+}
+
+/// The message includes the OS error's text; the source is there for a
+/// program that inspects it.
+impl std::error::Error for FdError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FdError::Fstat(e) | FdError::Getsockopt { error: e, .. } => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Checks that `fd` is of kind `kind`; the error says what it is instead.
-pub fn validate(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), String> {
+pub fn validate(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), FdError> {
     if kind == Kind::File {
-        let st = nix::sys::stat::fstat(fd).map_err(|e| format!("fstat failed: {e}"))?;
+        let st = nix::sys::stat::fstat(fd).map_err(|e| FdError::Fstat(e.into()))?;
         return if st.st_mode & libc::S_IFMT == libc::S_IFREG {
             Ok(())
         } else {
-            Err(format!("expected a regular file (memfd), got file mode {:o}", st.st_mode))
+            Err(FdError::NotRegularFile { mode: st.st_mode })
         };
     }
-    let opt = |o, name: &str| {
-        sys::getsockopt_int(fd, libc::SOL_SOCKET, o).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOTSOCK) {
-                format!("expected a {kind} socket, got something that is not a socket")
+    let opt = |o, option: &'static str| {
+        sys::getsockopt_int(fd, libc::SOL_SOCKET, o).map_err(|error| {
+            if error.raw_os_error() == Some(libc::ENOTSOCK) {
+                FdError::NotSocket { expected: kind }
             } else {
-                format!("getsockopt({name}) failed: {e}")
+                FdError::Getsockopt { option, error }
             }
         })
     };
@@ -76,13 +145,12 @@ pub fn validate(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), String> {
         Kind::File => unreachable!(),
     };
     if !want_domain_ok || ty != want_type {
-        return Err(format!("expected a {kind} socket, got {}", describe(domain, ty)));
+        return Err(FdError::WrongSocket { expected: kind, domain, ty, listening: None });
     }
     if let Some(listening) = want_listening {
         let accepting = opt(libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? != 0;
         if accepting != listening {
-            let state = if accepting { "listening" } else { "not listening" };
-            return Err(format!("expected a {kind} socket, got a {state} {}", describe(domain, ty)));
+            return Err(FdError::WrongSocket { expected: kind, domain, ty, listening: Some(accepting) });
         }
     }
     Ok(())
@@ -116,16 +184,20 @@ mod tests {
     fn accepts_what_it_is_and_names_what_it_is_not() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        assert_eq!(validate(l.as_fd(), Kind::TcpListener), Ok(()));
-        assert_eq!(validate(c.as_fd(), Kind::TcpStream), Ok(()));
+        validate(l.as_fd(), Kind::TcpListener).unwrap();
+        validate(c.as_fd(), Kind::TcpStream).unwrap();
         let e = validate(l.as_fd(), Kind::TcpStream).unwrap_err();
-        assert!(e.contains("listening AF_INET SOCK_STREAM"), "{e}");
+        assert!(matches!(e, FdError::WrongSocket { expected: Kind::TcpStream, listening: Some(true), .. }), "{e:?}");
+        assert_eq!(e.to_string(), "expected a tcp-stream socket, got a listening AF_INET SOCK_STREAM socket");
         let u = UdpSocket::bind("127.0.0.1:0").unwrap();
         let e = validate(u.as_fd(), Kind::TcpStream).unwrap_err();
-        assert!(e.contains("SOCK_DGRAM"), "{e}");
+        assert!(matches!(e, FdError::WrongSocket { ty: libc::SOCK_DGRAM, listening: None, .. }), "{e:?}");
+        assert_eq!(e.to_string(), "expected a tcp-stream socket, got AF_INET SOCK_DGRAM socket");
         let f = std::fs::File::open("/proc/self/status").unwrap();
         let e = validate(f.as_fd(), Kind::TcpListener).unwrap_err();
-        assert!(e.contains("not a socket"), "{e}");
-        assert_eq!(validate(f.as_fd(), Kind::File), Ok(()));
+        assert!(matches!(e, FdError::NotSocket { expected: Kind::TcpListener }), "{e:?}");
+        validate(f.as_fd(), Kind::File).unwrap();
+        let e = validate(l.as_fd(), Kind::File).unwrap_err();
+        assert!(e.to_string().starts_with("expected a regular file (memfd), got file mode 14"), "{e}");
     }
 }

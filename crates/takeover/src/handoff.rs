@@ -21,7 +21,7 @@ use std::time::Instant;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ProtocolError, Result};
 use crate::fd::{self, Kind};
 use crate::manifest::{self, check_name, Message, RawState, PROTOCOL_VERSION};
 use crate::wire;
@@ -69,7 +69,7 @@ pub struct Handoff {
 pub fn read_hello(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<u32> {
     let (msg, fds) = manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("before saying hello"))?;
     if !fds.is_empty() {
-        return Err(Error::protocol(format!("hello came with {} unexpected fds (closed)", fds.len())));
+        return Err(ProtocolError::FdsWithHello { count: fds.len() }.into());
     }
     match msg {
         Message::Hello { version, pid } if version == PROTOCOL_VERSION => Ok(pid),
@@ -78,7 +78,7 @@ pub fn read_hello(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<u32
             let _ = manifest::send(chan, &Message::Refuse { reason: err.to_string() }, &[], deadline);
             Err(err)
         }
-        other => Err(Error::protocol(format!("expected hello, got {}", other.name()))),
+        other => Err(unexpected("hello", &other)),
     }
 }
 
@@ -93,9 +93,9 @@ pub fn offer(
     let mut names = HashSet::with_capacity(items.len());
     let mut encoded = Vec::with_capacity(items.len());
     for item in items {
-        check_name(item.name).map_err(Error::Protocol)?;
+        check_name(item.name)?;
         if !names.insert(item.name) {
-            return Err(Error::protocol(format!("two fds named {:?}", item.name)));
+            return Err(ProtocolError::DuplicateName { name: item.name.to_owned() }.into());
         }
         encoded.push(manifest::encode_entry(item.name, Some(item.kind), item.state));
     }
@@ -126,7 +126,7 @@ pub fn await_ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> 
     match msg {
         Message::Ack => manifest::send(chan, &Message::Commit, &[], deadline),
         Message::Nack { reason } => Err(Error::Refused(reason)),
-        other => Err(Error::protocol(format!("expected ack or nack, got {}", other.name()))),
+        other => Err(unexpected("ack or nack", &other)),
     }
 }
 
@@ -174,7 +174,7 @@ fn receive_inner(chan: BorrowedFd<'_>, limits: &Limits, deadline: Option<Instant
     let recv = || manifest::recv(chan, deadline)?.ok_or(Error::Disconnected("in the middle of an offer"));
     let (msg, fds) = recv()?;
     if !fds.is_empty() {
-        return Err(Error::protocol(format!("offer came with {} unexpected fds", fds.len())));
+        return Err(ProtocolError::FdsWithOffer { count: fds.len() }.into());
     }
     let (total, batches, recovered, app) = match msg {
         Message::Offer { version, fds, batches, recovered, app } => {
@@ -184,16 +184,13 @@ fn receive_inner(chan: BorrowedFd<'_>, limits: &Limits, deadline: Option<Instant
             (fds, batches, recovered, app)
         }
         Message::Refuse { reason } => return Err(Error::Refused(reason)),
-        other => return Err(Error::protocol(format!("expected offer, got {}", other.name()))),
+        other => return Err(unexpected("offer", &other)),
     };
     if total > limits.max_fds {
-        return Err(Error::protocol(format!(
-            "offer of {total} fds is more than this process can hold ({}; raise RLIMIT_NOFILE)",
-            limits.max_fds
-        )));
+        return Err(ProtocolError::OfferTooBig { fds: total, max: limits.max_fds }.into());
     }
     if batches > total || (total > 0 && batches == 0) {
-        return Err(Error::protocol(format!("offer announces {batches} batches for {total} fds")));
+        return Err(ProtocolError::BatchCount { batches, fds: total }.into());
     }
     let mut taken = Vec::with_capacity(total);
     let mut names = HashSet::with_capacity(total);
@@ -202,45 +199,43 @@ fn receive_inner(chan: BorrowedFd<'_>, limits: &Limits, deadline: Option<Instant
         let fds = msg.fds;
         let entries = match manifest::decode_entries(&msg.bytes, "batch") {
             Some((Some(s), entries)) if s == seq => entries,
-            Some((s, _)) => return Err(Error::protocol(format!("expected batch {seq}, got batch {s:?}"))),
+            Some((got, _)) => return Err(ProtocolError::BatchOutOfOrder { expected: seq, got }.into()),
             // Not a well-formed batch: decode it in full for a precise error.
             None => match Message::decode(&msg.bytes)? {
                 Message::Batch { seq: s, .. } if s != seq => {
-                    return Err(Error::protocol(format!("expected batch {seq}, got batch {s}")))
+                    return Err(ProtocolError::BatchOutOfOrder { expected: seq, got: Some(s) }.into())
                 }
-                Message::Batch { .. } => return Err(Error::protocol(format!("malformed batch {seq}"))),
-                other => {
-                    return Err(Error::protocol(format!("expected batch {seq} of {batches}, got {}", other.name())))
-                }
+                Message::Batch { .. } => return Err(ProtocolError::MalformedBatch { seq }.into()),
+                other => return Err(ProtocolError::NotABatch { seq, batches, got: other.name() }.into()),
             },
         };
         if entries.len() != fds.len() {
-            return Err(Error::protocol(format!("batch {seq} lists {} fds but carries {}", entries.len(), fds.len())));
+            return Err(ProtocolError::BatchFds { seq, listed: entries.len(), carried: fds.len() }.into());
         }
         if taken.len() + fds.len() > total {
-            return Err(Error::protocol(format!("more fds than the {total} announced")));
+            return Err(ProtocolError::MoreFdsThanAnnounced { announced: total }.into());
         }
         for ((name, kind, state), fd) in entries.into_iter().zip(fds) {
-            let kind = kind.ok_or_else(|| Error::protocol(format!("entry {name:?} has no kind")))?;
-            check_name(&name).map_err(Error::Protocol)?;
+            let Some(kind) = kind else { return Err(ProtocolError::NoKind { name }.into()) };
+            check_name(&name)?;
             fd::validate(fd.as_fd(), kind).map_err(|problem| Error::BadFd { name: name.clone(), problem })?;
             if !names.insert(name.clone()) {
-                return Err(Error::protocol(format!("two fds named {name:?}")));
+                return Err(ProtocolError::DuplicateName { name }.into());
             }
             taken.push(Taken { name, kind, fd, state });
         }
     }
     let (msg, fds) = recv()?;
     if !fds.is_empty() {
-        return Err(Error::protocol(format!("more fds than announced: {} came with the end message", fds.len())));
+        return Err(ProtocolError::FdsWithEnd { count: fds.len() }.into());
     }
     match msg {
         Message::End { fds } if fds == total && taken.len() == total => Ok(Handoff { app, recovered, taken }),
         Message::End { fds } => {
-            Err(Error::protocol(format!("offer announced {total} fds, end says {fds}, received {}", taken.len())))
+            Err(ProtocolError::EndMismatch { announced: total, end: fds, received: taken.len() }.into())
         }
-        Message::Batch { .. } => Err(Error::protocol(format!("more batches than the {batches} announced"))),
-        other => Err(Error::protocol(format!("expected end, got {}", other.name()))),
+        Message::Batch { .. } => Err(ProtocolError::MoreBatches { batches }.into()),
+        other => Err(unexpected("end", &other)),
     }
 }
 
@@ -259,7 +254,7 @@ pub fn ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
     manifest::send(chan, &Message::Ack, &[], deadline)?;
     match manifest::recv(chan, deadline) {
         Ok(Some((Message::Commit, _))) => Ok(()),
-        Ok(Some((other, _))) => Err(Error::protocol(format!("expected commit, got {}", other.name()))),
+        Ok(Some((other, _))) => Err(unexpected("commit", &other)),
         Ok(None) | Err(Error::Disconnected(_)) => {
             if giver_gone(giver) {
                 tracing::warn!(giver, "the giver exited after our ack without a commit; its sockets are ours");
@@ -270,6 +265,11 @@ pub fn ack(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// A message other than the `expected` one.
+fn unexpected(expected: &'static str, got: &Message) -> Error {
+    ProtocolError::Unexpected { expected, got: got.name() }.into()
 }
 
 /// True when `pid` no longer runs (or is a zombie).

@@ -42,12 +42,12 @@ pub mod wire;
 pub mod worker;
 
 pub use endpoint::{check_peer, connect, Endpoint, Existing};
-pub use error::{Error, Result};
-pub use fd::{validate, Kind};
+pub use error::{Error, ProtocolError, Result};
+pub use fd::{validate, FdError, Kind};
 pub use handoff::{
     ack, await_ack, fd_headroom, hello, nack, offer, raise_fd_limit, read_hello, receive, Handoff, Item, Limits, Taken,
 };
-pub use manifest::{check_name, Entry, Message, RawState, StateEntry, PROTOCOL_VERSION};
+pub use manifest::{check_name, Entry, Message, NameError, RawState, StateEntry, PROTOCOL_VERSION};
 pub use sys::{pass_fd, socket_cookie, take_env_fd, take_raw_inherited};
 pub use tcp::{bind_tcp, peer_closed, receive_memory_pinned, stream_offsets, StreamOffsets};
 pub use throttle::Throttle;

@@ -77,27 +77,60 @@ pub fn init(binary: &'static str) {
     }
 }
 
-/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (for status lines and reports;
-/// civil-from-days after Howard Hinnant).
+/// An error and its causes, joined by `: ` as anyhow's `{:#}` joins them,
+/// leaving out a cause whose text the message already carries: the errors
+/// of this crate (and `io::Error`s wrapping them) include their source's
+/// text and also return it from `source()`.
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (for status lines and reports).
 pub fn utc(unix: u64) -> String {
-    let (days, secs) = (unix / 86400, unix % 86400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    // `2026-11-18T11:06:40Z`
+    let rfc3339 = humantime::format_rfc3339_seconds(t).to_string();
+    format!("{} UTC", rfc3339.trim_end_matches('Z').replacen('T', " ", 1))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
+    fn a_report_names_each_cause_once() {
+        let inner = crate::Error::io("connecting", std::io::Error::from_raw_os_error(libc::ENOENT));
+        let outer = std::io::Error::other(inner);
+        assert_eq!(super::report(&outer), "connecting: No such file or directory (os error 2)");
+        #[derive(Debug)]
+        struct Context(std::io::Error);
+        impl std::fmt::Display for Context {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("taking over")
+            }
+        }
+        impl std::error::Error for Context {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Context(outer);
+        assert_eq!(super::report(&e), "taking over: connecting: No such file or directory (os error 2)");
+    }
+
+    #[test]
     fn formats_utc() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(super::utc(1_795_000_000), "2026-11-18 11:06:40 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(4_107_542_399), "2100-02-28 23:59:59 UTC");
     }
 }

@@ -1,14 +1,16 @@
-//! The messages of the takeover protocol and of the supervisor's control
-//! channel, and their JSON encoding. `docs/PROTOCOL.md` is the prose version
+//! The messages of the takeover protocol, the parts every protocol shares
+//! (entries, names, sending and receiving), and their JSON encoding. `docs/PROTOCOL.md` is the prose version
 //! of this file.
 
+use std::fmt;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Instant;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{ProtocolError, Result};
 use crate::fd::Kind;
 use crate::wire::{self, MAX_FDS, MAX_MESSAGE};
 
@@ -44,11 +46,12 @@ pub struct StateEntry {
     pub state: Value,
 }
 
-/// Every message on a takeover or control channel.
+/// Every message of the takeover protocol ([`crate::offer`], [`crate::receive`]). The
+/// supervisor's channel has its own: version 1 in [`crate::control`],
+/// version 2 in [`crate::channel`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Message {
-    // --- takeover protocol ---
     /// Taker → giver, first message: who is asking, in which version.
     Hello {
         /// The taker's protocol version.
@@ -104,54 +107,39 @@ pub enum Message {
     /// ack); if the giver is alive, it timed out and resumed, so the taker
     /// must not serve.
     Commit,
+}
 
-    // --- supervisor control channel ---
-    /// Worker → supervisor: a connection was accepted; its fd is attached.
-    Opened {
-        /// The connection.
-        entry: Entry,
-    },
-    /// Worker → supervisor: a connection ended.
-    Closed {
-        /// Its name.
-        name: String,
-    },
-    /// Supervisor → worker: stop accepting and reading, report state.
-    Quiesce,
-    /// Worker → supervisor: state of some connections (after `quiesce`).
-    State {
-        /// One per connection.
-        entries: Vec<StateEntry>,
-    },
-    /// Worker → supervisor: quiesced; `count` state entries were sent.
-    Quiesced {
-        /// How many connections the worker holds.
-        count: usize,
-    },
-    /// Supervisor → worker: the handoff failed; serve again.
-    Resume,
-    /// Supervisor → worker: the handoff succeeded; close everything and exit 0.
-    Exit,
-    /// Supervisor → worker: are you alive? (answered with `pong`)
-    Ping,
-    /// Worker → supervisor: the answer to `ping`.
-    Pong,
+/// Gives a message enum `encode` and `decode`: JSON, the `type` field
+/// naming the variant.
+macro_rules! codec {
+    ($t:ty) => {
+        impl $t {
+            /// Encodes the message as JSON.
+            pub fn encode(&self) -> Vec<u8> {
+                serde_json::to_vec(self).expect("a message always serialises")
+            }
+
+            /// Decodes one message; the error says what is wrong with it.
+            pub fn decode(bytes: &[u8]) -> $crate::Result<Self> {
+                $crate::manifest::decode(bytes)
+            }
+        }
+    };
+}
+pub(crate) use codec;
+
+codec!(Message);
+
+/// Decodes one message of any of the protocols; the error says what is
+/// wrong with it.
+pub(crate) fn decode<M: DeserializeOwned>(bytes: &[u8]) -> Result<M> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
+        ProtocolError::Malformed { error: e, shown }.into()
+    })
 }
 
 impl Message {
-    /// Encodes the message as JSON.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a Message always serialises")
-    }
-
-    /// Decodes one message; the error says what is wrong with it.
-    pub fn decode(bytes: &[u8]) -> Result<Message> {
-        serde_json::from_slice(bytes).map_err(|e| {
-            let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
-            Error::protocol(format!("malformed message ({e}): {shown:?}"))
-        })
-    }
-
     /// The message's `type`, for error messages.
     pub fn name(&self) -> &'static str {
         match self {
@@ -163,15 +151,6 @@ impl Message {
             Message::Ack => "ack",
             Message::Nack { .. } => "nack",
             Message::Commit => "commit",
-            Message::Opened { .. } => "opened",
-            Message::Closed { .. } => "closed",
-            Message::Quiesce => "quiesce",
-            Message::State { .. } => "state",
-            Message::Quiesced { .. } => "quiesced",
-            Message::Resume => "resume",
-            Message::Exit => "exit",
-            Message::Ping => "ping",
-            Message::Pong => "pong",
         }
     }
 }
@@ -224,56 +203,89 @@ pub(crate) fn decode_entries(bytes: &[u8], ty: &str) -> Option<(Option<usize>, V
     Some((raw.seq, entries))
 }
 
-/// Encodes one entry by hand from its parts, the state as raw JSON.
-pub(crate) fn encode_entry(name: &str, kind: Option<Kind>, state: Option<&serde_json::value::RawValue>) -> String {
-    let mut out = String::with_capacity(name.len() + 40 + state.map_or(0, |s| s.get().len()));
-    out.push_str("{\"name\":");
-    out.push_str(&serde_json::to_string(name).expect("a string serialises"));
-    if let Some(kind) = kind {
-        out.push_str(",\"kind\":\"");
-        out.push_str(kind.as_str());
-        out.push('"');
-    }
-    if let Some(state) = state {
-        out.push_str(",\"state\":");
-        out.push_str(state.get());
-    }
-    out.push('}');
-    out
+/// An entry as [`encode_entry`] writes it: borrowed, the state raw JSON,
+/// so no JSON tree is built (the hot path of a handoff and of accepting).
+#[derive(Serialize)]
+struct EntryOut<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<Kind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a serde_json::value::RawValue>,
 }
 
+/// Encodes one entry from its parts, the state as raw JSON.
+pub(crate) fn encode_entry(name: &str, kind: Option<Kind>, state: Option<&serde_json::value::RawValue>) -> String {
+    serde_json::to_string(&EntryOut { name, kind, state }).expect("an entry serialises")
+}
+
+/// Why a name cannot be an fd name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NameError {
+    /// Empty, or longer than [`MAX_NAME`].
+    Length {
+        /// The name.
+        name: String,
+    },
+    /// A byte that is not printable ASCII, or a space, or a `:`.
+    Characters {
+        /// The name.
+        name: String,
+    },
+}
+
+impl fmt::Display for NameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NameError::Length { name } => write!(f, "fd name {name:?} must be 1 to {MAX_NAME} characters"),
+            NameError::Characters { name } => {
+                write!(f, "fd name {name:?} must be printable ASCII without spaces or ':'")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NameError {}
+
 /// Checks that `name` can be an fd name (here and in systemd's fd store).
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() || name.len() > MAX_NAME {
-        return Err(format!("fd name {name:?} must be 1 to {MAX_NAME} characters"));
+        return Err(NameError::Length { name: name.to_owned() });
     }
     if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
-        return Err(format!("fd name {name:?} must be printable ASCII without spaces or ':'"));
+        return Err(NameError::Characters { name: name.to_owned() });
     }
     Ok(())
 }
 
-/// Sends `msg` with `fds` attached.
-pub fn send(chan: BorrowedFd<'_>, msg: &Message, fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> Result<()> {
-    wire::send(chan, &msg.encode(), fds, deadline)
+/// Sends `msg` (a message of any of the protocols) with `fds` attached.
+pub fn send<M: Serialize>(
+    chan: BorrowedFd<'_>,
+    msg: &M,
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> Result<()> {
+    wire::send(chan, &serde_json::to_vec(msg).expect("a message always serialises"), fds, deadline)
 }
 
-/// Receives one message and its fds; `Ok(None)` at the end of the channel.
-pub fn recv(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<Option<(Message, Vec<OwnedFd>)>> {
+/// Receives one message (of the protocol `M`) and its fds; `Ok(None)` at
+/// the end of the channel.
+pub fn recv<M: DeserializeOwned>(chan: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<Option<(M, Vec<OwnedFd>)>> {
     match wire::recv(chan, deadline)? {
         None => Ok(None),
-        Some(r) => Ok(Some((Message::decode(&r.bytes)?, r.fds))),
+        Some(r) => Ok(Some((decode(&r.bytes)?, r.fds))),
     }
 }
 
 /// Like [`recv`] but returns `Ok(None)` at once when no message is queued,
 /// and `Ok(Some(None))` at the end of the channel.
 #[allow(clippy::type_complexity)]
-pub fn try_recv(chan: BorrowedFd<'_>) -> Result<Option<Option<(Message, Vec<OwnedFd>)>>> {
+pub fn try_recv<M: DeserializeOwned>(chan: BorrowedFd<'_>) -> Result<Option<Option<(M, Vec<OwnedFd>)>>> {
     match wire::try_recv(chan)? {
         None => Ok(None),
         Some(None) => Ok(Some(None)),
-        Some(Some(r)) => Ok(Some(Some((Message::decode(&r.bytes)?, r.fds)))),
+        Some(Some(r)) => Ok(Some(Some((decode(&r.bytes)?, r.fds)))),
     }
 }
 
@@ -288,10 +300,7 @@ pub(crate) fn chunk(encoded: &[String], overhead: usize) -> Result<Vec<std::ops:
     for (i, e) in encoded.iter().enumerate() {
         let add = e.len() + 1; // the comma
         if add > budget {
-            return Err(Error::protocol(format!(
-                "one entry encodes to {} bytes, more than fits in a {MAX_MESSAGE} byte message",
-                e.len()
-            )));
+            return Err(ProtocolError::EntryTooLarge { len: e.len() }.into());
         }
         if i - start == MAX_FDS || size + add > budget {
             out.push(start..i);
@@ -308,6 +317,12 @@ pub(crate) fn chunk(encoded: &[String], overhead: usize) -> Result<Vec<std::ops:
 
 /// Builds `{"type":"<ty>","seq":N,"entries":[...]}` (or without `seq`) from
 /// pre-encoded elements.
+///
+/// By hand, not with serde, on purpose: the elements are JSON already,
+/// encoded once so that [`chunk`] could measure them against the message
+/// size, and serde cannot splice pre-encoded JSON into its output without
+/// parsing it again (`RawValue::from_string` validates). The tests pin the
+/// bytes.
 pub(crate) fn wrap(ty: &str, seq: Option<usize>, elems: &[String]) -> Vec<u8> {
     wrap_with(ty, seq, "entries", elems)
 }
@@ -357,15 +372,7 @@ mod tests {
             Message::End { fds: 3 },
             Message::Ack,
             Message::Nack { reason: "bad fd".into() },
-            Message::Opened { entry },
-            Message::Closed { name: "c1".into() },
-            Message::Quiesce,
-            Message::State { entries: vec![StateEntry { name: "c1".into(), state: json!(null) }] },
-            Message::Quiesced { count: 1 },
-            Message::Resume,
-            Message::Exit,
-            Message::Ping,
-            Message::Pong,
+            Message::Commit,
         ];
         for m in msgs {
             assert_eq!(Message::decode(&m.encode()).unwrap(), m);
@@ -386,6 +393,64 @@ mod tests {
         assert_eq!(Message::decode(&wrapped).unwrap(), m);
     }
 
+    /// The exact bytes of every message: the wire format old peers speak.
+    #[test]
+    fn message_bytes_are_pinned() {
+        let entry = Entry { name: "c1".into(), kind: Kind::TcpStream, state: json!({"next": 7}) };
+        let cases = [
+            (Message::Hello { version: 1, pid: 42 }, r#"{"type":"hello","version":1,"pid":42}"#),
+            (Message::Refuse { reason: "no".into() }, r#"{"type":"refuse","reason":"no"}"#),
+            (
+                Message::Offer { version: 1, fds: 3, batches: 1, recovered: true, app: json!({"g": 2}) },
+                r#"{"type":"offer","version":1,"fds":3,"batches":1,"recovered":true,"app":{"g":2}}"#,
+            ),
+            (
+                Message::Batch { seq: 0, entries: vec![entry.clone()] },
+                r#"{"type":"batch","seq":0,"entries":[{"name":"c1","kind":"tcp-stream","state":{"next":7}}]}"#,
+            ),
+            (Message::End { fds: 3 }, r#"{"type":"end","fds":3}"#),
+            (Message::Ack, r#"{"type":"ack"}"#),
+            (Message::Nack { reason: "bad fd".into() }, r#"{"type":"nack","reason":"bad fd"}"#),
+            (Message::Commit, r#"{"type":"commit"}"#),
+        ];
+        for (m, want) in cases {
+            assert_eq!(String::from_utf8(m.encode()).unwrap(), want);
+        }
+    }
+
+    /// The exact bytes of the hand-built messages: old peers parse them, so
+    /// any change of encoder must write the same bytes.
+    #[test]
+    fn hand_built_bytes_are_pinned() {
+        let state = serde_json::value::to_raw_value(&json!({"next": 7, "peer": "127.0.0.1:5"})).unwrap();
+        let cases = [
+            (
+                encode_entry("c1", Some(Kind::TcpStream), Some(&state)),
+                r#"{"name":"c1","kind":"tcp-stream","state":{"next":7,"peer":"127.0.0.1:5"}}"#,
+            ),
+            (encode_entry("l0", Some(Kind::TcpListener), None), r#"{"name":"l0","kind":"tcp-listener"}"#),
+            (encode_entry("c2", None, Some(&state)), r#"{"name":"c2","state":{"next":7,"peer":"127.0.0.1:5"}}"#),
+            (encode_entry("q\"\\é\n", None, None), r#"{"name":"q\"\\é\n"}"#),
+        ];
+        for (got, want) in &cases {
+            assert_eq!(got, want);
+        }
+        let elems: Vec<String> = cases.iter().map(|(e, _)| e.clone()).collect();
+        assert_eq!(
+            String::from_utf8(wrap("batch", Some(3), &elems[..2])).unwrap(),
+            format!(r#"{{"type":"batch","seq":3,"entries":[{},{}]}}"#, cases[0].1, cases[1].1)
+        );
+        assert_eq!(
+            String::from_utf8(wrap("state", None, &elems[2..3])).unwrap(),
+            format!(r#"{{"type":"state","entries":[{}]}}"#, cases[2].1)
+        );
+        assert_eq!(String::from_utf8(wrap_field("wake", "names", &[])).unwrap(), r#"{"type":"wake","names":[]}"#);
+        assert_eq!(
+            String::from_utf8(wrap_field("release", "names", &[r#""c1""#.into(), r#""c2""#.into()])).unwrap(),
+            r#"{"type":"release","names":["c1","c2"]}"#
+        );
+    }
+
     #[test]
     fn malformed_and_unknown_are_named() {
         for (input, want) in [
@@ -401,11 +466,15 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert!(check_name("c1z").is_ok());
-        assert!(check_name("").is_err());
-        assert!(check_name("a:b").is_err());
-        assert!(check_name("a b").is_err());
-        assert!(check_name(&"x".repeat(256)).is_err());
+        assert_eq!(check_name("c1z"), Ok(()));
+        assert!(matches!(check_name(""), Err(NameError::Length { .. })));
+        assert!(matches!(check_name("a:b"), Err(NameError::Characters { .. })));
+        assert!(matches!(check_name("a b"), Err(NameError::Characters { .. })));
+        assert!(matches!(check_name(&"x".repeat(256)), Err(NameError::Length { .. })));
+        assert_eq!(
+            check_name("a b").unwrap_err().to_string(),
+            "fd name \"a b\" must be printable ASCII without spaces or ':'"
+        );
     }
 
     #[test]
@@ -418,6 +487,9 @@ mod tests {
         assert!(c.iter().all(|r| r.len() <= 3), "{c:?}");
         assert_eq!(c.iter().map(|r| r.len()).sum::<usize>(), 10);
         let huge = vec![format!("\"{}\"", "x".repeat(MAX_MESSAGE))];
-        assert!(chunk(&huge, WRAP_OVERHEAD).is_err());
+        assert!(matches!(
+            chunk(&huge, WRAP_OVERHEAD),
+            Err(crate::Error::Protocol(ProtocolError::EntryTooLarge { len })) if len == MAX_MESSAGE + 2
+        ));
     }
 }

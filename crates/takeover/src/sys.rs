@@ -155,17 +155,23 @@ pub fn pass_fd(cmd: &mut Command, fd: OwnedFd, target: RawFd) {
 }
 
 /// Takes the fd whose number is in the environment variable `var` (a
-/// convention like systemd's `LISTEN_FDS`), removes the variable so children
-/// do not see it, checks that the fd is open and marks it close-on-exec.
+/// convention like systemd's `LISTEN_FDS`), checks that the fd is open and
+/// marks it close-on-exec.
 ///
 /// Returns `Ok(None)` when the variable is not set. Each fd number can be
 /// taken once per process; a second attempt is an error rather than a second
 /// owner of the same fd.
+///
+/// The variable stays set: changing the environment is unsound while other
+/// threads may read it (`std::env::remove_var` is `unsafe` in edition 2024),
+/// and a library cannot know that no other thread runs. The fd itself is
+/// close-on-exec, so a child never inherits it; a process that starts
+/// children removes the variable from theirs (`Command::env_remove`), as
+/// takeoverd does for the variables it reads.
 pub fn take_env_fd(var: &str) -> io::Result<Option<OwnedFd>> {
     let Some(value) = std::env::var_os(var) else {
         return Ok(None);
     };
-    std::env::remove_var(var);
     let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, format!("${var}={value:?}: {why}"));
     let raw: RawFd = value.to_str().and_then(|v| v.parse().ok()).ok_or_else(|| invalid("not an fd number".into()))?;
     take_raw_inherited(raw).map(Some).map_err(|e| invalid(e.to_string()))

@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, ControlMessage, MsgFlags};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ProtocolError, Result};
 use crate::sys;
 
 /// The largest message, in bytes, either side sends or accepts.
@@ -59,10 +59,10 @@ fn wait(fd: BorrowedFd<'_>, events: PollFlags, deadline: Option<Instant>, what: 
 /// Sends one message, waiting for room until `deadline`.
 pub fn send(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> Result<()> {
     if bytes.len() > MAX_MESSAGE {
-        return Err(Error::protocol(format!("refusing to send a {} byte message (limit {MAX_MESSAGE})", bytes.len())));
+        return Err(ProtocolError::SendTooLarge { len: bytes.len() }.into());
     }
     if fds.len() > MAX_FDS {
-        return Err(Error::protocol(format!("refusing to send {} fds in one message (limit {MAX_FDS})", fds.len())));
+        return Err(ProtocolError::SendTooManyFds { count: fds.len() }.into());
     }
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
@@ -77,12 +77,7 @@ pub fn send(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>], deadline
             None,
         ) {
             Ok(n) if n == bytes.len() => return Ok(()),
-            Ok(n) => {
-                return Err(Error::protocol(format!(
-                    "short send of a seqpacket message ({n} of {} bytes)",
-                    bytes.len()
-                )))
-            }
+            Ok(n) => return Err(ProtocolError::ShortSend { sent: n, len: bytes.len() }.into()),
             Err(Errno::EAGAIN) => {
                 wait(chan, PollFlags::POLLOUT, deadline, "waiting for room to send on the takeover channel")?
             }
@@ -130,10 +125,10 @@ fn try_recv_into(chan: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Option<Option<R
         return Err(Error::Truncated { arrived: r.fds.len() });
     }
     if r.foreign_cmsg {
-        return Err(Error::protocol("control message other than SCM_RIGHTS"));
+        return Err(ProtocolError::ForeignControlMessage.into());
     }
     if r.truncated || r.len > MAX_MESSAGE {
-        return Err(Error::protocol(format!("message larger than {MAX_MESSAGE} bytes")));
+        return Err(ProtocolError::TooLarge.into());
     }
     if r.len == 0 && r.fds.is_empty() {
         return Ok(Some(None));

@@ -5,7 +5,7 @@
 //! `$TAKEOVERD_FD`. [`Supervisor::from_env`] takes it and says `hello`.
 //! Register [`Supervisor::as_fd`] for readability in your event loop (epoll,
 //! mio, tokio's `AsyncFd`, a `poll` loop) and on every wakeup call
-//! [`Supervisor::next`] until it returns `Ok(None)`. It answers takeoverd's
+//! [`Supervisor::next_event`] until it returns `Ok(None)`. It answers takeoverd's
 //! pings itself; every other message becomes an [`Event`] that says what to
 //! do and which method answers it:
 //!
@@ -187,9 +187,10 @@ impl Supervisor {
                 ToWorker::Assign { entries } => {
                     // try_recv_from_supervisor decodes every assign with its
                     // fds; one without any is a protocol violation.
-                    let reason = format!("assign of {} connections without their fds", entries.len());
-                    let _ = self.send(&FromWorker::Nack { reason: reason.clone() });
-                    return Err(crate::Error::protocol(reason));
+                    let e =
+                        crate::Error::Protocol(crate::ProtocolError::AssignFds { listed: entries.len(), carried: 0 });
+                    let _ = self.send(&FromWorker::Nack { reason: e.to_string() });
+                    return Err(e);
                 }
                 ToWorker::Release { names } => Event::Release(names),
                 ToWorker::Sync { .. } => Event::Sync,

@@ -23,7 +23,8 @@ fn truncated_control_data_is_an_error_and_leaks_nothing() {
     setrlimit(Resource::RLIMIT_NOFILE, (before + 5) as u64, hard).unwrap();
     let r = wire::recv(taker.as_fd(), Some(Instant::now() + Duration::from_secs(2)));
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
-    let err = r.unwrap_err().to_string();
-    assert!(err.contains("MSG_CTRUNC"), "{err}");
+    let err = r.unwrap_err();
+    assert!(matches!(err, takeover::Error::Truncated { .. }), "{err}");
+    assert!(err.to_string().contains("MSG_CTRUNC"), "{err}");
     assert_eq!(open(), before, "fds received with truncated control data were not closed");
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use serde_json::json;
-use takeover::{wire, Entry, Kind, Limits, Message};
+use takeover::{channel, control, wire, Entry, Kind, Limits, Message};
 
 fn valid_messages() -> Vec<Vec<u8>> {
     let entry = Entry { name: "c1z".into(), kind: Kind::TcpStream, state: json!({"next": 7, "peer": "127.0.0.1:5"}) };
@@ -22,8 +22,10 @@ fn valid_messages() -> Vec<Vec<u8>> {
         .encode(),
         Message::End { fds: 2 }.encode(),
         Message::Nack { reason: "no".into() }.encode(),
-        Message::Opened { entry }.encode(),
-        Message::State { entries: vec![] }.encode(),
+        control::FromWorker::Opened { entry }.encode(),
+        control::FromWorker::State { entries: vec![] }.encode(),
+        control::ToWorker::Quiesce.encode(),
+        channel::FromWorker::Ready { count: 2 }.encode(),
     ]
 }
 
@@ -48,6 +50,21 @@ fn mutated() -> impl Strategy<Value = Vec<u8>> {
             m
         },
     )
+}
+
+/// What every decoder (the takeover protocol and both directions of both
+/// supervisor channel versions) says of `bytes`: the errors.
+fn decode_errors(bytes: &[u8]) -> Vec<takeover::Error> {
+    [
+        Message::decode(bytes).err(),
+        control::ToWorker::decode(bytes).err(),
+        control::FromWorker::decode(bytes).err(),
+        channel::ToWorker::decode(bytes).err(),
+        channel::FromWorker::decode(bytes).err(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Pipes whose read ends tell whether every copy of the write end is closed.
@@ -79,14 +96,14 @@ proptest! {
 
     #[test]
     fn decoding_random_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        if let Err(e) = Message::decode(&bytes) {
+        for e in decode_errors(&bytes) {
             prop_assert!(e.to_string().len() > 10);
         }
     }
 
     #[test]
     fn decoding_mutated_messages_never_panics(bytes in mutated()) {
-        if let Err(e) = Message::decode(&bytes) {
+        for e in decode_errors(&bytes) {
             prop_assert!(e.to_string().contains("malformed message"), "{}", e);
         }
     }

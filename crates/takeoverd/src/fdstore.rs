@@ -207,15 +207,18 @@ pub struct Inherited {
 }
 
 /// Takes every fd systemd passed (socket units and the fd store alike),
-/// removes the `LISTEN_*` variables, and drops duplicates of the same open
-/// socket (a socket unit's listener we also stored comes back twice).
+/// and drops duplicates of the same open socket (a socket unit's listener
+/// we also stored comes back twice).
+///
+/// The `LISTEN_*` variables stay in our environment (removing them is
+/// unsound whenever another thread may read the environment, and takeoverd
+/// runs threads: the stderr forwarders, the reaper); workers are started without them (`PRIVATE_ENV` in worker.rs), and
+/// the fds themselves are close-on-exec, taken once
+/// (`takeover::take_raw_inherited`).
 pub fn inherited() -> anyhow::Result<Vec<Inherited>> {
     let pid_ok = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
     let count: usize = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()).unwrap_or(0);
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        std::env::remove_var(v);
-    }
     if !pid_ok || count == 0 {
         return Ok(Vec::new());
     }

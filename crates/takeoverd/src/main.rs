@@ -143,7 +143,7 @@ fn main() -> ExitCode {
         return match result {
             Ok(code) => ExitCode::from(code as u8),
             Err(e) => {
-                eprintln!("takeoverd ctl: {e:#}");
+                eprintln!("takeoverd ctl: {}", takeover::log::report(&*e));
                 ExitCode::from(1)
             }
         };
@@ -152,7 +152,7 @@ fn main() -> ExitCode {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", takeover::log::report(&*e));
             1
         }
     };

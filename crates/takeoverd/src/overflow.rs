@@ -237,7 +237,7 @@ impl Overflow {
                             self.pairs.push(p);
                         }
                         Err(e) => {
-                            self.give_up(chunk.len(), &format!("{e:#}"));
+                            self.give_up(chunk.len(), &takeover::log::report(&*e));
                             continue 'chunks;
                         }
                     },

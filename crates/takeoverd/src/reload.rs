@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use mio::Token;
 use sd_notify::NotifyState;
 use takeover::channel::{FromWorker, ToWorker};
+use takeover::control as v1;
 use takeover::{Item, Kind, Message, RawState};
 
 use crate::control_server::answer_reload;
@@ -65,7 +66,7 @@ impl Supervisor {
         let proc = match WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user, successor) {
             Ok(p) => p,
             Err(e) => {
-                let error = format!("{e:#}");
+                let error = takeover::log::report(&*e);
                 tracing::error!("{error}");
                 self.handoff_failed_to_start(why, at, t0, error, waiters);
                 return;
@@ -246,17 +247,17 @@ impl Supervisor {
     /// A version-1 old worker reports its states after `quiesce`: they all
     /// go to the new worker, which serves every connection once (a version-1
     /// worker cannot say which have work left).
-    pub(crate) fn on_handoff_v1_quiesce(&mut self, token: Token, msg: Message) -> Result<(), String> {
+    pub(crate) fn on_handoff_v1_quiesce(&mut self, token: Token, msg: v1::FromWorker) -> Result<(), String> {
         let Workers::Handoff(h) = &mut self.workers else { return Err("state outside a handoff".into()) };
         if h.step != Step::Stopping || h.old.as_ref().is_none_or(|o| o.token != token) {
             return Err(format!("unexpected {} from a worker", msg.name()));
         }
         match msg {
-            Message::State { entries } => {
+            v1::FromWorker::State { entries } => {
                 h.new.send(&ToWorker::State { entries: entries.clone() });
                 self.update_states(entries);
             }
-            Message::Quiesced { .. } => {
+            v1::FromWorker::Quiesced { .. } => {
                 let all: Vec<(String, Option<RawState>)> = self.conns.keys().map(|n| (n.clone(), None)).collect();
                 let wakes = takeover::channel::encode_lists("wake", &all).map_err(|e| e.to_string())?;
                 let Workers::Handoff(h) = &mut self.workers else { return Ok(()) };
@@ -526,12 +527,13 @@ impl Supervisor {
     /// keeps every state it reports.
     pub(crate) fn stop_blocking(&mut self, w: &mut Worker, deadline: Instant) -> Result<(), String> {
         if w.proto == Proto::V1 {
-            takeover::manifest::send(w.chan(), &Message::Quiesce, &[], Some(deadline)).map_err(|e| e.to_string())?;
+            takeover::manifest::send(w.chan(), &v1::ToWorker::Quiesce, &[], Some(deadline))
+                .map_err(|e| e.to_string())?;
             let mut opened = Vec::new();
             let mut closed = Vec::new();
             let states = takeover::control::collect_quiesced(w.chan(), Some(deadline), |m, fds| match m {
-                Message::Opened { entry } => opened.push((entry, fds)),
-                Message::Closed { name } => closed.push(name),
+                v1::FromWorker::Opened { entry } => opened.push((entry, fds)),
+                v1::FromWorker::Closed { name } => closed.push(name),
                 _ => {}
             })
             .map_err(|e| e.to_string())?;

@@ -1,7 +1,7 @@
 //! takeoverd's event loop: it owns every listener and connection (it accepts
 //! them itself, so no connection ever lives only in a worker), keeps them in
 //! the fd store, assigns them to the serving worker, and drives
-//! [`Workers`](crate::workers::Workers), the state machine of who serves.
+//! [`Workers`], the state machine of who serves.
 //! The handoff between workers is in `reload.rs`, what takeoverd starts
 //! with in `restore.rs`, the control socket in `control_server.rs`.
 
@@ -396,7 +396,8 @@ impl Supervisor {
             return;
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            let mut src = SourceFd(&l.fd.as_raw_fd());
+            let raw = l.fd.as_raw_fd();
+            let mut src = SourceFd(&raw);
             let r = if want {
                 self.poll.registry().register(&mut src, Token(LISTENER_BASE + i), Interest::READABLE)
             } else {

@@ -5,7 +5,7 @@
 //! (the worker's lines carry their own `seqnum-worker[pid]: ` tag, and the
 //! sd-daemon `<N>` priority under the journal) and keeps the first lines,
 //! so that a worker that fails before its hello can be reported with what
-//! it said ([`WorkerProc::early_stderr`]). The thread ends when the pipe
+//! it said ([`WorkerProc::finish_with_stderr`]). The thread ends when the pipe
 //! does: when the worker and every child it left behind have closed it.
 //!
 //! Under the journal, the worker is told that its stderr *is* the journal
@@ -14,7 +14,7 @@
 //! takeoverd's own journal stream verbatim, priorities included. A worker
 //! that would switch to journald's native protocol on seeing
 //! `JOURNAL_STREAM` still logs to the journal, but its lines then bypass
-//! takeoverd (and [`WorkerProc::early_stderr`]).
+//! takeoverd (and [`WorkerProc::finish_with_stderr`]).
 //!
 //! If takeoverd dies, the pipe has no reader: the worker's next log line
 //! fails with `EPIPE` (Rust ignores `SIGPIPE`; a worker in another language

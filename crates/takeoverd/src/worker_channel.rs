@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use takeover::channel::{FromWorker, ToWorker};
-use takeover::Message;
+use takeover::control as v1;
 
 use crate::supervisor::{Supervisor, BACKOFF_MAX, BACKOFF_STEP, HEALTHY_AFTER, WORKER_BASE};
 use crate::workers::{HeldConn, Proto, Worker, Workers};
@@ -163,9 +163,9 @@ impl Supervisor {
     /// A message from a version-1 worker: `opened`, `closed`, `pong`, and
     /// what it says when it is quiesced.
     fn on_v1_message(&mut self, token: Token, received: takeover::wire::Received) -> Result<(), String> {
-        let msg = Message::decode(&received.bytes).map_err(|e| e.to_string())?;
+        let msg = v1::FromWorker::decode(&received.bytes).map_err(|e| e.to_string())?;
         match msg {
-            Message::Opened { entry } => {
+            v1::FromWorker::Opened { entry } => {
                 let name = self.v1_opened(entry, received.fds)?;
                 // A staged successor gets it too.
                 if let Workers::Handoff(h) = &mut self.workers {
@@ -174,10 +174,11 @@ impl Supervisor {
                     }
                 }
             }
-            Message::Closed { name } => self.conn_closed(&name),
-            Message::Pong => self.ping.1 = false,
-            Message::State { .. } | Message::Quiesced { .. } => return self.on_handoff_v1_quiesce(token, msg),
-            other => return Err(format!("unexpected {} from a worker", other.name())),
+            v1::FromWorker::Closed { name } => self.conn_closed(&name),
+            v1::FromWorker::Pong => self.ping.1 = false,
+            v1::FromWorker::State { .. } | v1::FromWorker::Quiesced { .. } => {
+                return self.on_handoff_v1_quiesce(token, msg)
+            }
         }
         Ok(())
     }
@@ -189,7 +190,7 @@ impl Supervisor {
             return Err(format!("'opened' of a {}", entry.kind));
         }
         takeover::validate(fd.as_fd(), takeover::Kind::TcpStream).map_err(|p| format!("bad fd: {p}"))?;
-        takeover::check_name(&entry.name)?;
+        takeover::check_name(&entry.name).map_err(|e| e.to_string())?;
         self.store.store(&entry.name, fd.as_fd(), false);
         let state = Some(&entry.state).filter(|s| !s.is_null()).and_then(|s| serde_json::value::to_raw_value(s).ok());
         self.conns.insert(entry.name.clone(), HeldConn { fd, state });

@@ -114,7 +114,7 @@ impl Worker {
     /// same bytes in both versions: [`send`](Self::send) them.)
     pub fn send_stop(&mut self) {
         match self.proto {
-            Proto::V1 => self.send_raw(vec![takeover::Message::Quiesce.encode()]),
+            Proto::V1 => self.send_raw(vec![takeover::control::ToWorker::Quiesce.encode()]),
             _ => self.send(&ToWorker::Stop),
         }
     }

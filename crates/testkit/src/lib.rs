@@ -2,8 +2,8 @@
 //! package) and seqnum-bench: where the binaries are and a temp dir per test
 //! ([`bins`]), what `/proc` says about a process ([`procfs`]), the one
 //! polling wait ([`wait`]), seqnum-client runs read into its typed
-//! [`Summary`](seqnum::client::Summary) ([`client`]), takeoverd run directly
-//! and its typed [`Status`](takeoverd::status::Status) ([`daemon`]), and a
+//! [`Summary`] ([`client`](mod@client)), takeoverd run directly
+//! and its typed [`Status`] ([`daemon`]), and a
 //! private `systemd --user` manager ([`systemd`]), and the visible
 //! `SKIP:` of a test that cannot run here ([`skip`](mod@skip)).
 //!

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", takeover::log::report(&e));
             ExitCode::from(1)
         }
     }

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
     match seqnum::worker::run(args) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", takeover::log::report(&e));
             ExitCode::from(1)
         }
     }

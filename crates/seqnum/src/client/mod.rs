@@ -17,8 +17,9 @@
 
 use std::io::IsTerminal;
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::{fmt, io};
 
-use anyhow::Context;
 use mio::Poll;
 use tracing::{debug, warn};
 
@@ -54,16 +55,16 @@ pub fn init_logging() {
 /// is replaced after K echoes, so give `--duration`). Protocol and connection errors are
 /// counted in the summary; `Err` means the run could not be carried out
 /// (the poller or the `--timeline` file could not be set up).
-pub fn run(args: &Args) -> anyhow::Result<Summary> {
+pub fn run(args: &Args) -> Result<Summary, Error> {
     let target = args.target();
     check_source_addresses(args);
     check_fd_limit(args.connections);
 
-    let mut poll = Poll::new().context("creating the mio poller")?;
-    let registry = poll.registry().try_clone().context("cloning the mio registry")?;
+    let mut poll = Poll::new().map_err(Error::Poller)?;
+    let registry = poll.registry().try_clone().map_err(Error::Registry)?;
     let timeline = match &args.timeline {
         Some(path) => {
-            Some(monitor::Timeline::create(path).with_context(|| format!("creating the timeline {}", path.display()))?)
+            Some(monitor::Timeline::create(path).map_err(|source| Error::Timeline { path: path.clone(), source })?)
         }
         None => None,
     };
@@ -83,10 +84,49 @@ pub fn run(args: &Args) -> anyhow::Result<Summary> {
         tracing::info!("no --count or --duration: running until killed, without a final summary");
     }
     let show_progress = std::io::stderr().is_terminal();
-    let outcome = driver::Driver::new(cfg, registry, timeline, show_progress).run(&mut poll).context("polling")?;
+    let outcome = driver::Driver::new(cfg, registry, timeline, show_progress).run(&mut poll).map_err(Error::Polling)?;
     let mut summary = Summary::new(u64::from(args.connections), &outcome.counters, &outcome.latency, outcome.elapsed);
     summary.churn_messages = args.churn_messages;
     Ok(summary)
+}
+
+/// Why a run could not be carried out. The text names what failed; the
+/// OS error is the [`source`](std::error::Error::source).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// Creating the mio poller failed.
+    Poller(io::Error),
+    /// Cloning the poller's registry failed.
+    Registry(io::Error),
+    /// The `--timeline` file could not be created.
+    Timeline {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Waiting for events failed.
+    Polling(io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Poller(_) => f.write_str("creating the mio poller"),
+            Error::Registry(_) => f.write_str("cloning the mio registry"),
+            Error::Timeline { path, .. } => write!(f, "creating the timeline {}", path.display()),
+            Error::Polling(_) => f.write_str("polling"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Poller(e) | Error::Registry(e) | Error::Polling(e) | Error::Timeline { source: e, .. } => Some(e),
+        }
+    }
 }
 
 /// `--source-addresses` applies to an IPv4 loopback target only.

@@ -14,7 +14,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::json;
 use serde_json::value::to_raw_value;
 use slab::Slab;
-use takeover::{Endpoint, Entry, Item, Kind, Message, RawState};
+use takeover::control as v1;
+use takeover::{Endpoint, Entry, Item, Kind, RawState};
 
 use super::supervised::Control;
 use crate::echo::{conn_name, EchoConn, End};
@@ -417,7 +418,7 @@ impl Worker {
             Some(Control::V2(sup)) => sup.closed(&name),
             Some(Control::V1(chan)) => {
                 let deadline = Some(Instant::now() + self.ack_timeout);
-                takeover::manifest::send(chan.as_fd(), &Message::Closed { name }, &[], deadline)
+                takeover::manifest::send(chan.as_fd(), &v1::FromWorker::Closed { name }, &[], deadline)
             }
         };
         if let Err(e) = told {
@@ -464,7 +465,7 @@ impl Worker {
             // listener: takeoverd accepts.
             let entry = Entry { name: conn_name(conn.cookie), kind: Kind::TcpStream, state: json!({"peer": peer}) };
             let deadline = Some(Instant::now() + self.ack_timeout);
-            takeover::manifest::send(chan.as_fd(), &Message::Opened { entry }, &[conn.stream.as_fd()], deadline)
+            takeover::manifest::send(chan.as_fd(), &v1::FromWorker::Opened { entry }, &[conn.stream.as_fd()], deadline)
                 .map_err(io::Error::other)?;
         }
         self.add_conn(conn)?;

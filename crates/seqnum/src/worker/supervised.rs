@@ -9,8 +9,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use serde_json::value::to_raw_value;
+use takeover::control as v1;
 use takeover::worker::{Assigned, Event, Supervisor};
-use takeover::{Message, RawState};
+use takeover::RawState;
 
 use super::event_loop::{Flow, Worker};
 use crate::echo::{conn_name, cookie_of_name, ConnState, EchoConn};
@@ -233,10 +234,10 @@ impl Worker {
         }
     }
 
-    fn on_v1(&mut self, msg: Message) -> Flow {
+    fn on_v1(&mut self, msg: v1::ToWorker) -> Flow {
         let Some(Control::V1(chan)) = &self.control else { return Flow::Continue };
         match msg {
-            Message::Quiesce => {
+            v1::ToWorker::Quiesce => {
                 self.serving = false;
                 let states: Vec<(String, RawState)> = self
                     .conns
@@ -252,22 +253,21 @@ impl Worker {
                     tracing::info!(connections = states.len(), "quiesced for a handoff");
                 }
             }
-            Message::Resume => {
+            v1::ToWorker::Resume => {
                 tracing::info!("handoff abandoned by takeoverd; serving again");
                 self.serving = true;
                 self.poke_all();
             }
-            Message::Ping => {
+            v1::ToWorker::Ping => {
                 let deadline = Some(Instant::now() + self.ack_timeout);
-                if let Err(e) = takeover::manifest::send(chan.as_fd(), &Message::Pong, &[], deadline) {
+                if let Err(e) = takeover::manifest::send(chan.as_fd(), &v1::FromWorker::Pong, &[], deadline) {
                     tracing::warn!("answering takeoverd's ping: {e}");
                 }
             }
-            Message::Exit => {
+            v1::ToWorker::Exit => {
                 tracing::info!(connections = self.conns.len(), "handed over; exiting");
                 return Flow::Exit(0);
             }
-            other => tracing::warn!("ignoring unexpected {} from takeoverd", other.name()),
         }
         Flow::Continue
     }
