@@ -439,3 +439,40 @@ fn upgrades_under_systemd_keep_main_pid_and_the_fd_store() {
     let v = load.finish("100 clients through 3 upgrades and a SIGKILL of the upgraded takeoverd");
     assert_eq!(v.connections, 100);
 }
+
+/// units/seqnum-newer-systemd.conf as a drop-in. Where a setting applies
+/// (Type=notify-reload on 253+, FileDescriptorStorePreserve= on 254+) it
+/// must be in force; where it does not (this machine's 252) the unit must
+/// run exactly as without it. Either way a reload under load drops nothing.
+#[test]
+fn the_newer_systemd_drop_in_applies_where_it_can_and_is_harmless_elsewhere() {
+    let Some(mut m) = UserManager::start("newer-systemd") else { return };
+    let port = free_port();
+    m.install_seqnum(port, &[]);
+    let dir = m.config_dir.join("systemd/user/seqnum.service.d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let drop_in = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("units/seqnum-newer-systemd.conf");
+    std::fs::copy(&drop_in, dir.join("newer-systemd.conf")).unwrap();
+    m.systemctl_ok(&["daemon-reload"]);
+    up(&m, port);
+    let version = std::process::Command::new("systemctl")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1)?.parse::<u32>().ok())
+        .expect("systemctl --version names a version");
+    let ty = m.show(SERVICE, "Type");
+    eprintln!("systemd {version}: Type={ty}");
+    assert_eq!(ty, if version >= 253 { "notify-reload" } else { "notify" }, "systemd {version}");
+    if version >= 254 {
+        assert_eq!(m.show(SERVICE, "FileDescriptorStorePreserve"), "yes");
+    }
+    let load =
+        Client::start(port, &["--connections", "50", "--interval-ms", "5", "--duration", "3", "--timeout-ms", "10000"]);
+    wait_connections(&m, 50, Duration::from_secs(10));
+    let worker = worker_pid(&status(&m).unwrap());
+    m.systemctl_ok(&["reload", SERVICE]);
+    let st = status(&m).unwrap();
+    assert_ne!(worker_pid(&st), worker, "the reload did not replace the worker: {st:?}");
+    load.finish("50 clients through a reload with the newer-systemd drop-in");
+}

@@ -50,6 +50,8 @@ pub enum EventKind {
     Restart,
     /// `systemctl kill -s KILL --kill-who=main` (systemd restarts it).
     Kill,
+    /// `takeoverd ctl upgrade` (takeoverd re-executes itself in place).
+    Upgrade,
 }
 
 impl EventKind {
@@ -59,6 +61,7 @@ impl EventKind {
             EventKind::Reload => "reload",
             EventKind::Restart => "restart",
             EventKind::Kill => "kill",
+            EventKind::Upgrade => "upgrade",
         }
     }
 }

@@ -19,6 +19,7 @@ mod stats;
 mod svg;
 mod systemd;
 mod target;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -108,6 +109,8 @@ enum Part {
     Scale,
     /// 6. Connection churn.
     Churn,
+    /// 7. In-place upgrade of takeoverd.
+    Upgrade,
     /// perf profiles.
     Profile,
 }
@@ -249,6 +252,19 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
     }
 
+    // 7. In-place upgrades of takeoverd, then 100 in a row.
+    let upgrade_sizes: &[(u64, f64)] = if cli.quick { &[(100, 400.0)] } else { &[(1_000, 700.0), (10_000, 1500.0)] };
+    let mut upgrade = Vec::new();
+    for &(n, spacing) in upgrade_sizes.iter().filter(|_| cli.wants(Part::Upgrade)) {
+        match upgrade::run(&mut ctx, n, if cli.quick { 2 } else { 10 }, spacing, true, true) {
+            Ok(u) => upgrade.push(u),
+            Err(e) => {
+                failures += 1;
+                ctx.note(format!("the upgrade measurement at {n} connections failed: {e:#}"));
+            }
+        }
+    }
+
     // 6. Connection churn (floor-echo, takeoverd, takeoverd through reloads and kills).
     let churn = cli.wants(Part::Churn).then(|| churn::run(&mut ctx));
     failures += churn.as_ref().map_or(0, |c| c.runs.iter().filter(|r| r.failure.is_some()).count());
@@ -333,6 +349,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         + memory.as_ref().map_or(0, |m| m.errors)
         + churn.as_ref().map_or(0, |c| c.runs.iter().map(|r| r.errors).sum::<u64>())
         + systemd.runs.iter().map(|s| s.errors).sum::<u64>()
+        + upgrade.iter().map(|u| u.errors).sum::<u64>()
         + scale.as_ref().map_or(0, |s| s.steps.iter().filter(|st| st.ok).map(|st| st.errors).sum::<u64>());
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let command = if cli.quick {
@@ -368,6 +385,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         memory,
         scale,
         churn,
+        upgrade,
         profiles,
         profiling,
         targets: Vec::new(),
@@ -413,8 +431,8 @@ fn run_systemd(ctx: &mut Ctx) -> SystemdSection {
     let mut problems = Vec::new();
     // The fd-store settings of the shipped unit (units/seqnum.service).
     let shipped = systemd::ShippedUnit::load();
-    use kinds::EventKind::{Kill, Reload, Restart};
-    let plan = [Reload, Reload, Restart, Restart, Restart, Kill, Kill, Kill];
+    use kinds::EventKind::{Kill, Reload, Restart, Upgrade};
+    let plan = [Reload, Reload, Upgrade, Upgrade, Upgrade, Restart, Restart, Restart, Kill, Kill, Kill];
     for n in [1_000, 10_000] {
         match systemd::run(ctx, &mut mgr, n, &shipped, &plan) {
             Ok(r) => runs.push(r),

@@ -109,6 +109,8 @@ pub struct Results {
     pub scale: Option<ScaleResult>,
     /// 6. Connection churn.
     pub churn: Option<crate::churn::ChurnSection>,
+    /// 7. In-place upgrades of takeoverd.
+    pub upgrade: Vec<crate::upgrade::UpgradeResult>,
     /// Profiles.
     pub profiles: Vec<Profile>,
     /// Profiling status.
@@ -191,6 +193,32 @@ pub fn targets(r: &Results) -> Vec<Target> {
         echo1k.map(|e| e.server_cpu_us_per_echo),
         "takeoverd + worker utime+stime / echoes (pinned run)",
     );
+    for (n, label) in [(1_000, "1 000"), (10_000, "10 000")] {
+        let u = r.upgrade.iter().find(|u| u.connections == n);
+        push(
+            &format!("{label} conns: worst echo latency in an upgrade window, above the same window without"),
+            2.0,
+            "ms",
+            u.and_then(|u| Some(u.during_upgrade.max_ms?.max - u.without_upgrade.max_ms?.max)),
+            "`ctl upgrade`: highest client latency in any upgrade window minus the highest in the same windows of a \
+             run without upgrades, pinned",
+        );
+        let h = u.and_then(|u| u.hundred.as_ref());
+        push(
+            &format!("{label} conns: takeoverd's fds grown over 100 upgrades"),
+            0.0,
+            "fds",
+            h.map(|h| h.fds.1 as f64 - h.fds.0 as f64),
+            "open fds of takeoverd after 100 upgrades in a row minus before, clients connected",
+        );
+        push(
+            &format!("{label} conns: takeoverd's RSS grown over 100 upgrades"),
+            1024.0,
+            "KiB",
+            h.map(|h| h.rss_kib.1 as f64 - h.rss_kib.0 as f64),
+            "VmRSS of takeoverd after 100 upgrades minus before (each upgrade starts a fresh image)",
+        );
+    }
     let mem = r.memory.as_ref().filter(|m| m.connections >= 10_000);
     push(
         "worker RSS per idle connection",
@@ -244,11 +272,12 @@ pub fn console(r: &Results) -> String {
     for sd in &r.systemd.runs {
         let _ = writeln!(
             s,
-            "{:>7} conns: restart pause {} ms, kill pause {} ms, reload pause {} ms, errors {}",
+            "{:>7} conns: restart pause {} ms, kill pause {} ms, reload pause {} ms, upgrade pause {} ms, errors {}",
             sd.connections,
             show(&sd.restart_pause_ms, 1),
             show(&sd.kill_pause_ms, 1),
             show(&sd.reload_pause_ms, 1),
+            show(&sd.upgrade_pause_ms, 1),
             sd.errors
         );
     }

@@ -38,14 +38,25 @@ pub fn ctl_status(bins: &Bins, ctl: &Path) -> anyhow::Result<Status> {
 
 /// `takeoverd ctl --control-socket PATH reload`.
 pub fn ctl_reload(bins: &Bins, ctl: &Path) -> anyhow::Result<ReloadOutcome> {
+    ctl_waiting(bins, ctl, "reload")
+}
+
+/// `takeoverd ctl --control-socket PATH upgrade`.
+pub fn ctl_upgrade(bins: &Bins, ctl: &Path) -> anyhow::Result<ReloadOutcome> {
+    ctl_waiting(bins, ctl, "upgrade")
+}
+
+/// `takeoverd ctl --control-socket PATH COMMAND` for a command that waits
+/// for its outcome (`reload`, `upgrade`).
+fn ctl_waiting(bins: &Bins, ctl: &Path, command: &str) -> anyhow::Result<ReloadOutcome> {
     let out = Command::new(&bins.takeoverd)
         .arg("ctl")
         .arg("--control-socket")
         .arg(ctl)
-        .args(["reload", "--timeout-s", "60"])
+        .args([command, "--timeout-s", "60"])
         .stdin(Stdio::null())
         .output()
-        .context("running takeoverd ctl reload")?;
+        .with_context(|| format!("running takeoverd ctl {command}"))?;
     let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok(ReloadOutcome { ok: out.status.success(), output: output.trim().to_owned() })
 }
@@ -129,6 +140,11 @@ impl Server {
     /// `ctl reload`.
     pub fn reload(&self) -> anyhow::Result<ReloadOutcome> {
         ctl_reload(&self.bins, &self.ctl)
+    }
+
+    /// `ctl upgrade` (takeoverd re-executes itself in place).
+    pub fn upgrade(&self) -> anyhow::Result<ReloadOutcome> {
+        ctl_upgrade(&self.bins, &self.ctl)
     }
 
     /// The serving worker's pid.

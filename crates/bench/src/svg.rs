@@ -13,6 +13,7 @@ fn event_color(kind: EventKind) -> &'static str {
         EventKind::Reload => "#2a9d3a",
         EventKind::Restart => "#8e44ad",
         EventKind::Kill => "#e67e22",
+        EventKind::Upgrade => "#1f77b4",
     }
 }
 

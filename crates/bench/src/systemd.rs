@@ -92,6 +92,8 @@ pub struct SystemdResult {
     pub kill_pause_ms: Option<Spread>,
     /// Same for `systemctl reload`.
     pub reload_pause_ms: Option<Spread>,
+    /// Same for `takeoverd ctl upgrade` (same pid, the worker untouched).
+    pub upgrade_pause_ms: Option<Spread>,
     /// CPU the systemd manager spent per restart/kill event, ms.
     pub manager_cpu_ms: Option<Spread>,
     /// A restarted takeoverd: from "restored from the fd store" to its
@@ -217,15 +219,27 @@ pub fn run(
             EventKind::Reload => &["reload", &unit],
             EventKind::Restart => &["restart", &unit],
             EventKind::Kill => &["kill", "-s", "KILL", "--kill-who=main", &unit],
+            EventKind::Upgrade => &[],
         };
-        let (ok, detail) = match systemctl(mgr, args) {
-            Ok(o) => (true, o),
-            Err(e) => (false, format!("{e:#}")),
+        let (ok, detail) = if kind == EventKind::Upgrade {
+            match server::ctl_upgrade(&ctx.bins, &ctl) {
+                Ok(o) => (o.ok, o.output),
+                Err(e) => (false, format!("{e:#}")),
+            }
+        } else {
+            match systemctl(mgr, args) {
+                Ok(o) => (true, o),
+                Err(e) => (false, format!("{e:#}")),
+            }
         };
         // Back when a (new) main process serves every connection again.
         let back = poll_until("a main process serves every connection again", Duration::from_secs(300), || {
             let main = show(mgr, &unit, "MainPID");
-            let fresh = kind == EventKind::Reload || (main != main_before && main != "0");
+            // A reload and an upgrade keep the main process; the others replace it.
+            let fresh = match kind {
+                EventKind::Reload | EventKind::Upgrade => main == main_before,
+                _ => main != main_before && main != "0",
+            };
             fresh
                 && show(mgr, &unit, "ActiveState") == "active"
                 && server::ctl_status(&ctx.bins, &ctl).is_ok_and(|s| s.connections >= held && s.worker_pid.is_some())
@@ -233,7 +247,7 @@ pub fn run(
         .is_ok();
         let done = ctx.clock.now_ms();
         let cpu1 = procfs::cpu_ticks(mgr.pid());
-        if kind != EventKind::Reload {
+        if matches!(kind, EventKind::Restart | EventKind::Kill) {
             if let (Some(a), Some(b)) = (cpu0, cpu1) {
                 mgr_cpu.push((b - a) as f64 * tick_ms);
             }
@@ -288,6 +302,7 @@ pub fn run(
         restart_pause_ms: pause(EventKind::Restart),
         kill_pause_ms: pause(EventKind::Kill),
         reload_pause_ms: pause(EventKind::Reload),
+        upgrade_pause_ms: pause(EventKind::Upgrade),
         manager_cpu_ms: Spread::of(&mgr_cpu),
         restore_to_ready_ms: restore,
         ready_to_serving_ms: serving,

@@ -197,6 +197,24 @@ pub fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
+/// `MONOTONIC_USEC=` now: sent with `RELOADING=1`, as `Type=notify-reload`
+/// (systemd 253+) asks, so that systemd can tell this reload from an earlier
+/// one; older systemd ignores it.
+pub fn monotonic_usec() -> NotifyState<'static> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as i128 * 1_000_000 + t.tv_nsec() as i128 / 1000)
+        .unwrap_or(0);
+    NotifyState::MonotonicUsec(now)
+}
+
+/// What `EXTEND_TIMEOUT_USEC=` asks for while a reload or an upgrade runs:
+/// room for every deadline of a handoff (each step has `ack_timeout`), so
+/// that systemd's reload job (`TimeoutStartSec=` applies) never times out a
+/// handoff that is still within its own deadlines.
+pub fn extend_usec(ack_timeout: std::time::Duration) -> u32 {
+    (ack_timeout * 4).as_micros().min(u32::MAX as u128) as u32
+}
+
 /// One fd handed to us at start (`LISTEN_FDS`), with its name.
 #[derive(Debug)]
 pub struct Inherited {

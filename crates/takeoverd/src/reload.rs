@@ -59,7 +59,12 @@ impl Supervisor {
         let t0 = Instant::now();
         let at = unix_now();
         if why == Why::Reload {
-            notify(&[NotifyState::Reloading, NotifyState::Status("reloading: starting a new worker")]);
+            notify(&[
+                NotifyState::Reloading,
+                crate::fdstore::monotonic_usec(),
+                NotifyState::ExtendTimeoutUsec(crate::fdstore::extend_usec(self.cfg.ack_timeout)),
+                NotifyState::Status("reloading: starting a new worker"),
+            ]);
         }
         tracing::info!(generation = self.generation + 1, "{}: starting a new worker", why_name(why));
         let successor = matches!(self.workers, Workers::Serving(_));

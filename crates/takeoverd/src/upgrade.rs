@@ -41,7 +41,7 @@ use sd_notify::NotifyState;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::fdstore::{notify, StoreSnapshot};
+use crate::fdstore::{extend_usec, monotonic_usec, notify, StoreSnapshot};
 use crate::supervisor::{Config, HeldListener, Supervisor};
 use crate::workers::{HeldConn, Proto, Worker, Workers};
 use takeoverd::status::{ReloadRecord, UpgradeReply};
@@ -243,7 +243,8 @@ impl Supervisor {
                 None => {
                     notify(&[
                         NotifyState::Reloading,
-                        monotonic_now(),
+                        monotonic_usec(),
+                        NotifyState::ExtendTimeoutUsec(extend_usec(self.cfg.ack_timeout)),
                         NotifyState::Status("upgrading takeoverd in place"),
                     ]);
                     let err = exec(&target, &env);
@@ -346,12 +347,6 @@ fn restore_cloexec(fds: &[BorrowedFd<'_>]) {
     }
 }
 
-fn monotonic_now() -> NotifyState<'static> {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as i128 * 1_000_000 + t.tv_nsec() as i128 / 1000)
-        .unwrap_or(0);
-    NotifyState::MonotonicUsec(now)
-}
 
 /// Our environment, without `LISTEN_*` (they described our first start) and
 /// `drop`, plus `add`.

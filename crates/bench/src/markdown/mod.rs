@@ -14,6 +14,7 @@ mod memory;
 mod method;
 mod scale;
 mod systemd;
+mod upgrade;
 
 /// What the section files use.
 mod prelude {
@@ -36,6 +37,7 @@ pub fn markdown(r: &Results, diagnosis: &str) -> String {
     echo::write(w, r);
     memory::write(w, r);
     scale::write(w, r);
+    upgrade::write(w, r);
     latency_and_profiles(w, r);
     diagnosis_and_notes(w, r, diagnosis);
     s

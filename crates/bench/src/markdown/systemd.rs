@@ -22,16 +22,18 @@ pub(super) fn write(w: &mut String, r: &Results) {
         let _ = writeln!(
             w,
             "Pause = the highest client latency in the event's window, ms, median (min–max) over the events.\n\n\
-             | connections | fds in the store (`NFileDescriptorStore`) | `systemctl reload` pause | `systemctl \
-             restart` pause | `kill -s KILL --kill-who=main` pause | errors |\n|---:|---:|---|---|---|---:|"
+             | connections | fds in the store (`NFileDescriptorStore`) | `systemctl reload` pause | `takeoverd ctl \
+             upgrade` pause | `systemctl restart` pause | `kill -s KILL --kill-who=main` pause | errors \
+             |\n|---:|---:|---|---|---|---|---:|"
         );
         for sd in &r.systemd.runs {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 sd.connections,
                 sd.fdstore_fds,
                 show(&sd.reload_pause_ms, 1),
+                show(&sd.upgrade_pause_ms, 1),
                 show(&sd.restart_pause_ms, 1),
                 show(&sd.kill_pause_ms, 1),
                 bold_if(sd.errors)
