@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use testkit::*;
@@ -98,25 +98,8 @@ fn upgrades_keep_the_pid_the_worker_and_every_connection() {
 fn start_copy(dir: &TempDir, env: &[(&str, String)]) -> (Takeoverd, PathBuf) {
     let exe = dir.path("takeoverd");
     std::fs::copy(bin("takeoverd"), &exe).unwrap();
-    let port = free_port();
-    let sock = dir.path("ctl.sock");
-    let log = dir.path("takeoverd.log");
-    let mut cmd = Command::new(&exe);
-    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--control-socket"])
-        .arg(&sock)
-        .arg("--worker")
-        .arg(bin("seqnum-worker"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let proc = Reaper(cmd.spawn().expect("starting takeoverd"));
-    let pid = proc.0.id();
-    wait_for_port(port, Duration::from_secs(10));
-    wait_for_path(&sock, Duration::from_secs(10));
-    wait_until("the first worker serves", Duration::from_secs(5), || ctl_status(&sock).worker_pid.is_some());
-    (Takeoverd { proc, pid, port, sock, log }, exe)
+    let worker = bin("seqnum-worker");
+    (Takeoverd::start_binary(&exe, dir, &["--worker", worker.to_str().unwrap()], env), exe)
 }
 
 fn write_script(path: &Path, body: &str) {

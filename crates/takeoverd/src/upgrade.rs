@@ -347,7 +347,6 @@ fn restore_cloexec(fds: &[BorrowedFd<'_>]) {
     }
 }
 
-
 /// Our environment, without `LISTEN_*` (they described our first start) and
 /// `drop`, plus `add`.
 fn exec_env(add: &[(&str, String)], drop: &[&str]) -> Vec<CString> {

@@ -62,10 +62,16 @@ impl Takeoverd {
     /// Starts takeoverd with `args` and `env`, and waits until its first
     /// worker serves.
     pub fn start(dir: &TempDir, args: &[&str], env: &[(&str, String)]) -> Takeoverd {
+        Takeoverd::start_binary(&bin("takeoverd"), dir, args, env)
+    }
+
+    /// [`start`](Self::start) with another takeoverd binary than the
+    /// workspace's (a copy the test may break).
+    pub fn start_binary(exe: &Path, dir: &TempDir, args: &[&str], env: &[(&str, String)]) -> Takeoverd {
         let port = free_port();
         let sock = dir.path("ctl.sock");
         let log = dir.path("takeoverd.log");
-        let mut cmd = Command::new(bin("takeoverd"));
+        let mut cmd = Command::new(exe);
         cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--control-socket"])
             .arg(&sock)
             .args(args)
