@@ -25,6 +25,10 @@ level-triggered; every connection is registered edge-triggered as soon as
 it is assigned and stays registered, with the bookkeeping the document asks
 for (events before `ready` are forgotten, events after it are remembered
 while not serving, and connections with work left are named in `wake`).
+
+One file of about 700 lines on purpose: it is an example that a reader
+copies and runs as it is (`--worker PATH`), and that shows a whole worker
+built from the protocol document alone, standard library only.
 """
 
 import array

@@ -6,11 +6,14 @@ mod churn;
 mod client;
 mod diagnosis;
 mod floor;
+mod handoff;
 mod kinds;
+mod machine;
 mod markdown;
 mod phases;
 mod procs;
 mod profile;
+mod profile_runs;
 mod report;
 mod report_floor;
 mod scenarios;
@@ -23,17 +26,14 @@ mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 
-use crate::client::{ClientRun, ClientSpec};
 use crate::kinds::Placement;
 use crate::procs::{Bins, Clock};
-use crate::report::{Machine, Results, SystemdSection};
+use crate::report::{Results, SystemdSection};
 use crate::scenarios::Ctx;
-use crate::server::Server;
 
 /// The documented way to run the full benchmark.
 const COMMAND: &str = "cargo build --release --workspace && cargo run --release -p seqnum-bench";
@@ -158,7 +158,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     };
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
-    let build = fingerprint(&bins);
+    let build = machine::fingerprint(&bins);
     // Run copies: others may rebuild target/release while this runs.
     let bins = {
         let dir = scratch.join("bin");
@@ -169,8 +169,8 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
         Bins::in_dir(&dir)?
     };
-    let fd_limit = fd_limit();
-    let machine = machine(&fd_limit);
+    let fd_limit = machine::fd_limit();
+    let machine = machine::machine(&fd_limit);
     let pin = procs::cpus() >= 2 && procs::have_taskset();
     let (server_cpu, client_cpu) = if pin { (Some(1), Some(0)) } else { (None, None) };
     let placement = if pin {
@@ -224,7 +224,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     };
     let mut handoff = Vec::new();
     for &(n, reloads, spacing, pinned) in sizes.iter().filter(|_| cli.wants(Part::Handoff)) {
-        match scenarios::handoff(&mut ctx, n, reloads, spacing, pinned) {
+        match handoff::run(&mut ctx, n, reloads, spacing, pinned) {
             Ok(h) => handoff.push(h),
             Err(e) => {
                 failures += 1;
@@ -307,7 +307,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     } else if !profile::available(&scratch) {
         (Vec::new(), "Not profiled: `perf record -e cpu-clock` does not work here.".to_owned())
     } else {
-        run_profiles(&mut ctx)
+        profile_runs::run(&mut ctx)
     };
 
     // The plot: the systemd run at 1 000 connections if there is one, else
@@ -359,7 +359,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     } else {
         format!("{COMMAND} -- {}", argv.join(" "))
     };
-    let build_end = fingerprint(&Bins::in_dir(&bin_dir)?);
+    let build_end = machine::fingerprint(&Bins::in_dir(&bin_dir)?);
     if build_end.binaries != build.binaries {
         ctx.note(format!(
             "the binaries in {} were rebuilt while this ran; the run used copies taken at its start (listed under \
@@ -373,7 +373,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         mode: if cli.quick { "quick".into() } else { "full".into() },
         command,
         argv,
-        date_utc: format_time(std::time::SystemTime::now()),
+        date_utc: machine::format_time(std::time::SystemTime::now()),
         machine,
         bin_dir: bin_dir.display().to_string(),
         build,
@@ -447,223 +447,14 @@ fn run_systemd(ctx: &mut Ctx) -> SystemdSection {
     SystemdSection { status, unit: Some(shipped), runs }
 }
 
-/// Profiles an echo run at 1 000 connections and reloads at 10 000.
-fn run_profiles(ctx: &mut Ctx) -> (Vec<profile::Profile>, String) {
-    let mut out = Vec::new();
-    let mut problems = Vec::new();
-    match profile_echo(ctx) {
-        Ok(p) => out.push(p),
-        Err(e) => problems.push(format!("echo profile: {e:#}")),
-    }
-    match profile_reload(ctx) {
-        Ok(p) => out.push(p),
-        Err(e) => problems.push(format!("reload profile: {e:#}")),
-    }
-    let mut text = "Whole-system `perf record` with the software `cpu-clock` event (this VM exposes no hardware \
-                    counters) and DWARF call graphs, in separate runs from the measurements above (so that perf \
-                    does not disturb them). \"Inclusive\" counts a sample for a function when the function is anywhere \
-                    on its stack."
-        .to_owned();
-    if !problems.is_empty() {
-        text.push_str(&format!(" Problems: {}", problems.join("; ")));
-        for p in problems {
-            ctx.note(p);
-        }
-    }
-    (out, text)
-}
-
-fn profile_echo(ctx: &mut Ctx) -> anyhow::Result<profile::Profile> {
-    let n = 1_000;
-    ctx.say("profile: echo, 1 000 connections, pinned");
-    let server = Server::start(&ctx.bins, &ctx.dir, "profile-echo", ctx.server_cpu)?;
-    let spec = ClientSpec {
-        port: server.port,
-        connections: n,
-        interval_ms: 0,
-        duration_s: 9.0,
-        timeout_ms: 5000,
-        ramp_ms: 100,
-        source_addresses: 1,
-        cpu: ctx.client_cpu,
-        churn_messages: None,
-    };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, "profile-echo", &spec)?;
-    server.wait_connections(n, Duration::from_secs(10))?;
-    std::thread::sleep(Duration::from_millis(1000));
-    let worker = server.worker_pid()?;
-    let syscalls = profile::syscall_mix(&ctx.dir, worker, 1.0);
-    let secs = 3.0;
-    let rec = profile::record(&ctx.dir, "echo", secs)?;
-    let t1 = ctx.clock.now_ms();
-    let p = rec.finish(
-        "Echo, 1 000 connections, --interval-ms 0, pinned",
-        "second",
-        secs,
-        profile::ECHO_PROBES,
-        &["seqnum-worker", "takeoverd", "seqnum-client"],
-    )?;
-    let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
-    server.stop();
-    let echoes: u64 = result
-        .timelines
-        .iter()
-        .flatten()
-        .filter(|r| r.t_ms >= t1 && r.t_ms + 100.0 <= t1 + secs * 1e3)
-        .map(|r| r.echoes)
-        .sum();
-    let mut p = p;
-    p.title = format!("{} (≈{:.0} echoes/s while profiled)", p.title, echoes as f64 / (secs - 0.3));
-    match syscalls {
-        Ok(m) => p.syscalls = Some(m),
-        Err(e) => ctx.note(format!("counting the worker's syscalls failed: {e:#}")),
-    }
-    Ok(p)
-}
-
-fn profile_reload(ctx: &mut Ctx) -> anyhow::Result<profile::Profile> {
-    let n = 10_000;
-    let reloads = 3;
-    ctx.say("profile: 3 reloads at 10 000 connections");
-    let server = Server::start(&ctx.bins, &ctx.dir, "profile-reload", ctx.server_cpu)?;
-    let spec = ClientSpec {
-        port: server.port,
-        connections: n,
-        interval_ms: scenarios::interval_for(n),
-        duration_s: 16.0,
-        timeout_ms: 2000,
-        ramp_ms: 1000,
-        source_addresses: 1,
-        cpu: ctx.client_cpu,
-        churn_messages: None,
-    };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, "profile-reload", &spec)?;
-    server.wait_connections(n, Duration::from_secs(15))?;
-    std::thread::sleep(Duration::from_millis(1000));
-    let spacing = 1500.0;
-    let rec = profile::record(&ctx.dir, "reload", reloads as f64 * spacing / 1e3 + 0.2)?;
-    for _ in 0..reloads {
-        let at = ctx.clock.now_ms();
-        let out = server.reload()?;
-        if !out.ok {
-            ctx.note(format!("profiled reload failed: {}", out.output));
-        }
-        procs::sleep_until(&ctx.clock, at + spacing);
-    }
-    let p = rec.finish(
-        "Reload, 10 000 connections (interval 1 000 ms), 3 reloads",
-        "reload",
-        reloads as f64,
-        profile::RELOAD_PROBES,
-        &["takeoverd", "seqnum-worker", "seqnum-client"],
-    )?;
-    let _ = run.finish(&ctx.clock, Duration::from_secs(30));
-    server.stop();
-    Ok(p)
-}
-
 /// The workspace's docs/ directory (this crate is crates/bench).
 fn default_docs() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
     p.canonicalize().unwrap_or(p)
 }
 
-/// The workspace's commit and the binaries' sizes and modification times.
-fn fingerprint(bins: &Bins) -> report::Build {
-    let git = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    };
-    let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    let binaries = bins
-        .all()
-        .iter()
-        .map(|p| {
-            let meta = std::fs::metadata(p).ok();
-            let mtime = meta.as_ref().and_then(|m| m.modified().ok()).map_or("?".into(), format_time);
-            format!(
-                "{} {} bytes, modified {mtime}",
-                p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                meta.map_or(0, |m| m.len())
-            )
-        })
-        .collect();
-    report::Build { commit, dirty, binaries }
-}
-
-/// The open-file limits, and whether the hard one can be raised.
-fn fd_limit() -> String {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return "unknown".into() };
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").unwrap_or_default().trim().to_owned();
-    let raise = match setrlimit(Resource::RLIMIT_NOFILE, hard.max(1 << 20), hard.max(1 << 20)) {
-        // Kept: the servers and clients started from here inherit it.
-        Ok(()) => "raised to 1048576 for this run (CAP_SYS_RESOURCE)".to_owned(),
-        Err(e) => format!(
-            "raising it fails with {e} even as root: CAP_SYS_RESOURCE is not in this machine's capability bounding set"
-        ),
-    };
-    format!("RLIMIT_NOFILE soft {soft}, hard {hard} per process (fs.nr_open {nr_open}); {raise}")
-}
-
-fn machine(fd_limit: &str) -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_owned())
-            .unwrap_or_default()
-    };
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|k| k.parse::<f64>().ok())
-        .map_or("?".into(), |k| format!("{:.1} GiB", k / 1024.0 / 1024.0));
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_owned();
-    let systemd = std::process::Command::new("systemctl")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
-        .unwrap_or_else(|| "not found".into());
-    Machine {
-        cpu_model: field("model name"),
-        cpus: procs::cpus(),
-        virtualised: field("flags").split_whitespace().any(|f| f == "hypervisor"),
-        memory: mem,
-        kernel: read("/proc/sys/kernel/osrelease"),
-        loadavg_at_start: read("/proc/loadavg"),
-        loadavg_at_end: String::new(),
-        systemd,
-        tcp_congestion_control: read("/proc/sys/net/ipv4/tcp_congestion_control"),
-        fd_limit: fd_limit.to_owned(),
-    }
-}
-
-/// `YYYY-MM-DD HH:MM:SS UTC`.
-fn format_time(t: std::time::SystemTime) -> String {
-    takeover::log::utc(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn time() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
-        assert_eq!(super::format_time(t), "2026-11-18 11:06:40 UTC");
-    }
-
     #[test]
     fn cli() {
         use clap::CommandFactory;

@@ -6,9 +6,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::handoff::HandoffResult;
 use crate::kinds::Placement;
 use crate::profile::Profile;
-use crate::scenarios::{EchoResult, HandoffResult, MemoryResult, ScaleResult, WindowSpread};
+use crate::scenarios::{EchoResult, MemoryResult, ScaleResult, WindowSpread};
 use crate::stats::{show, Spread};
 use crate::systemd::SystemdResult;
 

@@ -8,9 +8,10 @@
 use std::fmt::Write as _;
 
 use crate::client::Window;
+use crate::handoff::HandoffResult;
 use crate::kinds::Placement;
 use crate::report::{Results, Target};
-use crate::scenarios::{EchoResult, HandoffResult};
+use crate::scenarios::EchoResult;
 use crate::stats::show;
 
 /// Sizes of the reload-pause target (pinned placement).

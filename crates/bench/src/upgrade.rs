@@ -10,8 +10,9 @@ use serde::Serialize;
 use testkit::procfs;
 
 use crate::client::Summary;
+use crate::handoff::{under_load, LoadPlan, LoadedRun};
 use crate::kinds::{EventKind, Placement};
-use crate::scenarios::{spread_windows, under_load, Ctx, Event, LoadPlan, LoadedRun, WindowSpread};
+use crate::scenarios::{spread_windows, Ctx, Event, WindowSpread};
 use crate::stats::Spread;
 
 /// Upgrades at one size.

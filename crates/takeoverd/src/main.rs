@@ -1,16 +1,20 @@
 #![forbid(unsafe_code)]
 //! `takeoverd`: see `takeoverd --help` and the README.
 
+mod accept;
 mod control_server;
 mod ctl;
 mod fault;
 mod fdstore;
 mod overflow;
 mod reload;
+mod reload_v1;
 mod restore;
+mod runnable;
 mod state;
 mod supervisor;
 mod upgrade;
+mod upgraded;
 mod worker;
 mod worker_channel;
 mod workers;
@@ -179,7 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Some(user)
         }
     };
-    if let Err(why) = worker::check_runnable(&worker, worker_user.as_ref()) {
+    if let Err(why) = runnable::check_runnable(&worker, worker_user.as_ref()) {
         anyhow::bail!("worker {} cannot be run: {why} ({})", worker.display(), why.advice(default_worker));
     }
     if let Err(e) = takeover::raise_fd_limit() {
@@ -201,7 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     // An in-place upgrade (`ctl upgrade`) hands this image everything the
     // previous one held; otherwise start from systemd's fds or --listen.
-    let mut sup = match upgrade::resume(cfg.clone())? {
+    let mut sup = match upgraded::resume(cfg.clone())? {
         Some(sup) => sup,
         None => supervisor::Supervisor::new(cfg)?,
     };

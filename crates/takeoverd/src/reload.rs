@@ -16,16 +16,16 @@
 //!
 //! Until `serve` the old worker owns everything, and any failure rolls back
 //! to it (`resume`). A worker that speaks version 1 of the channel gets the
-//! version-1 handoff (`legacy_handoff`): stop, offer everything, ack, commit.
+//! version-1 handoff (`reload_v1.rs`): stop, offer everything, ack, commit.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use mio::Token;
 use sd_notify::NotifyState;
 use takeover::channel::{FromWorker, ToWorker};
 use takeover::control as v1;
-use takeover::{Item, Kind, Message, RawState};
+use takeover::Message;
 
 use crate::control_server::answer_reload;
 use crate::fault::{self, Step as Fault};
@@ -211,7 +211,7 @@ impl Supervisor {
     }
 
     /// Injects the configured fault at `step` of a reload (tests only).
-    fn inject(&self, step: Fault) {
+    pub(crate) fn inject(&self, step: Fault) {
         if let Workers::Handoff(h) = &self.workers {
             if h.why == Why::Reload {
                 fault::at(step, Some(h.new.pid()), h.old.as_ref().map(|o| o.pid()));
@@ -241,37 +241,12 @@ impl Supervisor {
     }
 
     /// The old worker stopped; every state and wake it had came before.
-    fn old_stopped(&mut self) {
+    pub(crate) fn old_stopped(&mut self) {
         self.inject(Fault::OldStopped);
         let Workers::Handoff(h) = &mut self.workers else { return };
         h.step = Step::Committing;
         h.deadline = Instant::now() + self.cfg.ack_timeout;
         h.new.send(&ToWorker::Serve { recovered: h.recovered });
-    }
-
-    /// A version-1 old worker reports its states after `quiesce`: they all
-    /// go to the new worker, which serves every connection once (a version-1
-    /// worker cannot say which have work left).
-    pub(crate) fn on_handoff_v1_quiesce(&mut self, token: Token, msg: v1::FromWorker) -> Result<(), String> {
-        let Workers::Handoff(h) = &mut self.workers else { return Err("state outside a handoff".into()) };
-        if h.step != Step::Stopping || h.old.as_ref().is_none_or(|o| o.token != token) {
-            return Err(format!("unexpected {} from a worker", msg.name()));
-        }
-        match msg {
-            v1::FromWorker::State { entries } => {
-                h.new.send(&ToWorker::State { entries: entries.clone() });
-                self.update_states(entries);
-            }
-            v1::FromWorker::Quiesced { .. } => {
-                let all: Vec<(String, Option<RawState>)> = self.conns.keys().map(|n| (n.clone(), None)).collect();
-                let wakes = takeover::channel::encode_lists("wake", &all).map_err(|e| e.to_string())?;
-                let Workers::Handoff(h) = &mut self.workers else { return Ok(()) };
-                h.new.send_raw(wakes);
-                self.old_stopped();
-            }
-            _ => {}
-        }
-        Ok(())
     }
 
     /// The channel's writes went out: a big staging is making progress.
@@ -331,7 +306,7 @@ impl Supervisor {
     /// The new worker failed: before `serve`, the old one (if any) serves
     /// on; after `serve`, the new one may have touched the sockets, so it is
     /// a crash: a fresh worker recovers them.
-    fn rollback(&mut self, why: &str) {
+    pub(crate) fn rollback(&mut self, why: &str) {
         let Workers::Handoff(h) = std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) else {
             return;
         };
@@ -374,7 +349,7 @@ impl Supervisor {
     }
 
     /// The new worker serves: the old one goes.
-    fn commit(&mut self) {
+    pub(crate) fn commit(&mut self) {
         let Workers::Handoff(h) = std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) else {
             return;
         };
@@ -471,60 +446,6 @@ impl Supervisor {
             worker_pid: None,
             connections: self.conns.len(),
         }
-    }
-
-    /// The new worker speaks version 1: stop the old one, offer it every
-    /// listener and connection, wait for its ack, commit. Synchronous, as in
-    /// version 1: clients pause for all of it.
-    fn legacy_handoff(&mut self) {
-        let Workers::Handoff(h) = &mut self.workers else { return };
-        let deadline = Instant::now() + self.cfg.ack_timeout;
-        let mut old = h.old.take();
-        let mut recovered = h.recovered;
-        let stop_at = Instant::now();
-        if let Some(o) = &mut old {
-            if let Err(e) = self.stop_blocking(o, deadline) {
-                tracing::warn!(pid = o.pid(), "old worker failed to stop ({e}); killing it, the new one recovers");
-                self.unwatch(o);
-                let mut proc = old.take().expect("old").proc;
-                proc.kill();
-                recovered = true;
-            }
-        }
-        let Workers::Handoff(h) = &mut self.workers else { return };
-        h.stop_at = Some(stop_at);
-        h.recovered = recovered;
-        h.old = old;
-        let offered = self.offer_v1(recovered, deadline);
-        let Workers::Handoff(h) = &mut self.workers else { return };
-        match offered {
-            Ok(()) => {
-                h.step = Step::Committing;
-                h.ready_at = Some(Instant::now());
-                self.commit();
-            }
-            Err(e) => {
-                // Resume goes out with the rollback (the old one was stopped).
-                h.step = Step::Stopping;
-                self.rollback(&format!("did not take the version-1 handoff ({e})"));
-            }
-        }
-    }
-
-    /// The version-1 offer of every listener and connection to the new worker.
-    fn offer_v1(&self, recovered: bool, deadline: Instant) -> takeover::Result<()> {
-        let Workers::Handoff(h) = &self.workers else { return Ok(()) };
-        let mut items = Vec::with_capacity(self.listeners.len() + self.conns.len());
-        for l in &self.listeners {
-            items.push(Item { name: &l.name, kind: Kind::TcpListener, fd: l.fd.as_fd(), state: None });
-        }
-        for (name, c) in &self.conns {
-            items.push(Item { name, kind: Kind::TcpStream, fd: c.fd.as_fd(), state: c.state.as_deref() });
-        }
-        let app = serde_json::json!({ "generation": self.generation + 1 });
-        takeover::offer(h.new.chan(), &items, &app, recovered, Some(deadline))?;
-        self.inject(Fault::SocketsSent);
-        takeover::await_ack(h.new.chan(), Some(deadline))
     }
 
     /// Stops `w` and waits for it (SIGTERM, and the version-1 handoff):

@@ -21,7 +21,7 @@ use takeover::{Endpoint, Existing};
 
 use crate::fdstore::{notify, FdStore};
 use crate::state::{SavedRef, StateFile};
-use crate::workers::{Conns, HeldConn, Workers};
+use crate::workers::{Conns, Workers};
 use takeoverd::status::{ListenerInfo, ReloadRecord, Status};
 
 pub(crate) const SIGNALS: Token = Token(0);
@@ -42,9 +42,6 @@ pub(crate) const HEALTHY_AFTER: Duration = Duration::from_millis(100);
 /// How often the serving worker is pinged; one that does not answer within
 /// the ack timeout is hung (or stopped) and is replaced.
 const PING_EVERY: Duration = Duration::from_secs(1);
-/// Connections accepted per listener per loop turn, so that a connect storm
-/// does not starve the workers' channels.
-const ACCEPT_BATCH: usize = 1024;
 
 /// What takeoverd was told on its command line.
 #[derive(Debug, Clone)]
@@ -94,11 +91,11 @@ pub struct Supervisor {
     pub(crate) ctl_retry: Option<Instant>,
     pub(crate) listeners: Vec<HeldListener>,
     /// Whether the listeners are in the poll (takeoverd accepts).
-    accepting: bool,
+    pub(crate) accepting: bool,
     /// Listeners with connections left after their batch.
-    accept_more: bool,
+    pub(crate) accept_more: bool,
     /// accept() failed (EMFILE...): when to try again; warned once per burst.
-    accept_retry: Option<Instant>,
+    pub(crate) accept_retry: Option<Instant>,
     pub(crate) accept_log: takeover::Throttle,
     pub(crate) conns: Conns,
     pub(crate) workers: Workers,
@@ -384,76 +381,6 @@ impl Supervisor {
         if let Err(e) = self.state.save(&SavedRef { version: 1, generation: self.generation, conns }) {
             tracing::warn!("writing the state memfd: {e}");
         }
-    }
-
-    // ---- accepting ----
-
-    /// Puts the listeners into the poll, or takes them out, as the workers'
-    /// state says who accepts.
-    fn sync_accepting(&mut self) {
-        let want = self.workers.takeoverd_accepts();
-        if want == self.accepting {
-            return;
-        }
-        for (i, l) in self.listeners.iter().enumerate() {
-            let raw = l.fd.as_raw_fd();
-            let mut src = SourceFd(&raw);
-            let r = if want {
-                self.poll.registry().register(&mut src, Token(LISTENER_BASE + i), Interest::READABLE)
-            } else {
-                self.poll.registry().deregister(&mut src)
-            };
-            if let Err(e) = r {
-                tracing::error!(listener = %l.name, "watching the listener: {e}");
-            }
-        }
-        self.accepting = want;
-        // Connections may have queued while a version-1 worker was leaving.
-        self.accept_more = want;
-    }
-
-    /// Accepts what waits on every listener (a batch each) and assigns it.
-    fn accept_all(&mut self) {
-        self.accept_more = false;
-        let mut fresh = Vec::new();
-        for l in &self.listeners {
-            for n in 0.. {
-                if n == ACCEPT_BATCH {
-                    self.accept_more = true;
-                    break;
-                }
-                match takeover::channel::accept_tcp(l.fd.as_fd()) {
-                    Ok(Some(fd)) => match takeover::socket_cookie(fd.as_fd()) {
-                        Ok(cookie) => fresh.push((takeover::channel::conn_name(cookie), fd)),
-                        Err(e) => tracing::warn!("dropping a new connection: SO_COOKIE: {e}"),
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        // EMFILE/ENFILE/ENOBUFS: the connection stays in the
-                        // backlog; retry shortly rather than spin.
-                        self.accept_log.warn(format!(
-                            "accept on {} failed: {e}; retrying every 100 ms (raise LimitNOFILE= if it is EMFILE)",
-                            l.name
-                        ));
-                        self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
-                        break;
-                    }
-                }
-            }
-        }
-        if fresh.is_empty() {
-            return;
-        }
-        let mut names = Vec::with_capacity(fresh.len());
-        for (name, fd) in fresh {
-            self.store.store(&name, fd.as_fd(), false);
-            self.conns.insert(name.clone(), HeldConn { fd, state: None });
-            names.push(name);
-        }
-        self.status_dirty = true;
-        self.assign_new(names);
-        let serving = self.workers.serving().map(|w| w.pid());
-        crate::fault::at(crate::fault::Step::Accepted, None, serving);
     }
 
     // ---- signals ----

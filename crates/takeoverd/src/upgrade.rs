@@ -23,6 +23,10 @@
 //!                                                  with the same snapshot
 //! ```
 //!
+//! This file is the running image's side (the check, the snapshot, the
+//! exec); `upgraded.rs` is the new image's (taking the snapshot, or going
+//! back to the previous binary).
+//!
 //! Nothing is lost on any failure: before the exec nothing has changed;
 //! after it, the previous binary takes the same snapshot; should that fail
 //! too (or either image die), takeoverd exits, its workers see their
@@ -31,7 +35,7 @@
 //! connections, as a crash of takeoverd always does).
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,8 +46,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::fdstore::{extend_usec, monotonic_usec, notify, StoreSnapshot};
-use crate::supervisor::{Config, HeldListener, Supervisor};
-use crate::workers::{HeldConn, Proto, Worker, Workers};
+use crate::supervisor::Supervisor;
+use crate::workers::{Proto, Worker, Workers};
 use takeoverd::status::{ReloadRecord, UpgradeReply};
 
 /// The version of the snapshot this build writes and reads. A binary that
@@ -51,10 +55,10 @@ use takeoverd::status::{ReloadRecord, UpgradeReply};
 pub const STATE_VERSION: u32 = 1;
 
 /// Names the snapshot memfd in the new image's environment.
-const SNAPSHOT_ENV: &str = "TAKEOVERD_UPGRADE_FD";
+pub(crate) const SNAPSHOT_ENV: &str = "TAKEOVERD_UPGRADE_FD";
 /// Set when the new image could not take the snapshot and handed it back to
 /// the previous binary: that one must not fall back again.
-const FALLBACK_ENV: &str = "TAKEOVERD_UPGRADE_FALLBACK";
+pub(crate) const FALLBACK_ENV: &str = "TAKEOVERD_UPGRADE_FALLBACK";
 /// What `takeoverd --upgrade-check` prints before its version.
 pub const CHECK_LINE: &str = "takeoverd upgrade-state";
 /// How long the candidate binary may take to answer `--upgrade-check`.
@@ -63,64 +67,56 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Everything a new image needs, by fd number (fds keep their numbers
 /// across `execve`).
 #[derive(Debug, Serialize, Deserialize)]
-struct Snapshot {
-    version: u32,
+pub(crate) struct Snapshot {
+    pub(crate) version: u32,
     /// The previous image's package version, for the log and the reply.
-    from: String,
+    pub(crate) from: String,
     /// When the upgrade began (Unix time, ms), to report how long it took.
-    began_ms: f64,
-    generation: u64,
-    listeners: Vec<(String, RawFd, String)>,
-    conns: Vec<(String, RawFd, Option<Box<RawValue>>)>,
-    state: RawFd,
-    ctl: (RawFd, PathBuf),
+    pub(crate) began_ms: f64,
+    pub(crate) generation: u64,
+    pub(crate) listeners: Vec<(String, RawFd, String)>,
+    pub(crate) conns: Vec<(String, RawFd, Option<Box<RawValue>>)>,
+    pub(crate) state: RawFd,
+    pub(crate) ctl: (RawFd, PathBuf),
     /// The control connection that asked for the upgrade.
-    reply: RawFd,
-    store: StoreSnapshot,
-    worker: CarriedWorker,
+    pub(crate) reply: RawFd,
+    pub(crate) store: StoreSnapshot,
+    pub(crate) worker: CarriedWorker,
     /// Workers told to exit and not reaped yet.
-    retiring: Vec<u32>,
-    reloads: Vec<ReloadRecord>,
-    restarts: u64,
-    upgrades: u64,
+    pub(crate) retiring: Vec<u32>,
+    pub(crate) reloads: Vec<ReloadRecord>,
+    pub(crate) restarts: u64,
+    pub(crate) upgrades: u64,
     /// The previous image's binary, open: where to go back to.
-    fallback: RawFd,
+    pub(crate) fallback: RawFd,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct CarriedWorker {
-    pid: u32,
-    chan: RawFd,
-    stderr: RawFd,
+pub(crate) struct CarriedWorker {
+    pub(crate) pid: u32,
+    pub(crate) chan: RawFd,
+    pub(crate) stderr: RawFd,
     /// Its channel version (1 or 2).
-    proto: u32,
+    pub(crate) proto: u32,
     /// How long it has served, in ms.
-    served_ms: u64,
+    pub(crate) served_ms: u64,
 }
 
 /// Set in a new image: what to report once it serves.
 #[derive(Debug)]
 pub struct Upgraded {
-    reply: OwnedFd,
-    from: String,
-    began_ms: f64,
+    pub(crate) reply: OwnedFd,
+    pub(crate) from: String,
+    pub(crate) began_ms: f64,
     /// The new binary failed to take the snapshot; this is the previous one again.
-    fell_back: Option<String>,
-}
-
-/// One fd to carry, and what it must be on the other side.
-#[derive(Debug, Clone, Copy)]
-enum Expect {
-    Socket(takeover::Kind),
-    File,
-    Any,
+    pub(crate) fell_back: Option<String>,
 }
 
 fn now_ms() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
 }
 
-fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> nix::Result<()> {
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> nix::Result<()> {
     let flag = if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
     fcntl(fd, FcntlArg::F_SETFD(flag)).map(|_| ())
 }
@@ -133,7 +129,7 @@ pub fn print_check() {
 
 /// Runs `exe --upgrade-check`: `Ok(version)` if it reads our snapshot.
 fn check_candidate(exe: &Path) -> Result<String, String> {
-    if let Err(why) = crate::worker::check_runnable(exe, None) {
+    if let Err(why) = crate::runnable::check_runnable(exe, None) {
         return Err(format!("the binary on disk cannot be run: {why} ({})", exe.display()));
     }
     let mut child = std::process::Command::new(exe)
@@ -349,7 +345,7 @@ fn restore_cloexec(fds: &[BorrowedFd<'_>]) {
 
 /// Our environment, without `LISTEN_*` (they described our first start) and
 /// `drop`, plus `add`.
-fn exec_env(add: &[(&str, String)], drop: &[&str]) -> Vec<CString> {
+pub(crate) fn exec_env(add: &[(&str, String)], drop: &[&str]) -> Vec<CString> {
     let skip = |k: &std::ffi::OsStr| {
         let k = k.as_bytes();
         k.starts_with(b"LISTEN_")
@@ -370,7 +366,7 @@ fn exec_env(add: &[(&str, String)], drop: &[&str]) -> Vec<CString> {
 }
 
 /// Our own command line, for the exec.
-fn exec_args() -> Vec<CString> {
+pub(crate) fn exec_args() -> Vec<CString> {
     std::env::args_os().filter_map(|a| CString::new(a.as_bytes()).ok()).collect()
 }
 
@@ -381,169 +377,4 @@ fn exec(path: &Path, env: &[CString]) -> nix::Error {
         Ok(never) => match never {},
         Err(e) => e,
     }
-}
-
-/// In a new image: the snapshot its predecessor left, if this start is an
-/// upgrade, taken into a supervisor. If the snapshot cannot be taken, the
-/// previous binary is exec'd with it (this function does not return then);
-/// if this image *is* that fallback and still cannot, an error (takeoverd
-/// exits; systemd restarts it with everything from the fd store).
-pub fn resume(cfg: Config) -> anyhow::Result<Option<Supervisor>> {
-    let Ok(var) = std::env::var(SNAPSHOT_ENV) else { return Ok(None) };
-    let fell_back = std::env::var(FALLBACK_ENV).ok();
-    let Some((raw, fallback_raw)) = var.split_once(',').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-    else {
-        anyhow::bail!(
-            "${SNAPSHOT_ENV}={var:?} is not SNAPSHOT_FD,BINARY_FD; exiting so that systemd restarts takeoverd"
-        );
-    };
-    let memfd = match takeover::take_raw_inherited(raw) {
-        Ok(fd) => fd,
-        Err(e) => {
-            let problem = format!("the upgrade snapshot's fd {raw} did not come across ({e})");
-            return Err(fall_back(Err(fallback_raw), &var, fell_back.is_some(), problem, Vec::new()));
-        }
-    };
-    let read = || -> anyhow::Result<Snapshot> {
-        let mut file = std::fs::File::from(memfd.try_clone()?);
-        let mut text = String::new();
-        std::io::Seek::rewind(&mut file)?;
-        std::io::Read::read_to_string(&mut file, &mut text)?;
-        Ok(serde_json::from_str(&text)?)
-    };
-    let snap: Snapshot = match read() {
-        Ok(s) => s,
-        Err(e) => {
-            let problem = format!("the upgrade snapshot is unreadable ({e})");
-            return Err(fall_back(Err(fallback_raw), &var, fell_back.is_some(), problem, vec![memfd]));
-        }
-    };
-    crate::fault::at(crate::fault::Step::UpgradeRestore, None, None);
-    // Take every fd now (each is checked to be open), then check each is
-    // what the snapshot says. On any failure, hand everything back as it
-    // came (open across exec) to the previous binary.
-    let mut taken: std::collections::HashMap<RawFd, OwnedFd> = std::collections::HashMap::new();
-    let problem = take_all(&snap, &mut taken).err().or_else(|| {
-        crate::fault::fail_at(crate::fault::Step::UpgradeRestore).then(|| "TAKEOVERD_FAULT upgrade-restore".into())
-    });
-    if let Some(problem) = problem {
-        let binary = taken.remove(&snap.fallback).ok_or(snap.fallback);
-        let keep: Vec<OwnedFd> = taken.into_values().chain([memfd]).collect();
-        return Err(fall_back(binary, &var, fell_back.is_some(), problem, keep));
-    }
-    drop(taken.remove(&snap.fallback));
-    drop(memfd);
-    let mut take = |n: RawFd| taken.remove(&n).expect("every fd of the snapshot was taken");
-    let (poll, signals) = crate::supervisor::event_basics()?;
-    let restored = crate::restore::Restored {
-        listeners: snap
-            .listeners
-            .into_iter()
-            .map(|(name, fd, addr)| HeldListener { name, fd: take(fd), addr })
-            .collect(),
-        conns: snap.conns.into_iter().map(|(name, fd, state)| (name, HeldConn { fd: take(fd), state })).collect(),
-        store: crate::fdstore::FdStore::from_snapshot(snap.store, &mut take),
-        state: crate::state::StateFile::from_fd(take(snap.state)),
-        generation: snap.generation,
-    };
-    let ctl = takeover::Endpoint::inherit(take(snap.ctl.0), &snap.ctl.1)?;
-    let reply = take(snap.reply);
-    let w = snap.worker;
-    let proc = crate::worker::WorkerProc::adopt(w.pid, take(w.chan), take(w.stderr))?;
-    let mut sup = Supervisor::assemble(cfg, poll, signals, ctl, restored)?;
-    let token = sup.worker_token();
-    let mut worker = Worker::new(proc, token);
-    worker.proto = if w.proto == 1 { Proto::V1 } else { Proto::V2 };
-    worker.serving_since = Some(Instant::now() - Duration::from_millis(w.served_ms));
-    sup.watch(&worker);
-    sup.workers = Workers::Serving(worker);
-    sup.reloads = snap.reloads.into();
-    sup.restarts = snap.restarts;
-    sup.upgrades = snap.upgrades;
-    sup.ready_sent = true;
-    for pid in snap.retiring {
-        let grace = sup.cfg.ack_timeout;
-        sup.reap_in_background(pid, move || crate::worker::finish_pid(pid, grace));
-    }
-    sup.upgraded = Some(Upgraded { reply, from: snap.from, began_ms: snap.began_ms, fell_back });
-    Ok(Some(sup))
-}
-
-/// Execs the previous image's binary (taken already, or still to take by
-/// its number) with the snapshot, every fd in `keep` left open across the
-/// exec. Returns only on failure, or if this image is that fallback
-/// already: the error to exit with.
-fn fall_back(
-    binary: Result<OwnedFd, RawFd>,
-    var: &str,
-    already: bool,
-    problem: String,
-    keep: Vec<OwnedFd>,
-) -> anyhow::Error {
-    if already {
-        return anyhow::anyhow!("the previous binary cannot take the upgrade snapshot either ({problem}); exiting");
-    }
-    tracing::error!("cannot take the upgrade snapshot ({problem}); going back to the previous binary");
-    for fd in keep {
-        let _ = set_cloexec(fd.as_fd(), false);
-        let _ = fd.into_raw_fd(); // stays open across the exec, for the previous binary
-    }
-    let binary = match binary.or_else(takeover::take_raw_inherited) {
-        Ok(fd) => fd,
-        Err(e) => return anyhow::anyhow!("the previous binary's fd did not come across ({e}); exiting"),
-    };
-    // Open across the exec too: the snapshot names it.
-    let _ = set_cloexec(binary.as_fd(), false);
-    let env = exec_env(&[(SNAPSHOT_ENV, var.to_string()), (FALLBACK_ENV, problem)], &[]);
-    let err = match nix::unistd::fexecve(binary.as_fd(), &exec_args(), &env) {
-        Ok(never) => match never {},
-        Err(e) => e,
-    };
-    anyhow::anyhow!("executing the previous binary failed too ({err}); exiting")
-}
-
-/// Takes every fd the snapshot names into `taken` and checks what each is.
-fn take_all(snap: &Snapshot, taken: &mut std::collections::HashMap<RawFd, OwnedFd>) -> Result<(), String> {
-    use takeover::Kind;
-    let mut want: Vec<(RawFd, Expect, String)> = Vec::new();
-    for (name, fd, _) in &snap.listeners {
-        want.push((*fd, Expect::Socket(Kind::TcpListener), format!("listener {name}")));
-    }
-    for (name, fd, _) in &snap.conns {
-        want.push((*fd, Expect::Socket(Kind::TcpStream), format!("connection {name}")));
-    }
-    want.push((snap.state, Expect::File, "the state memfd".into()));
-    want.push((snap.ctl.0, Expect::Socket(Kind::UnixSeqpacket), "the control socket".into()));
-    want.push((snap.reply, Expect::Socket(Kind::UnixSeqpacket), "the upgrade's control connection".into()));
-    for (r, w, _, _) in &snap.store.overflow.pairs {
-        want.push((*r, Expect::Socket(Kind::UnixSeqpacket), "an overflow pair".into()));
-        want.push((*w, Expect::Socket(Kind::UnixSeqpacket), "an overflow pair".into()));
-    }
-    want.push((snap.worker.chan, Expect::Socket(Kind::UnixSeqpacket), "the worker's channel".into()));
-    want.push((snap.worker.stderr, Expect::Any, "the worker's stderr".into()));
-    want.push((snap.fallback, Expect::File, "the previous binary".into()));
-    let mut problem = None;
-    for (raw, expect, what) in want {
-        // Take each even after a problem: they all go back to the fallback.
-        match takeover::take_raw_inherited(raw) {
-            Ok(fd) => {
-                let bad = match expect {
-                    Expect::Socket(kind) => takeover::validate(fd.as_fd(), kind).err(),
-                    Expect::File => takeover::validate(fd.as_fd(), Kind::File).err(),
-                    Expect::Any => None,
-                };
-                if let (Some(bad), None) = (bad, &problem) {
-                    problem = Some(format!("{what} (fd {raw}): {bad}"));
-                }
-                taken.insert(raw, fd);
-            }
-            Err(e) => {
-                problem.get_or_insert(format!("{what} (fd {raw}): {e}"));
-            }
-        }
-    }
-    if snap.version != STATE_VERSION {
-        problem.get_or_insert(format!("snapshot version {} (this binary reads {STATE_VERSION})", snap.version));
-    }
-    problem.map_or(Ok(()), Err)
 }

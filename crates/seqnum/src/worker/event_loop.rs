@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -12,11 +12,11 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::json;
-use serde_json::value::to_raw_value;
 use slab::Slab;
 use takeover::control as v1;
-use takeover::{Endpoint, Entry, Item, Kind, RawState};
+use takeover::{Endpoint, Entry, Kind};
 
+use super::giver::PendingTaker;
 use super::supervised::Control;
 use crate::echo::{conn_name, EchoConn, End};
 
@@ -24,26 +24,21 @@ const SIGNALS: Token = Token(0);
 const ENDPOINT: Token = Token(1);
 const CONTROL: Token = Token(2);
 const LISTENER_BASE: usize = 16;
-const TAKER_BASE: usize = 1 << 16;
+pub(super) const TAKER_BASE: usize = 1 << 16;
 const CONN_BASE: usize = 1 << 20;
 
 /// Takers that connected but have not said hello yet; more are refused.
-const MAX_PENDING_TAKERS: usize = 16;
+pub(super) const MAX_PENDING_TAKERS: usize = 16;
 
 /// Bytes echoed per loop iteration before the loop polls again, so that the
 /// control channel (pings), new connections and every other connection get
 /// their turn however much a few clients pipeline.
 const LOOP_BUDGET: u64 = 1024 * 1024;
 
-struct Listener {
-    name: String,
-    sock: TcpListener,
-    addr: SocketAddr,
-}
-
-struct PendingTaker {
-    chan: OwnedFd,
-    deadline: Instant,
+pub(super) struct Listener {
+    pub(super) name: String,
+    pub(super) sock: TcpListener,
+    pub(super) addr: SocketAddr,
 }
 
 /// What the loop does next.
@@ -55,12 +50,12 @@ pub(super) enum Flow {
 /// A seqnum worker: its sockets and its event loop.
 pub struct Worker {
     pub(super) poll: Poll,
-    listeners: Vec<Listener>,
+    pub(super) listeners: Vec<Listener>,
     pub(super) conns: Slab<EchoConn>,
     scratch: Vec<u8>,
     signals: SignalFd,
-    endpoint: Option<Endpoint>,
-    takers: Slab<PendingTaker>,
+    pub(super) endpoint: Option<Endpoint>,
+    pub(super) takers: Slab<PendingTaker>,
     /// takeoverd's channel, and which version of it we speak.
     pub(super) control: Option<Control>,
     /// Serving: reading, echoing, accepting. Off before takeoverd says
@@ -97,7 +92,7 @@ pub struct Worker {
     spent: u64,
     pub(super) ack_timeout: Duration,
     /// Refused or failed takeover connections, logged at most once a second.
-    taker_log: takeover::Throttle,
+    pub(super) taker_log: takeover::Throttle,
 }
 
 impl std::fmt::Debug for Worker {
@@ -496,107 +491,5 @@ impl Worker {
                 }
             }
         }
-    }
-
-    fn on_endpoint(&mut self) -> Flow {
-        loop {
-            let Some(ep) = &self.endpoint else {
-                return Flow::Continue;
-            };
-            match ep.accept() {
-                Ok(Some(chan)) => {
-                    if self.takers.len() >= MAX_PENDING_TAKERS {
-                        self.taker_log
-                            .warn(format!("refusing a takeover connection: {MAX_PENDING_TAKERS} are already waiting"));
-                        continue;
-                    }
-                    let entry = self.takers.vacant_entry();
-                    let token = Token(TAKER_BASE + entry.key());
-                    if let Err(e) =
-                        self.poll.registry().register(&mut SourceFd(&chan.as_raw_fd()), token, Interest::READABLE)
-                    {
-                        tracing::warn!("registering a takeover connection: {e}");
-                        continue;
-                    }
-                    entry.insert(PendingTaker { chan, deadline: Instant::now() + self.ack_timeout });
-                }
-                Ok(None) => return Flow::Continue,
-                Err(e @ takeover::Error::PeerNotAllowed { .. }) => {
-                    self.taker_log.warn(format!("refused a takeover: {e}"))
-                }
-                Err(e) => {
-                    tracing::warn!("takeover endpoint: {e}");
-                    return Flow::Continue;
-                }
-            }
-        }
-    }
-
-    fn expire_takers(&mut self) {
-        let now = Instant::now();
-        let late: Vec<usize> = self.takers.iter().filter(|(_, t)| t.deadline <= now).map(|(k, _)| k).collect();
-        for k in late {
-            let t = self.takers.remove(k);
-            let _ = self.poll.registry().deregister(&mut SourceFd(&t.chan.as_raw_fd()));
-            self.taker_log.warn(format!("dropped a takeover connection that said nothing for {:?}", self.ack_timeout));
-        }
-    }
-
-    fn on_taker(&mut self, key: usize) -> Flow {
-        let Some(t) = self.takers.try_remove(key) else {
-            return Flow::Continue;
-        };
-        let _ = self.poll.registry().deregister(&mut SourceFd(&t.chan.as_raw_fd()));
-        let chan = t.chan;
-        let pid = match takeover::read_hello(chan.as_fd(), Some(Instant::now() + Duration::from_millis(50))) {
-            Ok(pid) => pid,
-            Err(e) => {
-                self.taker_log.warn(format!("takeover request rejected: {e}"));
-                return Flow::Continue;
-            }
-        };
-        tracing::info!(
-            pid,
-            listeners = self.listeners.len(),
-            connections = self.conns.len(),
-            "handing over to a successor"
-        );
-        let started = Instant::now();
-        match self.give(chan.as_fd()) {
-            Ok(()) => {
-                tracing::info!(pid, elapsed_us = started.elapsed().as_micros() as u64, "handoff acked; exiting");
-                Flow::Exit(0)
-            }
-            Err(e) => {
-                tracing::warn!(pid, "handoff failed, resuming service: {e}");
-                self.poke_all();
-                Flow::Continue
-            }
-        }
-    }
-
-    /// Every socket's name, kind, fd and state (raw JSON), for a successor.
-    fn items(&self) -> Vec<(String, Kind, std::os::fd::BorrowedFd<'_>, RawState)> {
-        let mut out = Vec::with_capacity(self.listeners.len() + self.conns.len());
-        for l in &self.listeners {
-            let state = to_raw_value(&json!({"addr": l.addr})).expect("state serialises");
-            out.push((l.name.clone(), Kind::TcpListener, l.sock.as_fd(), state));
-        }
-        for (_, c) in &self.conns {
-            let state = to_raw_value(&c.state()).expect("state serialises");
-            out.push((conn_name(c.cookie), Kind::TcpStream, c.stream.as_fd(), state));
-        }
-        out
-    }
-
-    /// Offers everything on `chan` and waits for the ack. We are stopped at
-    /// message boundaries: nothing is read or accepted until this returns.
-    fn give(&self, chan: std::os::fd::BorrowedFd<'_>) -> takeover::Result<()> {
-        let deadline = Some(Instant::now() + self.ack_timeout);
-        let all = self.items();
-        let items: Vec<Item<'_>> =
-            all.iter().map(|(name, kind, fd, state)| Item { name, kind: *kind, fd: *fd, state: Some(state) }).collect();
-        takeover::offer(chan, &items, &serde_json::Value::Null, false, deadline)?;
-        takeover::await_ack(chan, deadline)
     }
 }

@@ -4,6 +4,7 @@
 //! successor on request (`-t`).
 
 mod event_loop;
+mod giver;
 mod startup;
 mod supervised;
 
