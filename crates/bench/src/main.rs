@@ -10,6 +10,7 @@ mod handoff;
 mod kinds;
 mod machine;
 mod markdown;
+mod measure;
 mod phases;
 mod procs;
 mod profile;
@@ -30,9 +31,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::kinds::Placement;
 use crate::procs::{Bins, Clock};
-use crate::report::{Results, SystemdSection};
+use crate::report::Results;
 use crate::scenarios::Ctx;
 
 /// The documented way to run the full benchmark.
@@ -207,142 +207,23 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             machine.loadavg_at_start
         ));
     }
-    let mut failures = 0;
+    let m = measure::all(cli, &mut ctx, &scratch, &fd_limit);
+    let failures = m.failures;
+    let measure::Measured {
+        handoff,
+        echo,
+        floor_echo,
+        upgrade,
+        churn,
+        memory,
+        scale,
+        systemd,
+        profiles,
+        profiling,
+        ..
+    } = m;
 
-    // 1. Reload handoff.
-    let sizes: &[(u64, usize, f64, bool)] = if cli.quick {
-        &[(100, 2, 400.0, true)]
-    } else {
-        &[
-            (100, 10, 500.0, true),
-            (1_000, 10, 700.0, true),
-            (10_000, 10, 1500.0, true),
-            (19_900, 10, 2000.0, true),
-            (1_000, 10, 700.0, false),
-            (10_000, 10, 1500.0, false),
-        ]
-    };
-    let mut handoff = Vec::new();
-    for &(n, reloads, spacing, pinned) in sizes.iter().filter(|_| cli.wants(Part::Handoff)) {
-        match handoff::run(&mut ctx, n, reloads, spacing, pinned) {
-            Ok(h) => handoff.push(h),
-            Err(e) => {
-                failures += 1;
-                ctx.note(format!("the handoff measurement at {n} connections failed: {e:#}"));
-            }
-        }
-    }
-
-    // 3. Echo cost, each size against takeoverd and then against the floor.
-    let mut echo = Vec::new();
-    let mut floor_echo = Vec::new();
-    let echo_sizes: &[u64] = if cli.quick { &[1, 100] } else { &[1, 100, 1_000, 10_000] };
-    let placements: &[bool] = if cli.quick { &[true] } else { &[true, false] };
-    for &pinned in placements.iter().filter(|_| cli.wants(Part::Echo)) {
-        for &n in echo_sizes {
-            for (kind, out) in [(target::Kind::Takeoverd, &mut echo), (target::Kind::Floor, &mut floor_echo)] {
-                match scenarios::echo(&mut ctx, n, pinned, kind) {
-                    Ok(e) => out.push(e),
-                    Err(e) => {
-                        failures += 1;
-                        ctx.note(format!("the echo measurement at {n} connections ({}) failed: {e:#}", kind.name()));
-                    }
-                }
-            }
-        }
-    }
-
-    // 7. In-place upgrades of takeoverd, then 100 in a row.
-    let upgrade_sizes: &[(u64, f64)] = if cli.quick { &[(100, 400.0)] } else { &[(1_000, 700.0), (10_000, 1500.0)] };
-    let mut upgrade = Vec::new();
-    for &(n, spacing) in upgrade_sizes.iter().filter(|_| cli.wants(Part::Upgrade)) {
-        match upgrade::run(&mut ctx, n, if cli.quick { 2 } else { 10 }, spacing, true, true) {
-            Ok(u) => upgrade.push(u),
-            Err(e) => {
-                failures += 1;
-                ctx.note(format!("the upgrade measurement at {n} connections failed: {e:#}"));
-            }
-        }
-    }
-
-    // 6. Connection churn (floor-echo, takeoverd, takeoverd through reloads and kills).
-    let churn = cli.wants(Part::Churn).then(|| churn::run(&mut ctx));
-    failures += churn.as_ref().map_or(0, |c| c.runs.iter().filter(|r| r.failure.is_some()).count());
-
-    // 4. Memory.
-    let memory = if !cli.wants(Part::Memory) {
-        None
-    } else {
-        match scenarios::memory(&mut ctx, if cli.quick { 100 } else { 10_000 }) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                failures += 1;
-                ctx.note(format!("the memory measurement failed: {e:#}"));
-                None
-            }
-        }
-    };
-
-    // 5. Scale.
-    let scale = if cli.quick || !cli.wants(Part::Scale) {
-        None
-    } else {
-        Some(scenarios::scale(&mut ctx, &[19_900, 20_000, 50_000, 100_000], &fd_limit))
-    };
-
-    // 2. systemd.
-    let systemd = if cli.quick || cli.no_systemd || !cli.wants(Part::Systemd) {
-        SystemdSection {
-            status: if cli.quick { "not run (--quick)".into() } else { "not run (--no-systemd or --only)".into() },
-            unit: None,
-            runs: Vec::new(),
-        }
-    } else {
-        run_systemd(&mut ctx)
-    };
-
-    // Profiles.
-    let (profiles, profiling) = if cli.quick || cli.no_profile || !cli.wants(Part::Profile) {
-        (Vec::new(), "Not profiled in this run (`--quick`, `--no-profile` or `--only`).".to_owned())
-    } else if !profile::available(&scratch) {
-        (Vec::new(), "Not profiled: `perf record -e cpu-clock` does not work here.".to_owned())
-    } else {
-        profile_runs::run(&mut ctx)
-    };
-
-    // The plot: the systemd run at 1 000 connections if there is one, else
-    // the 1 000 (or smallest) handoff run.
-    let (plot, svg) = if let Some(sd) = systemd.runs.iter().find(|s| s.connections == 1_000) {
-        (
-            format!(
-                "One run under systemd with {} connections (interval {} ms): `systemctl reload`, `systemctl restart` \
-                 and kill -9 of the main process with automatic restart, marked by dashed lines.",
-                sd.connections, sd.interval_ms
-            ),
-            svg::svg(
-                &format!("echo latency per 100 ms, {} connections, takeoverd under systemd", sd.connections),
-                &sd.timelines,
-                &sd.events,
-            ),
-        )
-    } else if let Some(h) =
-        handoff.iter().find(|h| h.connections == 1_000 && h.placement == Placement::Pinned).or(handoff.first())
-    {
-        (
-            format!(
-                "The handoff run with {} connections (interval {} ms) and its {} reloads, marked by dashed lines \
-                 (no systemd run to show).",
-                h.connections, h.interval_ms, h.reloads
-            ),
-            svg::svg(
-                &format!("echo latency per 100 ms, {} connections, reloads", h.connections),
-                &h.timelines,
-                &h.events,
-            ),
-        )
-    } else {
-        ("No run to plot.".to_owned(), svg::svg("no data", &[], &[]))
-    };
+    let (plot, svg) = svg::choose(&systemd, &handoff);
 
     let total_errors = handoff.iter().map(|h| h.errors).sum::<u64>()
         + echo.iter().chain(&floor_echo).map(|e| e.errors).sum::<u64>()
@@ -410,41 +291,6 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         println!("scratch (logs, timelines) kept in {}", scratch.display());
     }
     Ok(total_errors == 0 && failures == 0)
-}
-
-fn run_systemd(ctx: &mut Ctx) -> SystemdSection {
-    if let Some(why) = testkit::systemd::unavailable(false) {
-        return SystemdSection { status: format!("not run: {why}"), unit: None, runs: Vec::new() };
-    }
-    let mut mgr = match testkit::systemd::UserManager::start_in(&ctx.dir, "systemd") {
-        Ok(m) => m,
-        Err(e) => {
-            ctx.note(format!("the private systemd --user manager did not start: {e}"));
-            return SystemdSection {
-                status: format!("not run: the private systemd manager did not start: {e}"),
-                unit: None,
-                runs: Vec::new(),
-            };
-        }
-    };
-    let mut runs = Vec::new();
-    let mut problems = Vec::new();
-    // The fd-store settings of the shipped unit (units/seqnum.service).
-    let shipped = systemd::ShippedUnit::load();
-    use kinds::EventKind::{Kill, Reload, Restart, Upgrade};
-    let plan = [Reload, Reload, Upgrade, Upgrade, Upgrade, Restart, Restart, Restart, Kill, Kill, Kill];
-    for n in [1_000, 10_000] {
-        match systemd::run(ctx, &mut mgr, n, &shipped, &plan) {
-            Ok(r) => runs.push(r),
-            Err(e) => {
-                ctx.note(format!("systemd run at {n} connections failed: {e:#}"));
-                problems.push(format!("{n} connections: {e:#}"));
-            }
-        }
-    }
-    drop(mgr);
-    let status = if problems.is_empty() { "ok".to_owned() } else { format!("partly failed: {}", problems.join("; ")) };
-    SystemdSection { status, unit: Some(shipped), runs }
 }
 
 /// The workspace's docs/ directory (this crate is crates/bench).

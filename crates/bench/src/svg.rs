@@ -241,6 +241,39 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// What latency.svg shows, and its caption: the systemd run at 1 000
+/// connections if there is one, else the 1 000 (or smallest) handoff run.
+pub fn choose(systemd: &crate::report::SystemdSection, handoff: &[crate::handoff::HandoffResult]) -> (String, String) {
+    use crate::kinds::Placement;
+    if let Some(sd) = systemd.runs.iter().find(|s| s.connections == 1_000) {
+        (
+            format!(
+                "One run under systemd with {} connections (interval {} ms): `systemctl reload`, `systemctl restart` \
+                 and kill -9 of the main process with automatic restart, marked by dashed lines.",
+                sd.connections, sd.interval_ms
+            ),
+            svg(
+                &format!("echo latency per 100 ms, {} connections, takeoverd under systemd", sd.connections),
+                &sd.timelines,
+                &sd.events,
+            ),
+        )
+    } else if let Some(h) =
+        handoff.iter().find(|h| h.connections == 1_000 && h.placement == Placement::Pinned).or(handoff.first())
+    {
+        (
+            format!(
+                "The handoff run with {} connections (interval {} ms) and its {} reloads, marked by dashed lines \
+                 (no systemd run to show).",
+                h.connections, h.interval_ms, h.reloads
+            ),
+            svg(&format!("echo latency per 100 ms, {} connections, reloads", h.connections), &h.timelines, &h.events),
+        )
+    } else {
+        ("No run to plot.".to_owned(), svg("no data", &[], &[]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
