@@ -383,6 +383,7 @@ fn a_python_worker_survives_reloads_and_takeoverd_restarts_under_systemd() {
     };
     python_serves(&status(&m).unwrap());
     for _ in 0..2 {
+        // Pacing: the clients echo under each worker before the next event.
         std::thread::sleep(Duration::from_millis(300));
         m.systemctl_ok(&["reload", SERVICE]);
     }
@@ -421,6 +422,7 @@ fn upgrades_under_systemd_keep_main_pid_and_the_fd_store() {
     let main = m.main_pid(SERVICE);
     let worker = worker_pid(&status(&m).unwrap());
     for i in 1..=3 {
+        // Pacing: the clients echo under each image before the next upgrade.
         std::thread::sleep(Duration::from_millis(300));
         let out = m.ctl(&["upgrade"]);
         assert!(out.status.success(), "upgrade {i} failed: {out:?}\n{}", m.service_log_tail(30));

@@ -1,6 +1,9 @@
 //! `takeoverd ctl upgrade`: takeoverd re-executes its binary in place. The
 //! pid, the serving worker and every connection stay; clients see no error;
 //! every way it can fail leaves the running takeoverd serving.
+//!
+//! The sleeps between operations are pacing (clients echo under each image
+//! before the next upgrade); every wait for a state polls it (`wait_until`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,6 +66,7 @@ fn upgrades_keep_the_pid_the_worker_and_every_connection() {
     wait_until("the clients are connected", Duration::from_secs(5), || ctl_status(&d.sock).connections == 30);
     let worker = worker_pid(&d);
     for i in 1..=5 {
+        // Pacing: clients echo between upgrades, as in production.
         std::thread::sleep(Duration::from_millis(100));
         upgrade_ok(&d);
         let st = ctl_status(&d.sock);
@@ -72,7 +76,7 @@ fn upgrades_keep_the_pid_the_worker_and_every_connection() {
         assert!(alive(d.pid), "takeoverd {} is gone", d.pid);
         assert!(children_of(d.pid).iter().any(|(p, z)| *p == worker && !z), "the worker is still our child");
     }
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(200)); // pacing, as above
     let out = ctl(&d.sock, &["reload"]);
     assert!(out.status.success(), "a reload after the upgrades failed: {out:?}\n{}", log(&d));
     let second = worker_pid(&d);
