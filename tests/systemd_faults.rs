@@ -167,3 +167,28 @@ fn connections_past_the_names_budget_survive_restarts() {
         m.show_u64(SERVICE, "NFileDescriptorStore") == 4
     });
 }
+
+/// Eight SIGKILLs of takeoverd in quick succession (plus the start, nine
+/// starts in a few seconds): under systemd's default start limit (5 starts in
+/// 10 s) the sixth would fail the unit and empty the fd store, losing every
+/// connection; the shipped unit allows the burst, and not one client errs.
+#[test]
+fn a_burst_of_takeoverd_crashes_keeps_every_connection() {
+    let Some((m, port)) = start("crash-burst", &[], &[], None) else { return };
+    let c = client(port, &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"]);
+    wait_until("takeoverd holds the 50 connections", Duration::from_secs(10), || {
+        m.try_ctl_status().is_some_and(|s| s.connections == 50)
+    });
+    for i in 1..=8 {
+        let pid = m.main_pid(SERVICE);
+        m.systemctl_ok(&["kill", "-s", "KILL", "--kill-who=main", SERVICE]);
+        m.wait_running(SERVICE, pid, Duration::from_secs(30));
+        wait_until(&format!("takeoverd holds the 50 connections after kill {i}"), Duration::from_secs(10), || {
+            m.try_ctl_status().is_some_and(|s| s.connections == 50 && s.worker_pid.is_some())
+        });
+    }
+    assert_eq!(m.show(SERVICE, "ActiveState"), "active");
+    let (out, v) = client_summary(c);
+    assert_clean(&out, &v);
+    eprintln!("8 crashes of takeoverd: longest pause {} us", v.latency_us.max);
+}

@@ -44,6 +44,10 @@ pub struct ShippedUnit {
     pub store_max: usize,
     /// `WatchdogSec=`.
     pub watchdog: Option<String>,
+    /// `StartLimitIntervalSec=` and `StartLimitBurst=` (restarts and kills
+    /// in a row count against them: past the limit the unit fails and its fd
+    /// store is emptied).
+    pub start_limit: Option<(String, String)>,
 }
 
 impl ShippedUnit {
@@ -62,6 +66,7 @@ impl ShippedUnit {
             fdstore_max,
             store_max: value("FileDescriptorStoreMax=").and_then(|v| v.parse().ok()).unwrap_or(1024),
             watchdog: value("WatchdogSec="),
+            start_limit: value("StartLimitIntervalSec=").zip(value("StartLimitBurst=")),
         }
     }
 }
@@ -118,8 +123,13 @@ fn unit_text(bins: &Bins, port: u16, ctl: &Path, log: &Path, cpu: Option<usize>,
     let affinity = cpu.map(|c| format!("CPUAffinity={c}\n")).unwrap_or_default();
     let fdstore = shipped.fdstore_max.map(|m| format!(" --fdstore-max {m}")).unwrap_or_default();
     let watchdog = shipped.watchdog.as_ref().map(|w| format!("WatchdogSec={w}\n")).unwrap_or_default();
+    let start_limit = shipped
+        .start_limit
+        .as_ref()
+        .map(|(i, b)| format!("StartLimitIntervalSec={i}\nStartLimitBurst={b}\n"))
+        .unwrap_or_default();
     format!(
-        "[Unit]\nDescription=seqnum-bench: takeoverd + seqnum-worker\n\n[Service]\nType=notify\nNotifyAccess=main\n\
+        "[Unit]\nDescription=seqnum-bench: takeoverd + seqnum-worker\n{start_limit}\n[Service]\nType=notify\nNotifyAccess=main\n\
 ExecStart={td} --listen 127.0.0.1:{port} --control-socket {ctl} --worker {w}{fdstore}\n\
 ExecReload={td} ctl --control-socket {ctl} reload\n\
 FileDescriptorStoreMax={store_max}\nLimitNOFILE={nofile}\nRestart=on-failure\nRestartSec=100ms\nKillMode=mixed\n\

@@ -11,11 +11,15 @@ pub(super) fn write(w: &mut String, r: &Results) {
     if let Some(u) = &r.systemd.unit {
         let _ = writeln!(
             w,
-            "The unit copies the fd-store settings of {}: takeoverd `{}`, `FileDescriptorStoreMax={}`{}.\n",
+            "The unit copies the fd-store settings of {}: takeoverd `{}`, `FileDescriptorStoreMax={}`{}{}.\n",
             u.source.as_deref().map_or("(no units/seqnum.service found: defaults)".to_owned(), |p| format!("`{p}`")),
             u.fdstore_max.map_or("(default --fdstore-max)".to_owned(), |m| format!("--fdstore-max {m}")),
             u.store_max,
-            u.watchdog.as_deref().map(|w| format!(", `WatchdogSec={w}`")).unwrap_or_default()
+            u.watchdog.as_deref().map(|w| format!(", `WatchdogSec={w}`")).unwrap_or_default(),
+            u.start_limit
+                .as_ref()
+                .map(|(i, b)| format!(", `StartLimitIntervalSec={i}`, `StartLimitBurst={b}`"))
+                .unwrap_or_default()
         );
     }
     if !r.systemd.runs.is_empty() {
