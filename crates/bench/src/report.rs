@@ -209,8 +209,9 @@ pub fn targets(r: &Results) -> Vec<Target> {
             &format!("{label} conns: takeoverd's fds grown over 100 upgrades"),
             0.0,
             "fds",
-            h.map(|h| h.fds.1 as f64 - h.fds.0 as f64),
-            "open fds of takeoverd after 100 upgrades in a row minus before, clients connected",
+            h.filter(|h| h.connections.0 == h.connections.1).map(|h| h.fds.1 as f64 - h.fds.0 as f64),
+            "open fds of takeoverd after 100 upgrades in a row minus before, the same connections held (else not \
+             measured)",
         );
         push(
             &format!("{label} conns: takeoverd's RSS grown over 100 upgrades"),

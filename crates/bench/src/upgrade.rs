@@ -9,10 +9,11 @@ use std::time::Duration;
 use serde::Serialize;
 use testkit::procfs;
 
-use crate::client::Summary;
+use crate::client::{ClientRun, ClientSpec, Summary};
 use crate::handoff::{under_load, LoadPlan, LoadedRun};
 use crate::kinds::{EventKind, Placement};
-use crate::scenarios::{spread_windows, Ctx, Event, WindowSpread};
+use crate::scenarios::{self, spread_windows, Ctx, Event, WindowSpread};
+use crate::server::Server;
 use crate::stats::Spread;
 
 /// Upgrades at one size.
@@ -42,8 +43,8 @@ pub struct UpgradeResult {
     pub client_baseline_run: Summary,
     /// Client errors in both runs.
     pub errors: u64,
-    /// takeoverd's fds and RSS before and after 100 more upgrades (run
-    /// after the measured ones, with the clients still connected).
+    /// takeoverd's fds and RSS before and after 100 upgrades in a row (a
+    /// run of its own, every connection up throughout).
     pub hundred: Option<Hundred>,
     /// Each upgrade.
     pub events: Vec<Event>,
@@ -60,6 +61,10 @@ pub struct Hundred {
     pub rss_kib: (u64, u64),
     /// How long the 100 took, s.
     pub seconds: f64,
+    /// Connections takeoverd held before and after.
+    pub connections: (usize, usize),
+    /// Client errors during them.
+    pub errors: u64,
 }
 
 /// `upgrades` upgrades `spacing_ms` apart under `n` connections, compared
@@ -73,14 +78,10 @@ pub fn run(
     hundred: bool,
 ) -> anyhow::Result<UpgradeResult> {
     let placement = Placement::of(pinned);
-    // Room in the client run for the 100 upgrades in a row (each costs
-    // about 20 ms plus 5 ms per 1 000 connections on the test machine).
-    let extra_ms = if hundred { 100.0 * (20.0 + n as f64 / 200.0) } else { 0.0 };
     let plan =
-        LoadPlan { n, tag: "upgrade", placement, kind: EventKind::Upgrade, count: upgrades, spacing_ms, extra_ms };
+        LoadPlan { n, tag: "upgrade", placement, kind: EventKind::Upgrade, count: upgrades, spacing_ms, extra_ms: 0.0 };
     let mut took = Vec::new();
     let (mut pid_unchanged, mut worker_unchanged) = (true, true);
-    let mut after_hundred = None;
     let LoadedRun { events, result, base, base_windows } = under_load(
         ctx,
         &plan,
@@ -95,23 +96,7 @@ pub fn run(
             pid_unchanged &= procfs::alive(server.pid) && out.output.contains(&format!("pid {} ", server.pid));
             Ok(out)
         },
-        |server, _| {
-            if hundred {
-                let fds0 = procfs::settled_fd_count(server.pid);
-                let rss0 = procfs::rss_kib(server.pid).unwrap_or(0);
-                let t0 = std::time::Instant::now();
-                let mut ok = 0;
-                for _ in 0..100 {
-                    ok += usize::from(server.upgrade()?.ok);
-                }
-                let seconds = t0.elapsed().as_secs_f64();
-                std::thread::sleep(Duration::from_millis(200));
-                let fds1 = procfs::settled_fd_count(server.pid);
-                let rss1 = procfs::rss_kib(server.pid).unwrap_or(0);
-                after_hundred = Some(Hundred { ok, fds: (fds0, fds1), rss_kib: (rss0, rss1), seconds });
-            }
-            Ok(())
-        },
+        |_, _| Ok(()),
     )?;
     if !pid_unchanged || !worker_unchanged {
         ctx.note(format!(
@@ -119,6 +104,7 @@ pub fn run(
         ));
     }
     let windows: Vec<_> = events.iter().map(|e| e.window).collect();
+    let hundred = if hundred { Some(hundred_in_a_row(ctx, n, pinned)?) } else { None };
     Ok(UpgradeResult {
         connections: n,
         placement,
@@ -129,11 +115,53 @@ pub fn run(
         worker_unchanged,
         during_upgrade: spread_windows(&windows),
         without_upgrade: spread_windows(&base_windows),
-        errors: result.summary.errors + base.summary.errors,
+        errors: result.summary.errors + base.summary.errors + hundred.as_ref().map_or(0, |h| h.errors),
         client_upgrade_run: result.summary,
         client_baseline_run: base.summary,
-        hundred: after_hundred,
+        hundred,
         events,
+    })
+}
+
+/// 100 upgrades in a row under `n` connections that stay up throughout
+/// (a client run longer than they take, ended once they are done).
+fn hundred_in_a_row(ctx: &mut Ctx, n: u64, pinned: bool) -> anyhow::Result<Hundred> {
+    let (scpu, ccpu) = if pinned { (ctx.server_cpu, ctx.client_cpu) } else { (None, None) };
+    ctx.say(&format!("upgrade: 100 in a row under {n} connections"));
+    let server = Server::start(&ctx.bins, &ctx.dir, &format!("upgrade-100-{n}"), scpu)?;
+    let spec = ClientSpec {
+        port: server.port,
+        connections: n,
+        interval_ms: scenarios::interval_for(n),
+        duration_s: 3600.0,
+        timeout_ms: 5000,
+        ramp_ms: scenarios::ramp_for(n),
+        source_addresses: scenarios::source_addresses(n),
+        cpu: ccpu,
+        churn_messages: None,
+    };
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("upgrade-100-{n}"), &spec)?;
+    let before = server.wait_connections(n, Duration::from_secs(60))?.connections;
+    let fds0 = procfs::settled_fd_count(server.pid);
+    let rss0 = procfs::rss_kib(server.pid).unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    let mut ok = 0;
+    for _ in 0..100 {
+        ok += usize::from(server.upgrade()?.ok);
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let fds1 = procfs::settled_fd_count(server.pid);
+    let rss1 = procfs::rss_kib(server.pid).unwrap_or(0);
+    let after = server.status()?.connections;
+    let result = run.kill_and_collect()?;
+    server.stop();
+    Ok(Hundred {
+        ok,
+        fds: (fds0, fds1),
+        rss_kib: (rss0, rss1),
+        seconds,
+        connections: (before, after),
+        errors: result.summary.errors,
     })
 }
 

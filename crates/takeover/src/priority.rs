@@ -29,8 +29,20 @@ pub fn background() -> bool {
     crate::sys::set_nice(BACKGROUND_NICE).is_ok()
 }
 
-/// Back to nice 0, after [`background`].
+/// Puts the calling thread in `SCHED_IDLE` for work that may take as long
+/// as it needs while anything else wants the core (a supervisor
+/// re-executing itself beside the worker that serves): it runs in the
+/// core's idle time, and a worker that wakes up preempts it at once, which
+/// a low nice value alone does not promise. Only where it can return with
+/// [`foreground`] (`RLIMIT_NICE`, as for [`background`]); returns whether it
+/// did. The policy survives `execve`.
+pub fn idle() -> bool {
+    can_return() && crate::sys::set_sched_idle(true).is_ok()
+}
+
+/// Back to nice 0 and `SCHED_OTHER`, after [`background`] or [`idle`].
 pub fn foreground() -> io::Result<()> {
+    crate::sys::set_sched_idle(false)?;
     crate::sys::set_nice(0)
 }
 
@@ -51,6 +63,9 @@ mod tests {
     fn background_and_back() {
         if super::background() {
             super::foreground().expect("back to nice 0");
+        }
+        if super::idle() {
+            super::foreground().expect("back to SCHED_OTHER");
         }
         super::wind_down();
     }

@@ -291,6 +291,17 @@ pub(crate) fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((info[0], info[1]))
 }
 
+/// Sets the calling thread's scheduling policy: `SCHED_IDLE` (it runs only
+/// when nothing else wants the CPU, and any other thread that wakes up
+/// preempts it at once) or back to `SCHED_OTHER`.
+pub(crate) fn set_sched_idle(idle: bool) -> io::Result<()> {
+    let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param the kernel only reads; pid 0 is
+    // the calling thread.
+    cvt(unsafe { libc::sched_setscheduler(0, policy, &param) }).map(drop)
+}
+
 /// Sets the calling thread's nice value (Linux keeps one per thread).
 pub(crate) fn set_nice(nice: i32) -> io::Result<()> {
     // SAFETY: setpriority reads its three integer arguments only.

@@ -89,6 +89,10 @@ pub(crate) struct Snapshot {
     pub(crate) upgrades: u64,
     /// The previous image's binary, open: where to go back to.
     pub(crate) fallback: RawFd,
+    /// The previous image lowered its priority for the upgrade: the new one
+    /// returns to nice 0 once it serves.
+    #[serde(default)]
+    pub(crate) background: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -110,6 +114,8 @@ pub struct Upgraded {
     pub(crate) began_ms: f64,
     /// The new binary failed to take the snapshot; this is the previous one again.
     pub(crate) fell_back: Option<String>,
+    /// Return to nice 0 (see [`Snapshot::background`]).
+    pub(crate) background: bool,
 }
 
 fn now_ms() -> f64 {
@@ -179,7 +185,17 @@ impl Supervisor {
     /// `ctl upgrade`: execs the binary on disk in place, or answers `reply`
     /// why not (and serves on, untouched).
     pub(crate) fn upgrade(&mut self, reply: OwnedFd) {
-        let error = self.try_upgrade(&reply);
+        // The check, the snapshot, the exec and the new image taking the
+        // snapshot share a core with the serving worker (pinned, or on a
+        // small machine): at SCHED_IDLE they run in its idle time and the
+        // worker preempts them the moment it wakes, so that its clients do
+        // not notice (see takeover::priority; measured in BENCHMARKS.md,
+        // section 7). The new image returns to SCHED_OTHER.
+        let background = takeover::priority::idle();
+        let error = self.try_upgrade(&reply, background);
+        if background {
+            let _ = takeover::priority::foreground();
+        }
         tracing::error!("upgrade refused: {error}");
         let answer = UpgradeReply {
             ok: false,
@@ -195,7 +211,7 @@ impl Supervisor {
     }
 
     /// Returns only if the upgrade did not happen: why.
-    fn try_upgrade(&mut self, reply: &OwnedFd) -> String {
+    fn try_upgrade(&mut self, reply: &OwnedFd, background: bool) -> String {
         let began_ms = now_ms();
         let Workers::Serving(w) = &self.workers else {
             return match &self.workers {
@@ -211,8 +227,14 @@ impl Supervisor {
             Ok(v) => v,
             Err(why) => return why,
         };
-        tracing::info!(binary = %exe.display(), from = %env!("CARGO_PKG_VERSION"), %to, "upgrading takeoverd in place");
-        let (snapshot_fd, carried) = match self.snapshot(reply, began_ms) {
+        tracing::info!(
+            binary = %exe.display(),
+            from = %env!("CARGO_PKG_VERSION"),
+            %to,
+            sched_idle = background,
+            "upgrading takeoverd in place"
+        );
+        let (snapshot_fd, carried) = match self.snapshot(reply, began_ms, background) {
             Ok(s) => s,
             Err(e) => return format!("writing the upgrade snapshot: {e}"),
         };
@@ -257,7 +279,7 @@ impl Supervisor {
 
     /// Writes the snapshot memfd; also returns the fds it opened for the
     /// exec (the previous binary) beside everything the supervisor holds.
-    fn snapshot(&self, reply: &OwnedFd, began_ms: f64) -> anyhow::Result<(OwnedFd, Vec<OwnedFd>)> {
+    fn snapshot(&self, reply: &OwnedFd, began_ms: f64, background: bool) -> anyhow::Result<(OwnedFd, Vec<OwnedFd>)> {
         let Workers::Serving(w) = &self.workers else { anyhow::bail!("no worker serves") };
         let fallback: OwnedFd = std::fs::File::open("/proc/self/exe")?.into();
         let snap = Snapshot {
@@ -283,6 +305,7 @@ impl Supervisor {
             restarts: self.restarts,
             upgrades: self.upgrades,
             fallback: fallback.as_raw_fd(),
+            background,
         };
         let memfd = nix::sys::memfd::memfd_create(c"takeoverd-upgrade", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
         let mut file = std::fs::File::from(memfd);
@@ -307,6 +330,11 @@ impl Supervisor {
     /// A new image: answers `ctl upgrade`, tells systemd, logs.
     pub(crate) fn finish_upgrade(&mut self, up: Upgraded) {
         let took_ms = now_ms() - up.began_ms;
+        if up.background {
+            if let Err(e) = takeover::priority::foreground() {
+                tracing::warn!("returning to SCHED_OTHER and nice 0 after the upgrade: {e}");
+            }
+        }
         self.upgrades += 1;
         let fell_back = up
             .fell_back

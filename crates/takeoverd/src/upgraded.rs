@@ -101,7 +101,8 @@ pub fn resume(cfg: Config) -> anyhow::Result<Option<Supervisor>> {
         let grace = sup.cfg.ack_timeout;
         sup.reap_in_background(pid, move || crate::worker::finish_pid(pid, grace));
     }
-    sup.upgraded = Some(Upgraded { reply, from: snap.from, began_ms: snap.began_ms, fell_back });
+    sup.upgraded =
+        Some(Upgraded { reply, from: snap.from, began_ms: snap.began_ms, fell_back, background: snap.background });
     Ok(Some(sup))
 }
 

@@ -15,7 +15,7 @@ pub(super) fn write(w: &mut String, r: &Results) {
         "takeoverd re-executes its binary (the same one here) while the clients run; the worker is never \
          stopped. Took = `ctl upgrade`'s own figure (request → the new image serving). Latency columns: the worst \
          100 ms row of each upgrade's window, in ms, median (min–max); \"no upgrade\" is the same windows of a run \
-         without upgrades. Then 100 upgrades in a row, clients still connected.\n"
+         without upgrades.\n"
     );
     let _ = writeln!(
         w,
@@ -42,15 +42,25 @@ pub(super) fn write(w: &mut String, r: &Results) {
     }
     let _ = writeln!(
         w,
-        "\n100 upgrades in a row:\n\n| connections | ok | seconds | takeoverd fds before → after | takeoverd RSS \
-         before → after (KiB) |\n|---:|---:|---:|---|---|"
+        "\n100 upgrades in a row (a run of its own; the clients connected throughout):\n\n| connections | ok | seconds \
+         | connections held before → after | takeoverd fds before → after | takeoverd RSS before → after (KiB) | \
+         errors |\n|---:|---:|---:|---|---|---|---:|"
     );
     for u in &r.upgrade {
         if let Some(h) = &u.hundred {
             let _ = writeln!(
                 w,
-                "| {} | {}/100 | {:.1} | {} → {} | {} → {} |",
-                u.connections, h.ok, h.seconds, h.fds.0, h.fds.1, h.rss_kib.0, h.rss_kib.1
+                "| {} | {}/100 | {:.1} | {} → {} | {} → {} | {} → {} | {} |",
+                u.connections,
+                h.ok,
+                h.seconds,
+                h.connections.0,
+                h.connections.1,
+                h.fds.0,
+                h.fds.1,
+                h.rss_kib.0,
+                h.rss_kib.1,
+                bold_if(h.errors)
             );
         }
     }
