@@ -373,7 +373,7 @@ fn a_python_worker_survives_reloads_and_takeoverd_restarts_under_systemd() {
     up(&m, port);
     let load = Client::start(
         port,
-        &["--connections", "50", "--interval-ms", "5", "--duration", "12", "--timeout-ms", "10000"],
+        &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"],
     );
     wait_connections(&m, 50, Duration::from_secs(10));
     let python_serves = |st: &Status| {
@@ -416,7 +416,7 @@ fn upgrades_under_systemd_keep_main_pid_and_the_fd_store() {
     let Some((m, port)) = start("upgrade", &[]) else { return };
     let load = Client::start(
         port,
-        &["--connections", "100", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"],
+        &["--connections", "100", "--interval-ms", "5", "--duration", "6", "--timeout-ms", "10000"],
     );
     wait_connections(&m, 100, Duration::from_secs(10));
     let main = m.main_pid(SERVICE);

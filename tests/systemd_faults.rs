@@ -56,7 +56,7 @@ fn kill_self_at(step: &str) {
         return;
     };
     let pid0 = m.main_pid(SERVICE);
-    let c = client(port, &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"]);
+    let c = client(port, &["--connections", "50", "--interval-ms", "5", "--duration", "6", "--timeout-ms", "10000"]);
     wait_until("takeoverd holds the 50 connections", Duration::from_secs(10), || {
         m.try_ctl_status().is_some_and(|s| s.connections == 50)
     });
@@ -175,7 +175,7 @@ fn connections_past_the_names_budget_survive_restarts() {
 #[test]
 fn a_burst_of_takeoverd_crashes_keeps_every_connection() {
     let Some((m, port)) = start("crash-burst", &[], &[], None) else { return };
-    let c = client(port, &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"]);
+    let c = client(port, &["--connections", "50", "--interval-ms", "5", "--duration", "6", "--timeout-ms", "10000"]);
     wait_until("takeoverd holds the 50 connections", Duration::from_secs(10), || {
         m.try_ctl_status().is_some_and(|s| s.connections == 50)
     });

@@ -86,7 +86,7 @@ pub fn all(cli: &Cli, ctx: &mut Ctx, scratch: &Path, fd_limit: &str) -> Measured
     let upgrade_sizes: &[(u64, f64)] = if cli.quick { &[(100, 400.0)] } else { &[(1_000, 700.0), (10_000, 1500.0)] };
     let mut upgrade = Vec::new();
     for &(n, spacing) in upgrade_sizes.iter().filter(|_| cli.wants(Part::Upgrade)) {
-        match upgrade::run(ctx, n, if cli.quick { 2 } else { 10 }, spacing, true, true) {
+        match upgrade::run(ctx, n, if cli.quick { 2 } else { 10 }, spacing, true, !cli.quick) {
             Ok(u) => upgrade.push(u),
             Err(e) => {
                 failures += 1;
