@@ -371,10 +371,8 @@ fn a_python_worker_survives_reloads_and_takeoverd_restarts_under_systemd() {
     let port = free_port();
     m.install_seqnum(port, &["--worker", script.to_str().unwrap()]);
     up(&m, port);
-    let load = Client::start(
-        port,
-        &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"],
-    );
+    let load =
+        Client::start(port, &["--connections", "50", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "10000"]);
     wait_connections(&m, 50, Duration::from_secs(10));
     let python_serves = |st: &Status| {
         let pid = worker_pid(st).expect("a worker serves");

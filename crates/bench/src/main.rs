@@ -51,10 +51,11 @@ its own executable (target/release/ for `cargo run --release`), or those in --bi
 Build them first:\n\n    cargo build --release --workspace && cargo run --release -p seqnum-bench\n\n\
 It measures (1) reload handoff at 100, 1 000, 10 000 and 19 900 live connections, against the same windows \
 without a reload, (2) `systemctl --user restart` and kill -9 + automatic restart through the fd store under a \
-private systemd --user manager (root, systemd 252+), (3) echo throughput and server CPU per echo, against \
+private systemd --user manager (root, systemd 252+), with reloads and `takeoverd ctl upgrade`s beside them, (3) echo throughput and server CPU per echo, against \
 floor-echo (a minimal epoll echo server, the floor), (4) RSS per idle connection, (5) the largest number of \
 connections that survives a reload, (6) connection churn (connects/s) against floor-echo and through reloads and \
-kill -9s of the worker. A full run takes about 10 minutes and uses both cores; run it on an otherwise idle machine. \
+kill -9s of the worker, (7) `takeoverd ctl upgrade` at 1 000 and 10 000 connections against the same windows \
+without one, and 100 upgrades in a row. A full run takes about 12 minutes and uses both cores; run it on an otherwise idle machine. \
 Every process it starts is killed when it ends, fails or is interrupted.",
     after_help = "Examples:\n  cargo build --release --workspace && cargo run --release -p seqnum-bench\n  \
 seqnum-bench --quick                          a seconds-long smoke run into a temp dir\n  \
