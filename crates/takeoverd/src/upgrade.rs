@@ -361,6 +361,9 @@ impl Supervisor {
             Some(why) => tracing::error!("upgrade failed: {why}"),
         }
         crate::control_server::reply(&up.reply, &answer);
+        // The previous image's last WATCHDOG=1 may be up to half the
+        // watchdog interval old: ping at once rather than a full half later.
+        notify(&[NotifyState::Watchdog]);
         self.publish_ready();
     }
 }
