@@ -165,16 +165,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_peers_fin_is_not_a_consumed_byte() {
+    /// A connection whose client sent 8 bytes, of which the server read 4,
+    /// and whose server wrote 3: (client, server).
+    fn half_echoed() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut server, _) = l.accept().unwrap();
-        let at = |s: &TcpStream| stream_offsets(s.as_fd()).unwrap();
         client.write_all(b"abcdefgh").unwrap();
-        let mut buf = [0u8; 4];
-        server.read_exact(&mut buf).unwrap();
+        server.read_exact(&mut [0u8; 4]).unwrap();
         server.write_all(b"xyz").unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn the_peers_fin_is_not_a_consumed_byte() {
+        let (client, mut server) = half_echoed();
+        let at = |s: &TcpStream| stream_offsets(s.as_fd()).unwrap();
+        let mut buf = [0u8; 4];
         client.shutdown(Shutdown::Write).unwrap();
         wait_state(&server, TCP_CLOSE_WAIT);
         // The kernel counts the FIN in tcpi_bytes_received, not in SIOCINQ.
@@ -191,14 +198,9 @@ mod tests {
 
     #[test]
     fn our_own_fin_is_not_a_written_byte() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut server, _) = l.accept().unwrap();
+        let (mut client, mut server) = half_echoed();
         let at = |s: &TcpStream| stream_offsets(s.as_fd()).unwrap();
-        client.write_all(b"abcdefgh").unwrap();
         let mut buf = [0u8; 4];
-        server.read_exact(&mut buf).unwrap();
-        server.write_all(b"xyz").unwrap();
         server.shutdown(Shutdown::Write).unwrap();
         wait_state(&server, TCP_FIN_WAIT2);
         // The kernel counts our acked FIN in tcpi_bytes_acked, as it does

@@ -95,6 +95,33 @@ pub(crate) struct Snapshot {
     pub(crate) background: bool,
 }
 
+impl Snapshot {
+    /// Every fd the snapshot names, with what it must be (`None`: the
+    /// worker's stderr pipe, any file) and what it is for: what the exec
+    /// leaves open and the new image takes.
+    pub(crate) fn carried(&self) -> Vec<(RawFd, Option<takeover::Kind>, String)> {
+        use takeover::Kind;
+        let mut out: Vec<(RawFd, Option<Kind>, String)> = Vec::new();
+        for (name, fd, _) in &self.listeners {
+            out.push((*fd, Some(Kind::TcpListener), format!("listener {name}")));
+        }
+        for (name, fd, _) in &self.conns {
+            out.push((*fd, Some(Kind::TcpStream), format!("connection {name}")));
+        }
+        out.push((self.state, Some(Kind::File), "the state memfd".into()));
+        out.push((self.ctl.0, Some(Kind::UnixSeqpacket), "the control socket".into()));
+        out.push((self.reply, Some(Kind::UnixSeqpacket), "the upgrade's control connection".into()));
+        for (r, w, _, _) in &self.store.overflow.pairs {
+            out.push((*r, Some(Kind::UnixSeqpacket), "an overflow pair".into()));
+            out.push((*w, Some(Kind::UnixSeqpacket), "an overflow pair".into()));
+        }
+        out.push((self.worker.chan, Some(Kind::UnixSeqpacket), "the worker's channel".into()));
+        out.push((self.worker.stderr, None, "the worker's stderr".into()));
+        out.push((self.fallback, Some(Kind::File), "the previous binary".into()));
+        out
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct CarriedWorker {
     pub(crate) pid: u32,
@@ -234,7 +261,7 @@ impl Supervisor {
             sched_idle = background,
             "upgrading takeoverd in place"
         );
-        let (snapshot_fd, carried) = match self.snapshot(reply, began_ms, background) {
+        let (snapshot_fd, carried, named) = match self.snapshot(reply, began_ms, background) {
             Ok(s) => s,
             Err(e) => return format!("writing the upgrade snapshot: {e}"),
         };
@@ -251,8 +278,17 @@ impl Supervisor {
         let err = {
             let mut all = self.held_fds();
             all.extend(carried.iter().map(|f| f.as_fd()));
-            all.push(snapshot_fd.as_fd());
             all.push(reply.as_fd());
+            // What the exec leaves open must be exactly what the snapshot
+            // names (else the new image would miss an fd and fall back).
+            let mut open: Vec<RawFd> = all.iter().map(|fd| fd.as_raw_fd()).collect();
+            let mut named = named;
+            open.sort_unstable();
+            named.sort_unstable();
+            if open != named {
+                return "the fds to carry differ from those the snapshot names (a bug: please report it)".into();
+            }
+            all.push(snapshot_fd.as_fd());
             match all.iter().find_map(|fd| set_cloexec(*fd, false).err().map(|e| (fd.as_raw_fd(), e))) {
                 Some((raw, e)) => {
                     restore_cloexec(&all);
@@ -278,8 +314,14 @@ impl Supervisor {
     }
 
     /// Writes the snapshot memfd; also returns the fds it opened for the
-    /// exec (the previous binary) beside everything the supervisor holds.
-    fn snapshot(&self, reply: &OwnedFd, began_ms: f64, background: bool) -> anyhow::Result<(OwnedFd, Vec<OwnedFd>)> {
+    /// exec (the previous binary) beside everything the supervisor holds,
+    /// and the numbers of every fd it names.
+    fn snapshot(
+        &self,
+        reply: &OwnedFd,
+        began_ms: f64,
+        background: bool,
+    ) -> anyhow::Result<(OwnedFd, Vec<OwnedFd>, Vec<RawFd>)> {
         let Workers::Serving(w) = &self.workers else { anyhow::bail!("no worker serves") };
         let fallback: OwnedFd = std::fs::File::open("/proc/self/exe")?.into();
         let snap = Snapshot {
@@ -310,7 +352,8 @@ impl Supervisor {
         let memfd = nix::sys::memfd::memfd_create(c"takeoverd-upgrade", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
         let mut file = std::fs::File::from(memfd);
         serde_json::to_writer(&mut file, &snap)?;
-        Ok((file.into(), vec![fallback]))
+        let named = snap.carried().into_iter().map(|(raw, _, _)| raw).collect();
+        Ok((file.into(), vec![fallback], named))
     }
 
     /// Every fd the supervisor holds that the snapshot names.

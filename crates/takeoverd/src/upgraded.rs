@@ -11,14 +11,6 @@ use crate::supervisor::{Config, HeldListener, Supervisor};
 use crate::upgrade::{exec_args, exec_env, set_cloexec, Snapshot, Upgraded, FALLBACK_ENV, SNAPSHOT_ENV, STATE_VERSION};
 use crate::workers::{HeldConn, Proto, Worker, Workers};
 
-/// One fd to carry, and what it must be on the other side.
-#[derive(Debug, Clone, Copy)]
-enum Expect {
-    Socket(takeover::Kind),
-    File,
-    Any,
-}
-
 /// In a new image: the snapshot its predecessor left, if this start is an
 /// upgrade, taken into a supervisor. If the snapshot cannot be taken, the
 /// previous binary is exec'd with it (this function does not return then);
@@ -141,34 +133,12 @@ fn fall_back(
 
 /// Takes every fd the snapshot names into `taken` and checks what each is.
 fn take_all(snap: &Snapshot, taken: &mut std::collections::HashMap<RawFd, OwnedFd>) -> Result<(), String> {
-    use takeover::Kind;
-    let mut want: Vec<(RawFd, Expect, String)> = Vec::new();
-    for (name, fd, _) in &snap.listeners {
-        want.push((*fd, Expect::Socket(Kind::TcpListener), format!("listener {name}")));
-    }
-    for (name, fd, _) in &snap.conns {
-        want.push((*fd, Expect::Socket(Kind::TcpStream), format!("connection {name}")));
-    }
-    want.push((snap.state, Expect::File, "the state memfd".into()));
-    want.push((snap.ctl.0, Expect::Socket(Kind::UnixSeqpacket), "the control socket".into()));
-    want.push((snap.reply, Expect::Socket(Kind::UnixSeqpacket), "the upgrade's control connection".into()));
-    for (r, w, _, _) in &snap.store.overflow.pairs {
-        want.push((*r, Expect::Socket(Kind::UnixSeqpacket), "an overflow pair".into()));
-        want.push((*w, Expect::Socket(Kind::UnixSeqpacket), "an overflow pair".into()));
-    }
-    want.push((snap.worker.chan, Expect::Socket(Kind::UnixSeqpacket), "the worker's channel".into()));
-    want.push((snap.worker.stderr, Expect::Any, "the worker's stderr".into()));
-    want.push((snap.fallback, Expect::File, "the previous binary".into()));
     let mut problem = None;
-    for (raw, expect, what) in want {
+    for (raw, kind, what) in snap.carried() {
         // Take each even after a problem: they all go back to the fallback.
         match takeover::take_raw_inherited(raw) {
             Ok(fd) => {
-                let bad = match expect {
-                    Expect::Socket(kind) => takeover::validate(fd.as_fd(), kind).err(),
-                    Expect::File => takeover::validate(fd.as_fd(), Kind::File).err(),
-                    Expect::Any => None,
-                };
+                let bad = kind.and_then(|kind| takeover::validate(fd.as_fd(), kind).err());
                 if let (Some(bad), None) = (bad, &problem) {
                     problem = Some(format!("{what} (fd {raw}): {bad}"));
                 }
