@@ -256,6 +256,10 @@ mount --bind "$1" /run/systemd/inaccessible
             .env("XDG_CONFIG_HOME", &config_dir)
             .env_remove("DBUS_SESSION_BUS_ADDRESS")
             .env_remove("NOTIFY_SOCKET")
+            // Its own messages into manager.log: with no journald here the
+            // default target is the kernel log, and a manager that exits
+            // at start would say nothing to the test that started it.
+            .env("SYSTEMD_LOG_TARGET", "console")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES")
