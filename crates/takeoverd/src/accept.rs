@@ -1,7 +1,8 @@
 //! takeoverd accepts every connection itself: the listeners are in its
 //! poll while it accepts (not while a version-1 worker, which accepts
 //! itself, serves or takes over), a batch per listener per loop turn, and
-//! each new connection is stored and assigned to the serving worker.
+//! each new connection is stored and assigned to the worker of the slot
+//! with the fewest connections.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ impl Supervisor {
     /// Puts the listeners into the poll, or takes them out, as the workers'
     /// state says who accepts.
     pub(crate) fn sync_accepting(&mut self) {
-        let want = self.workers.takeoverd_accepts();
+        let want = self.slots.iter().all(|s| s.who.takeoverd_accepts());
         if want == self.accepting {
             return;
         }
@@ -73,15 +74,18 @@ impl Supervisor {
         if fresh.is_empty() {
             return;
         }
-        let mut names = Vec::with_capacity(fresh.len());
+        let mut names: Vec<Vec<String>> = vec![Vec::new(); self.slots.len()];
         for (name, fd) in fresh {
             self.store.store(&name, fd.as_fd(), false);
-            self.conns.insert(name.clone(), HeldConn { fd, state: None });
-            names.push(name);
+            let slot = self.hold(name.clone(), HeldConn::new(fd, None));
+            names[slot].push(name);
         }
-        self.status_dirty = true;
-        self.assign_new(names);
-        let serving = self.workers.serving().map(|w| w.pid());
+        for (slot, names) in names.into_iter().enumerate() {
+            if !names.is_empty() {
+                self.assign_new(slot, names);
+            }
+        }
+        let serving = self.serving_pids().first().copied();
         crate::fault::at(crate::fault::Step::Accepted, None, serving);
     }
 }

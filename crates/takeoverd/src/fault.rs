@@ -5,6 +5,10 @@
 //! fault if MARKER exists already, so the fault fires once even across
 //! restarts of takeoverd. Unset (always, in production), it costs one branch.
 //!
+//! STEP may name a slot of `--workers N` as `STEP@SLOT` (`new-ready@1`: the
+//! fault fires in worker 1's handoff of a rolling reload); without one it
+//! fires in the first slot that reaches the step.
+//!
 //! Steps, in the order a reload passes them: `new-started` (the new worker
 //! said hello), `new-ready` (it holds every connection; the old one is about
 //! to be stopped), `old-stopped` (the old one stopped; the new one is about
@@ -72,13 +76,22 @@ pub fn fail_at(step: Step) -> bool {
 /// Injects the configured fault if `step` is its step. `new`/`old` are the
 /// workers' pids.
 pub fn at(step: Step, new: Option<u32>, old: Option<u32>) {
+    at_slot(step, None, new, old)
+}
+
+/// [`at`], in the handoff of `slot` (a fault for another slot is skipped).
+pub fn at_slot(step: Step, slot: Option<usize>, new: Option<u32>, old: Option<u32>) {
     let Ok(spec) = std::env::var("TAKEOVERD_FAULT") else { return };
     let mut parts = spec.splitn(3, ':');
     let (Some(s), Some(action), Some(marker)) = (parts.next(), parts.next(), parts.next()) else {
         tracing::warn!(%spec, "TAKEOVERD_FAULT must be STEP:ACTION:MARKER; ignored");
         return;
     };
-    if s != step.name() {
+    let (s, only) = match s.split_once('@') {
+        Some((s, n)) => (s, n.parse::<usize>().ok()),
+        None => (s, None),
+    };
+    if s != step.name() || only.is_some_and(|n| Some(n) != slot) {
         return;
     }
     let (target, signal) = match action {

@@ -61,6 +61,14 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     worker: Option<PathBuf>,
 
+    /// How many workers share the connections: each connection belongs to
+    /// one (the one with the fewest connections when it arrives), a reload
+    /// replaces them one at a time, and a crash pauses only the crashed
+    /// one's share. `auto` or 0: one per CPU. Version-1 workers need 1
+    /// [default: $TAKEOVERD_WORKERS, else 1].
+    #[arg(long, value_name = "N|auto", value_parser = parse_workers)]
+    workers: Option<usize>,
+
     /// Deadline of each handoff step (new worker's hello, old worker's
     /// quiesce, new worker's ack).
     #[arg(long, default_value_t = 5000, value_name = "MS")]
@@ -163,6 +171,18 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// `--workers`: a count from 1 to 1024, or `auto`/0 for one per CPU.
+fn parse_workers(s: &str) -> Result<usize, String> {
+    let n = match s {
+        "auto" | "0" => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        _ => s.parse::<usize>().map_err(|_| format!("{s:?} is not a number of workers (1-1024, or auto)"))?,
+    };
+    if n > 1024 {
+        return Err(format!("{n} workers: at most 1024"));
+    }
+    Ok(n)
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     // Before anything is set up: a worker that cannot be started is a
     // mistake in the command line or the installation, not a crash to
@@ -192,7 +212,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let unit_max: Option<usize> = std::env::var("FDSTORE").ok().and_then(|v| v.parse().ok());
     let fdstore_max = cli.fdstore_max.unwrap_or(256).min(unit_max.unwrap_or(usize::MAX));
     let worker_user = worker_user.map(|user| (user.uid.as_raw(), user.gid.as_raw()));
+    let workers = match cli.workers {
+        Some(n) => n,
+        None => match std::env::var("TAKEOVERD_WORKERS") {
+            Ok(v) => parse_workers(v.trim()).map_err(|e| anyhow::anyhow!("$TAKEOVERD_WORKERS: {e}"))?,
+            Err(_) => 1,
+        },
+    };
+    tracing::info!(workers, "workers share the connections");
     let cfg = supervisor::Config {
+        workers,
         worker_user,
         worker,
         worker_args: cli.worker_args,

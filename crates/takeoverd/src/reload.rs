@@ -17,6 +17,12 @@
 //! Until `serve` the old worker owns everything, and any failure rolls back
 //! to it (`resume`). A worker that speaks version 1 of the channel gets the
 //! version-1 handoff (`reload_v1.rs`): stop, offer everything, ack, commit.
+//!
+//! Each slot (`--workers N`) hands over its own share. A reload is a
+//! [`Roll`]: slot 0's handoff, then slot 1's, and so on, so that at most one
+//! share pauses at a time. A failed handoff rolls back that slot only and
+//! ends the roll: the slots before it serve the new generation, it and
+//! those after the old one, and the reload's record says so.
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -32,59 +38,91 @@ use crate::fault::{self, Step as Fault};
 use crate::fdstore::notify;
 use crate::supervisor::Supervisor;
 use crate::worker::WorkerProc;
-use crate::workers::{Handoff, Proto, Step, Why, Worker, Workers};
+use crate::workers::{Handoff, Proto, Step, Who, Why, Worker};
 use takeoverd::status::{unix_now, ReloadRecord};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// A rolling reload: one slot's handoff after another.
+#[derive(Debug)]
+pub(crate) struct Roll {
+    /// The slot being handed over now.
+    pub(crate) slot: usize,
+    /// Control connections waiting for the outcome.
+    pub(crate) waiters: Vec<OwnedFd>,
+    /// Unix time of the request.
+    pub(crate) at: u64,
+    /// When it was asked for.
+    pub(crate) t0: Instant,
+    /// The longest pause of a slot so far (what a client saw at worst).
+    pub(crate) pause: Option<Duration>,
+    /// The longest staging of a slot so far.
+    pub(crate) stage: Option<Duration>,
+}
+
 impl Supervisor {
     /// A reload was asked for (SIGHUP, or `ctl reload` waiting on `waiter`).
-    /// One that arrives during a handoff joins it.
+    /// One that arrives during a reload joins it.
     pub(crate) fn request_reload(&mut self, waiter: Option<OwnedFd>) {
-        let waiters: Vec<OwnedFd> = waiter.into_iter().collect();
-        match &mut self.workers {
-            Workers::Handoff(h) => {
-                h.waiters.extend(waiters);
-                h.why = Why::Reload;
-            }
-            Workers::Serving(_) => self.begin_handoff(Why::Reload, false, waiters),
-            Workers::Down { .. } => self.begin_handoff(Why::Reload, true, waiters),
+        if let Some(roll) = &mut self.roll {
+            roll.waiters.extend(waiter);
+            return;
+        }
+        notify(&[
+            NotifyState::Reloading,
+            crate::fdstore::monotonic_usec(),
+            NotifyState::ExtendTimeoutUsec(crate::fdstore::extend_usec(self.cfg.ack_timeout * self.slots.len() as u32)),
+            NotifyState::Status("reloading: starting a new worker"),
+        ]);
+        self.roll = Some(Roll {
+            slot: 0,
+            waiters: waiter.into_iter().collect(),
+            at: unix_now(),
+            t0: Instant::now(),
+            pause: None,
+            stage: None,
+        });
+        self.roll_step(0);
+    }
+
+    /// Hands `slot` over as a step of the roll (one that is being restarted
+    /// already becomes the step).
+    fn roll_step(&mut self, slot: usize) {
+        if self.slots.len() > 1 {
+            tracing::info!(slot, of = self.slots.len(), "rolling reload: replacing worker {slot}");
+        }
+        match &mut self.slots[slot].who {
+            Who::Handoff(h) => h.why = Why::Reload,
+            Who::Serving(_) => self.begin_handoff(slot, Why::Reload, false),
+            Who::Down { .. } => self.begin_handoff(slot, Why::Reload, true),
         }
     }
 
-    /// Starts a new worker to take over from the serving one (if any).
-    pub(crate) fn begin_handoff(&mut self, why: Why, recovered: bool, waiters: Vec<OwnedFd>) {
+    /// Starts a new worker to take over `slot`'s share from its serving
+    /// worker (if any).
+    pub(crate) fn begin_handoff(&mut self, slot: usize, why: Why, recovered: bool) {
         let t0 = Instant::now();
-        let at = unix_now();
-        if why == Why::Reload {
-            notify(&[
-                NotifyState::Reloading,
-                crate::fdstore::monotonic_usec(),
-                NotifyState::ExtendTimeoutUsec(crate::fdstore::extend_usec(self.cfg.ack_timeout)),
-                NotifyState::Status("reloading: starting a new worker"),
-            ]);
-        }
-        tracing::info!(generation = self.generation + 1, "{}: starting a new worker", why_name(why));
-        let successor = matches!(self.workers, Workers::Serving(_));
+        tracing::info!(generation = self.generation + 1, slot, "{}: starting a new worker", why_name(why));
+        let successor = matches!(self.slots[slot].who, Who::Serving(_));
         let proc = match WorkerProc::spawn(&self.cfg.worker, &self.cfg.worker_args, self.cfg.worker_user, successor) {
             Ok(p) => p,
             Err(e) => {
                 let error = takeover::log::report(&*e);
                 tracing::error!("{error}");
-                self.handoff_failed_to_start(why, at, t0, error, waiters);
+                self.handoff_failed_to_start(slot, why, error);
                 return;
             }
         };
         let token = self.worker_token();
         let new = Worker::new(proc, token);
         self.watch(&new);
-        let old = match std::mem::replace(&mut self.workers, Workers::Down { at: t0 }) {
-            Workers::Serving(w) => Some(w),
+        let old = match std::mem::replace(&mut self.slots[slot].who, Who::Down { at: t0 }) {
+            Who::Serving(w) => Some(w),
             _ => None,
         };
-        self.workers = Workers::Handoff(Box::new(Handoff {
+        self.slots[slot].who = Who::Handoff(Box::new(Handoff {
             why,
             // Without an old worker nobody serves the connections while the
             // new one is staged: it must serve each once (and reconcile it).
@@ -94,38 +132,33 @@ impl Supervisor {
             step: Step::Hello,
             deadline: t0 + self.cfg.ack_timeout,
             t0,
-            at,
             hello_at: None,
             ready_at: None,
             stop_at: None,
             since_stop: Vec::new(),
-            waiters,
         }));
         self.status_dirty = true;
     }
 
     /// The new worker could not even be started.
-    fn handoff_failed_to_start(&mut self, why: Why, at: u64, t0: Instant, error: String, waiters: Vec<OwnedFd>) {
-        if matches!(self.workers, Workers::Down { .. }) {
-            self.schedule_restart();
+    fn handoff_failed_to_start(&mut self, slot: usize, why: Why, error: String) {
+        if matches!(self.slots[slot].who, Who::Down { .. }) {
+            self.schedule_restart(slot);
         }
-        self.finish(why, at, t0, Err(error), None, waiters);
+        self.finish(slot, why, Err(error), None);
     }
 
-    /// Whether `token` is the new or the old worker of a handoff.
-    pub(crate) fn is_handoff_worker(&self, token: Token) -> bool {
-        match &self.workers {
-            Workers::Handoff(h) => h.new.token == token || h.old.as_ref().is_some_and(|o| o.token == token),
-            _ => false,
-        }
+    /// Whether `token` is the new or the old worker of `slot`'s handoff.
+    pub(crate) fn is_handoff_worker(&self, slot: usize, token: Token) -> bool {
+        matches!(&self.slots[slot].who, Who::Handoff(_)) && self.slots[slot].has(token)
     }
 
-    /// Gives freshly accepted connections to whoever serves them now, and to
-    /// a staged successor.
-    pub(crate) fn assign_new(&mut self, names: Vec<String>) {
-        match &mut self.workers {
-            Workers::Serving(w) => w.assign(names),
-            Workers::Handoff(h) => {
+    /// Gives freshly accepted connections of `slot` to whoever serves them
+    /// now, and to a staged successor.
+    pub(crate) fn assign_new(&mut self, slot: usize, names: Vec<String>) {
+        match &mut self.slots[slot].who {
+            Who::Serving(w) => w.assign(names),
+            Who::Handoff(h) => {
                 if h.step <= Step::Staging {
                     if let Some(o) = h.old.as_mut().filter(|o| o.proto == Proto::V2) {
                         o.assign(names.iter().cloned());
@@ -137,13 +170,13 @@ impl Supervisor {
                     h.new.assign(names);
                 }
             }
-            Workers::Down { .. } => {}
+            Who::Down { .. } => {}
         }
     }
 
-    /// A message from the new or the old worker of the handoff.
-    pub(crate) fn on_handoff_message(&mut self, token: Token, msg: FromWorker) -> Result<(), String> {
-        let Workers::Handoff(h) = &mut self.workers else { return Ok(()) };
+    /// A message from the new or the old worker of `slot`'s handoff.
+    pub(crate) fn on_handoff_message(&mut self, slot: usize, token: Token, msg: FromWorker) -> Result<(), String> {
+        let Who::Handoff(h) = &mut self.slots[slot].who else { return Ok(()) };
         if h.new.token != token {
             // The old worker: it serves until `stop`, then reports.
             match msg {
@@ -158,15 +191,15 @@ impl Supervisor {
                     self.update_states(entries);
                 }
                 FromWorker::Wake { names } if h.step == Step::Stopping => h.new.send(&ToWorker::Wake { names }),
-                FromWorker::Stopped if h.step == Step::Stopping => self.old_stopped(),
+                FromWorker::Stopped if h.step == Step::Stopping => self.old_stopped(slot),
                 other => return Err(format!("unexpected {} from the old worker ({})", other.name(), h.step.name())),
             }
             return Ok(());
         }
         match (h.step, msg) {
-            (Step::Hello, FromWorker::Hello { version, pid: _ }) => self.new_said_hello(version)?,
-            (Step::Staging, FromWorker::Ready { count }) => self.new_ready(count),
-            (Step::Committing, FromWorker::Serving { count: _ }) => self.commit(),
+            (Step::Hello, FromWorker::Hello { version, pid: _ }) => self.new_said_hello(slot, version)?,
+            (Step::Staging, FromWorker::Ready { count }) => self.new_ready(slot, count),
+            (Step::Committing, FromWorker::Serving { count: _ }) => self.commit(slot),
             // A worker told to serve may find connections ended before it says so.
             (Step::Committing, FromWorker::Closed { name }) => self.conn_closed(&name),
             (Step::Committing, FromWorker::State { entries }) => self.update_states(entries),
@@ -177,23 +210,30 @@ impl Supervisor {
         Ok(())
     }
 
-    fn new_said_hello(&mut self, version: u32) -> Result<(), String> {
-        let Workers::Handoff(h) = &mut self.workers else { return Ok(()) };
+    fn new_said_hello(&mut self, slot: usize, version: u32) -> Result<(), String> {
+        let n = self.slots.len();
+        let share = self.slots[slot].share;
+        let Who::Handoff(h) = &mut self.slots[slot].who else { return Ok(()) };
         h.hello_at = Some(Instant::now());
         match version {
             2 => {
                 h.new.proto = Proto::V2;
                 h.step = Step::Staging;
                 h.deadline = Instant::now() + self.cfg.ack_timeout;
-                h.new.assign(self.conns.keys().cloned());
-                h.new.send(&ToWorker::Sync { count: self.conns.len() });
-                self.inject(Fault::NewStarted);
+                h.new.assign(self.conns.iter().filter(|(_, c)| c.slot == slot).map(|(name, _)| name.clone()));
+                h.new.send(&ToWorker::Sync { count: share });
+                self.inject(slot, Fault::NewStarted);
                 Ok(())
             }
+            1 if n > 1 => Err(format!(
+                "it speaks version 1 of the supervisor channel, whose workers accept connections themselves and \
+                 cannot share them with {} others: run takeoverd with --workers 1 for it, or use version 2",
+                n - 1
+            )),
             1 => {
                 h.new.proto = Proto::V1;
-                self.inject(Fault::NewStarted);
-                self.legacy_handoff();
+                self.inject(slot, Fault::NewStarted);
+                self.legacy_handoff(slot);
                 Ok(())
             }
             v => {
@@ -210,23 +250,23 @@ impl Supervisor {
         }
     }
 
-    /// Injects the configured fault at `step` of a reload (tests only).
-    pub(crate) fn inject(&self, step: Fault) {
-        if let Workers::Handoff(h) = &self.workers {
+    /// Injects the configured fault at `step` of `slot`'s reload (tests only).
+    pub(crate) fn inject(&self, slot: usize, step: Fault) {
+        if let Who::Handoff(h) = &self.slots[slot].who {
             if h.why == Why::Reload {
-                fault::at(step, Some(h.new.pid()), h.old.as_ref().map(|o| o.pid()));
+                fault::at_slot(step, Some(slot), Some(h.new.pid()), h.old.as_ref().map(|o| o.pid()));
             }
         }
     }
 
-    /// The new worker holds every connection: stop the old one.
-    fn new_ready(&mut self, _count: usize) {
-        let Workers::Handoff(h) = &mut self.workers else { return };
+    /// The new worker holds every connection of its share: stop the old one.
+    fn new_ready(&mut self, slot: usize, _count: usize) {
+        let Who::Handoff(h) = &mut self.slots[slot].who else { return };
         let now = Instant::now();
         h.ready_at = Some(now);
         h.deadline = now + self.cfg.ack_timeout;
-        self.inject(Fault::NewReady);
-        let Workers::Handoff(h) = &mut self.workers else { return };
+        self.inject(slot, Fault::NewReady);
+        let Who::Handoff(h) = &mut self.slots[slot].who else { return };
         match &mut h.old {
             Some(o) => {
                 h.step = Step::Stopping;
@@ -241,37 +281,37 @@ impl Supervisor {
     }
 
     /// The old worker stopped; every state and wake it had came before.
-    pub(crate) fn old_stopped(&mut self) {
-        self.inject(Fault::OldStopped);
-        let Workers::Handoff(h) = &mut self.workers else { return };
+    pub(crate) fn old_stopped(&mut self, slot: usize) {
+        self.inject(slot, Fault::OldStopped);
+        let Who::Handoff(h) = &mut self.slots[slot].who else { return };
         h.step = Step::Committing;
         h.deadline = Instant::now() + self.cfg.ack_timeout;
         h.new.send(&ToWorker::Serve { recovered: h.recovered });
     }
 
     /// The channel's writes went out: a big staging is making progress.
-    pub(crate) fn handoff_progress(&mut self, token: Token) {
-        if let Workers::Handoff(h) = &mut self.workers {
+    pub(crate) fn handoff_progress(&mut self, slot: usize, token: Token) {
+        if let Who::Handoff(h) = &mut self.slots[slot].who {
             if h.new.token == token && h.step == Step::Staging {
                 h.deadline = Instant::now() + self.cfg.ack_timeout;
             }
         }
     }
 
-    pub(crate) fn handoff_timers(&mut self, now: Instant) {
-        match &self.workers {
-            Workers::Down { at } if now >= *at => {
+    pub(crate) fn handoff_timers(&mut self, slot: usize, now: Instant) {
+        match &self.slots[slot].who {
+            Who::Down { at } if now >= *at => {
                 self.restarts += 1;
-                self.begin_handoff(Why::Restart, true, Vec::new());
+                self.begin_handoff(slot, Why::Restart, true);
             }
-            Workers::Handoff(h) if now >= h.deadline => {
+            Who::Handoff(h) if now >= h.deadline => {
                 let (token, why) = match (h.step, &h.old) {
                     (Step::Stopping, Some(o)) => (o.token, format!("did not stop within {:?}", self.cfg.ack_timeout)),
                     (step, _) => {
                         (h.new.token, format!("did not answer within {:?} ({})", self.cfg.ack_timeout, step.name()))
                     }
                 };
-                self.handoff_worker_failed(token, &why);
+                self.handoff_worker_failed(slot, token, &why);
             }
             _ => {}
         }
@@ -279,10 +319,10 @@ impl Supervisor {
 
     /// The new or the old worker of a handoff failed (died, hung, broke
     /// the protocol).
-    pub(crate) fn handoff_worker_failed(&mut self, token: Token, why: &str) {
-        let Workers::Handoff(h) = &mut self.workers else { return };
+    pub(crate) fn handoff_worker_failed(&mut self, slot: usize, token: Token, why: &str) {
+        let Who::Handoff(h) = &mut self.slots[slot].who else { return };
         if h.new.token == token {
-            return self.rollback(why);
+            return self.rollback(slot, why);
         }
         // The old worker: its connections are all here; the new worker
         // takes them as after a crash.
@@ -292,8 +332,8 @@ impl Supervisor {
         let pid = old.pid();
         let mut proc = old.proc;
         proc.kill();
-        tracing::error!(pid, "the old worker {why} during the handoff; the new worker recovers its connections");
-        let Workers::Handoff(h) = &mut self.workers else { return };
+        tracing::error!(pid, slot, "the old worker {why} during the handoff; the new worker recovers its connections");
+        let Who::Handoff(h) = &mut self.slots[slot].who else { return };
         h.recovered = true;
         h.since_stop.clear();
         if h.step == Step::Stopping {
@@ -306,8 +346,8 @@ impl Supervisor {
     /// The new worker failed: before `serve`, the old one (if any) serves
     /// on; after `serve`, the new one may have touched the sockets, so it is
     /// a crash: a fresh worker recovers them.
-    pub(crate) fn rollback(&mut self, why: &str) {
-        let Workers::Handoff(h) = std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) else {
+    pub(crate) fn rollback(&mut self, slot: usize, why: &str) {
+        let Who::Handoff(h) = std::mem::replace(&mut self.slots[slot].who, Who::Down { at: Instant::now() }) else {
             return;
         };
         let h = *h;
@@ -328,9 +368,9 @@ impl Supervisor {
                     old.send(&ToWorker::Resume);
                 }
                 error.push_str("; the old worker serves on");
-                tracing::error!("{error}");
-                self.workers = Workers::Serving(old);
-                self.ping = (Instant::now(), false);
+                tracing::error!(slot, "{error}");
+                self.slots[slot].who = Who::Serving(old);
+                self.slots[slot].ping = (Instant::now(), false);
             }
             old => {
                 if let Some(old) = old {
@@ -341,25 +381,26 @@ impl Supervisor {
                 } else {
                     "; its connections are held here and go to a new worker"
                 });
-                tracing::error!("{error}");
-                self.schedule_restart();
+                tracing::error!(slot, "{error}");
+                self.schedule_restart(slot);
             }
         }
-        self.finish(h.why, h.at, h.t0, Err(error), None, h.waiters);
+        self.finish(slot, h.why, Err(error), None);
     }
 
     /// The new worker serves: the old one goes.
-    pub(crate) fn commit(&mut self) {
-        let Workers::Handoff(h) = std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) else {
+    pub(crate) fn commit(&mut self, slot: usize) {
+        let Who::Handoff(h) = std::mem::replace(&mut self.slots[slot].who, Who::Down { at: Instant::now() }) else {
             return;
         };
         let mut h = *h;
         let now = Instant::now();
         let (new_pid, old_pid) = (h.new.pid(), h.old.as_ref().map(|o| o.pid()));
         if h.why == Why::Reload {
-            fault::at(Fault::NewServing, Some(new_pid), old_pid);
+            fault::at_slot(Fault::NewServing, Some(slot), Some(new_pid), old_pid);
         }
         self.generation += 1;
+        self.slots[slot].generation = self.generation;
         h.new.serving_since = Some(now);
         let phases = Phases {
             pause: h.stop_at.map(|s| now - s),
@@ -371,8 +412,9 @@ impl Supervisor {
         }
         tracing::info!(
             pid = new_pid,
+            slot,
             generation = self.generation,
-            connections = self.conns.len(),
+            connections = self.slots[slot].share,
             pause_ms = %phases.pause.map_or("none".into(), |p| format!("{:.3}", ms(p))),
             stage_ms = %format_args!("{:.2}", phases.stage.map_or(0.0, ms)),
             total_ms = %format_args!("{:.2}", ms(phases.total)),
@@ -382,53 +424,64 @@ impl Supervisor {
                 _ => "worker serving",
             }
         );
-        self.workers = Workers::Serving(h.new);
-        self.ping = (now, false);
+        self.slots[slot].who = Who::Serving(h.new);
+        self.slots[slot].ping = (now, false);
         self.save_state();
-        self.finish(h.why, h.at, h.t0, Ok(phases), Some(new_pid), h.waiters);
+        self.finish(slot, h.why, Ok(phases), Some(new_pid));
     }
 
-    /// Records a handoff's outcome, answers who waited, tells systemd.
-    fn finish(
-        &mut self,
-        why: Why,
-        at: u64,
-        t0: Instant,
-        outcome: Result<Phases, String>,
-        pid: Option<u32>,
-        waiters: Vec<OwnedFd>,
-    ) {
+    /// A slot's handoff ended: the roll goes on to the next slot, or ends
+    /// (recorded, answered, told to systemd).
+    fn finish(&mut self, slot: usize, why: Why, outcome: Result<Phases, String>, pid: Option<u32>) {
         let ok = outcome.is_ok();
-        if why == Why::Reload {
-            let (error, phases) = match outcome {
-                Ok(p) => (None, p),
-                Err(e) => (Some(e), Phases { pause: None, stage: None, total: t0.elapsed() }),
-            };
-            let rec = ReloadRecord {
-                generation: if ok { self.generation } else { self.generation + 1 },
-                at,
-                ok,
-                error,
-                handoff_ms: ms(phases.total),
-                old_exit_ms: 0.0,
-                pause_ms: phases.pause.map(ms),
-                stage_ms: phases.stage.map(ms),
-                total_ms: Some(ms(phases.total)),
-                worker_pid: pid.or_else(|| self.workers.serving().map(|w| w.pid())),
-                connections: self.conns.len(),
-            };
-            self.record(rec.clone());
-            answer_reload(waiters, &rec);
-            self.publish_ready();
-        } else {
+        let rolling = why == Why::Reload && self.roll.as_ref().is_some_and(|r| r.slot == slot);
+        if !rolling {
             if ok && why == Why::Restart {
-                tracing::info!("worker restarted");
+                tracing::info!(slot, "worker restarted");
             }
-            if !self.ready_sent {
+            // READY=1 once every slot's first start has ended.
+            if !self.ready_sent && !self.slots.iter().any(|s| matches!(s.who, Who::Handoff(_))) {
                 self.publish_ready();
             }
-            answer_reload(waiters, &self.stopped_record());
+            return;
         }
+        let n = self.slots.len();
+        let roll = self.roll.as_mut().expect("rolling");
+        if let Ok(p) = &outcome {
+            roll.pause = roll.pause.max(p.pause);
+            roll.stage = roll.stage.max(p.stage);
+            if slot + 1 < n {
+                roll.slot += 1;
+                return self.roll_step(slot + 1);
+            }
+        }
+        let roll = self.roll.take().expect("rolling");
+        let error = outcome.err().map(|e| match n {
+            1 => e,
+            _ => format!(
+                "worker {slot} of {n}: {e}; the roll stopped there: {} serve the new generation, {} the old",
+                if slot == 0 { "none".to_string() } else { format!("workers 0-{}", slot - 1) },
+                if slot + 1 == n { format!("worker {slot}") } else { format!("workers {slot}-{}", n - 1) },
+            ),
+        });
+        let total = roll.t0.elapsed();
+        let rec = ReloadRecord {
+            generation: if ok { self.generation } else { self.generation + 1 },
+            at: roll.at,
+            ok,
+            error,
+            handoff_ms: ms(total),
+            old_exit_ms: 0.0,
+            pause_ms: roll.pause.map(ms),
+            stage_ms: roll.stage.map(ms),
+            total_ms: Some(ms(total)),
+            worker_pid: pid.or_else(|| self.slots[slot].who.serving().map(|w| w.pid())),
+            connections: self.conns.len(),
+            failed_worker: (!ok).then_some(slot),
+        };
+        self.record(rec.clone());
+        answer_reload(roll.waiters, &rec);
+        self.publish_ready();
     }
 
     /// What a waiter hears when takeoverd stops in the middle of a handoff.
@@ -445,13 +498,14 @@ impl Supervisor {
             total_ms: None,
             worker_pid: None,
             connections: self.conns.len(),
+            failed_worker: None,
         }
     }
 
     /// Stops `w` and waits for it (SIGTERM, and the version-1 handoff):
     /// sends what is queued, then `stop` (`quiesce` for version 1), and
     /// keeps every state it reports.
-    pub(crate) fn stop_blocking(&mut self, w: &mut Worker, deadline: Instant) -> Result<(), String> {
+    pub(crate) fn stop_blocking(&mut self, slot: usize, w: &mut Worker, deadline: Instant) -> Result<(), String> {
         if w.proto == Proto::V1 {
             takeover::manifest::send(w.chan(), &v1::ToWorker::Quiesce, &[], Some(deadline))
                 .map_err(|e| e.to_string())?;
@@ -464,7 +518,7 @@ impl Supervisor {
             })
             .map_err(|e| e.to_string())?;
             for (entry, fds) in opened {
-                if let Err(e) = self.v1_opened(entry, fds) {
+                if let Err(e) = self.v1_opened(slot, entry, fds) {
                     tracing::warn!("worker sent a bad 'opened': {e}");
                 }
             }

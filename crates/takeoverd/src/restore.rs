@@ -51,7 +51,7 @@ pub fn restore(cfg: &Config) -> anyhow::Result<Restored> {
     let named: HashSet<String> = g.conns.keys().cloned().collect();
     let restored_state = g.state.is_some();
     for (name, fd) in carried {
-        g.conns.entry(name).or_insert(HeldConn { fd, state: None });
+        g.conns.entry(name).or_insert(HeldConn::new(fd, None));
     }
     let Gathered { mut listeners, mut conns, state, .. } = g;
     let restored = conns.len();
@@ -144,7 +144,7 @@ fn classify(inh: fdstore::Inherited, g: &mut Gathered) {
         let name = if takeover::check_name(&name).is_ok() { name } else { format!("l{}", g.listeners.len()) };
         g.listeners.push(HeldListener { name, fd, addr });
     } else if is(Kind::TcpStream) && takeover::check_name(&name).is_ok() {
-        g.conns.insert(name, HeldConn { fd, state: None });
+        g.conns.insert(name, HeldConn::new(fd, None));
     } else {
         tracing::warn!(%name, "ignoring an inherited fd that is none of ours (closed)");
     }

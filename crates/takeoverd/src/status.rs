@@ -38,6 +38,25 @@ pub struct ReloadRecord {
     pub worker_pid: Option<u32>,
     /// Connections handed over.
     pub connections: usize,
+    /// With `--workers N`: the worker (slot) whose handoff failed and
+    /// stopped the roll; the ones before it serve the new generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_worker: Option<usize>,
+}
+
+/// One worker slot of `--workers N`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Its index, from 0.
+    pub slot: usize,
+    /// The pid of the worker that serves its share (none while it restarts).
+    pub pid: Option<u32>,
+    /// The generation of that worker (0: none served yet).
+    pub generation: u64,
+    /// Connections in its share.
+    pub connections: usize,
+    /// `serving`, `restarting`, or `handoff: <step>`.
+    pub state: String,
 }
 
 /// The answer to `ctl upgrade`.
@@ -79,15 +98,23 @@ pub struct ListenerInfo {
 /// The whole status.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
-    /// Worker generation (1 for the first worker, +1 per reload or restart).
+    /// Worker generation (1 for the first worker, +1 per worker that took
+    /// over a share: a reload with N workers adds N).
     pub generation: u64,
-    /// The serving worker's pid.
+    /// The first serving worker's pid (the only one with `--workers 1`).
     pub worker_pid: Option<u32>,
-    /// `serving`, `restarting`, or `handoff: <step>`.
+    /// `serving`, `restarting`, or `handoff: <step>`; with several workers
+    /// in different states, each one's (`worker 1: handoff: ...`).
     #[serde(default)]
     pub state: String,
     /// Live connections held.
     pub connections: usize,
+    /// Each worker slot.
+    #[serde(default)]
+    pub workers: Vec<WorkerInfo>,
+    /// The slot a rolling reload is replacing now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling: Option<usize>,
     /// Listeners held.
     pub listeners: Vec<ListenerInfo>,
     /// Whether the systemd fd store is in use.
@@ -116,12 +143,31 @@ pub struct Status {
 impl Status {
     /// The one-line `STATUS=` text.
     pub fn line(&self) -> String {
-        let mut s = format!(
-            "generation {}, worker {}, {} connections",
-            self.generation,
-            self.worker_pid.map_or("none".into(), |p| p.to_string()),
-            self.connections
-        );
+        let mut s = if self.workers.len() > 1 {
+            let each: Vec<String> = self
+                .workers
+                .iter()
+                .map(|w| {
+                    let pid = w.pid.map_or("none".into(), |p| p.to_string());
+                    let state = if w.state == "serving" { String::new() } else { format!(" {}", w.state) };
+                    format!("{pid}/g{}/{}{state}", w.generation, w.connections)
+                })
+                .collect();
+            format!(
+                "generation {}, {} workers (pid/generation/connections: {}), {} connections",
+                self.generation,
+                self.workers.len(),
+                each.join(" "),
+                self.connections
+            )
+        } else {
+            format!(
+                "generation {}, worker {}, {} connections",
+                self.generation,
+                self.worker_pid.map_or("none".into(), |p| p.to_string()),
+                self.connections
+            )
+        };
         if let Some(r) = self.reloads.last() {
             let when = takeover::log::utc(r.at);
             if r.ok {
@@ -143,6 +189,19 @@ impl Status {
         let _ = writeln!(s, "worker pid:   {}", self.worker_pid.map_or("none".into(), |p| p.to_string()));
         let _ = writeln!(s, "state:        {}", self.state);
         let _ = writeln!(s, "connections:  {}", self.connections);
+        if self.workers.len() > 1 {
+            for w in &self.workers {
+                let _ = writeln!(
+                    s,
+                    "worker {:<6}pid {}, generation {}, {} connections, {}",
+                    format!("{}:", w.slot),
+                    w.pid.map_or("none".into(), |p| p.to_string()),
+                    w.generation,
+                    w.connections,
+                    w.state
+                );
+            }
+        }
         for l in &self.listeners {
             let _ = writeln!(s, "listener:     {} {}", l.name, l.addr);
         }

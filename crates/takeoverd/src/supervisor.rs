@@ -21,8 +21,8 @@ use takeover::{Endpoint, Existing};
 
 use crate::fdstore::{notify, FdStore};
 use crate::state::{SavedRef, StateFile};
-use crate::workers::{Conns, Workers};
-use takeoverd::status::{ListenerInfo, ReloadRecord, Status};
+use crate::workers::{Conns, HeldConn, Slot, Who};
+use takeoverd::status::{ListenerInfo, ReloadRecord, Status, WorkerInfo};
 
 pub(crate) const SIGNALS: Token = Token(0);
 pub(crate) const CTL: Token = Token(1);
@@ -64,6 +64,8 @@ pub struct Config {
     pub listen: Vec<std::net::SocketAddr>,
     /// Listen backlog for those.
     pub backlog: i32,
+    /// How many workers share the connections (at least 1).
+    pub workers: usize,
 }
 
 /// A listening socket takeoverd holds.
@@ -98,7 +100,10 @@ pub struct Supervisor {
     pub(crate) accept_retry: Option<Instant>,
     pub(crate) accept_log: takeover::Throttle,
     pub(crate) conns: Conns,
-    pub(crate) workers: Workers,
+    /// The shares of the connections and who serves each.
+    pub(crate) slots: Vec<Slot>,
+    /// A rolling reload under way: the slot it is at, who waits for it.
+    pub(crate) roll: Option<crate::reload::Roll>,
     /// Threads reaping workers told to exit (killed past their grace).
     pub(crate) retiring: Vec<(u32, std::thread::JoinHandle<()>)>,
     pub(crate) next_token: usize,
@@ -109,14 +114,11 @@ pub struct Supervisor {
     pub(crate) restarts: u64,
     /// In-place upgrades since the service started.
     pub(crate) upgrades: u64,
-    pub(crate) backoff: Duration,
     /// READY=1 goes out when the first worker's start ends.
     pub(crate) ready_sent: bool,
     watchdog: Option<(Duration, Instant)>,
     pub(crate) status_dirty: bool,
     status_at: Instant,
-    /// When the last ping went out, and whether its pong is still due.
-    pub(crate) ping: (Instant, bool),
     /// This image was exec'd by `ctl upgrade`: what to report once it runs.
     pub(crate) upgraded: Option<crate::upgrade::Upgraded>,
 }
@@ -161,7 +163,8 @@ impl Supervisor {
     ) -> anyhow::Result<Supervisor> {
         poll.registry().register(&mut SourceFd(&ctl.as_fd().as_raw_fd()), CTL, Interest::READABLE)?;
         let watchdog = sd_notify::watchdog_enabled().map(|d| (d / 2, Instant::now()));
-        Ok(Supervisor {
+        let workers = cfg.workers.max(1);
+        let mut sup = Supervisor {
             cfg,
             poll,
             signals,
@@ -174,8 +177,9 @@ impl Supervisor {
             accept_more: false,
             accept_retry: None,
             accept_log: takeover::Throttle::new(Duration::from_secs(1)),
-            conns: restored.conns,
-            workers: Workers::Down { at: Instant::now() },
+            conns: Conns::new(),
+            slots: (0..workers).map(|_| Slot::new()).collect(),
+            roll: None,
             retiring: Vec::new(),
             next_token: 0,
             generation: restored.generation,
@@ -184,14 +188,68 @@ impl Supervisor {
             reloads: VecDeque::new(),
             restarts: 0,
             upgrades: 0,
-            backoff: Duration::ZERO,
             ready_sent: false,
             watchdog,
             status_dirty: true,
             status_at: Instant::now(),
-            ping: (Instant::now(), false),
             upgraded: None,
-        })
+        };
+        for (name, conn) in restored.conns {
+            sup.hold(name, conn);
+        }
+        Ok(sup)
+    }
+
+    /// Holds a connection: it joins the share of `conn.slot`, or of the live
+    /// slot with the fewest connections when it has none (or one that does
+    /// not exist). Returns the slot.
+    pub(crate) fn hold(&mut self, name: String, mut conn: HeldConn) -> usize {
+        if conn.slot >= self.slots.len() {
+            conn.slot = self.least_loaded();
+        }
+        let slot = conn.slot;
+        self.slots[slot].share += 1;
+        if let Some(old) = self.conns.insert(name, conn) {
+            self.slots[old.slot].share -= 1;
+        }
+        self.status_dirty = true;
+        slot
+    }
+
+    /// Forgets a connection; its slot, if it was held.
+    pub(crate) fn unhold(&mut self, name: &str) -> Option<(usize, HeldConn)> {
+        let conn = self.conns.remove(name)?;
+        self.slots[conn.slot].share -= 1;
+        self.status_dirty = true;
+        Some((conn.slot, conn))
+    }
+
+    /// The slot a new connection goes to: the one with the fewest
+    /// connections among those whose worker lives (serves or takes over),
+    /// else among all. Least connections rather than a hash of the socket
+    /// cookie: it keeps the shares even as connections come and go, and
+    /// after a crash (docs/BENCHMARKS.md has the balance figure).
+    pub(crate) fn least_loaded(&self) -> usize {
+        let live = |s: &&Slot| !matches!(s.who, Who::Down { .. });
+        let pick = |only_live: bool| {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !only_live || live(s))
+                .min_by_key(|(_, s)| s.share)
+                .map(|(i, _)| i)
+        };
+        pick(true).or_else(|| pick(false)).unwrap_or(0)
+    }
+
+    /// The slot whose worker `token` is.
+    pub(crate) fn slot_of(&self, token: Token) -> Option<usize> {
+        self.slots.iter().position(|s| s.has(token))
+    }
+
+    /// The pids of the workers that serve now, slot by slot.
+    pub(crate) fn serving_pids(&self) -> Vec<u32> {
+        self.slots.iter().filter_map(|s| s.who.serving().map(|w| w.pid())).collect()
     }
 
     /// Starts the first worker and serves until stopped. Returns the exit
@@ -207,8 +265,10 @@ impl Supervisor {
         } else {
             // Connections restored from the store were served by a process
             // that is gone: their states may be stale.
-            let recovered = !self.conns.is_empty();
-            self.begin_handoff(crate::workers::Why::Start, recovered, Vec::new());
+            for slot in 0..self.slots.len() {
+                let recovered = self.slots[slot].share > 0;
+                self.begin_handoff(slot, crate::workers::Why::Start, recovered);
+            }
         }
         self.sync_accepting();
 
@@ -259,16 +319,16 @@ impl Supervisor {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        let ping = {
-            let (sent, due) = self.ping;
-            Some(if due { sent + self.cfg.ack_timeout } else { sent + PING_EVERY })
-        };
-        let mut soonest = self.workers.deadline(ping);
+        let mut soonest: Option<Instant> = None;
         let mut consider = |at: Option<Instant>| {
             if let Some(at) = at {
                 soonest = Some(soonest.map_or(at, |s| s.min(at)));
             }
         };
+        for slot in &self.slots {
+            let (sent, due) = slot.ping;
+            consider(slot.who.deadline(Some(if due { sent + self.cfg.ack_timeout } else { sent + PING_EVERY })));
+        }
         consider(self.watchdog.map(|(every, last)| last + every));
         consider(self.status_dirty.then(|| self.status_at + Duration::from_secs(1)));
         consider(self.ctl_deadline());
@@ -287,8 +347,10 @@ impl Supervisor {
         if self.status_dirty && now >= self.status_at + Duration::from_secs(1) {
             self.publish_status();
         }
-        self.handoff_timers(now);
-        self.check_ping(now);
+        for slot in 0..self.slots.len() {
+            self.handoff_timers(slot, now);
+            self.check_ping(slot, now);
+        }
         self.ctl_timers(now);
         if self.accept_retry.is_some_and(|t| now >= t) {
             self.accept_retry = None;
@@ -297,21 +359,23 @@ impl Supervisor {
         self.retiring.retain(|(_, r)| !r.is_finished());
     }
 
-    /// Pings the serving worker; replaces one that stays silent past the
-    /// ack timeout.
-    fn check_ping(&mut self, now: Instant) {
-        let Workers::Serving(w) = &mut self.workers else { return };
-        let (sent, due) = self.ping;
+    /// Pings the slot's serving worker; replaces one that stays silent past
+    /// the ack timeout.
+    fn check_ping(&mut self, slot: usize, now: Instant) {
+        let s = &mut self.slots[slot];
+        let Who::Serving(w) = &mut s.who else { return };
+        let (sent, due) = s.ping;
         if due && now >= sent + self.cfg.ack_timeout {
             tracing::error!(
                 pid = w.pid(),
+                slot,
                 "worker did not answer a ping within {:?}; killing it",
                 self.cfg.ack_timeout
             );
-            self.worker_gone("hung");
+            self.worker_gone(slot, "hung");
         } else if !due && now >= sent + PING_EVERY {
             w.send(&ToWorker::Ping);
-            self.ping = (now, true);
+            s.ping = (now, true);
         }
     }
 
@@ -334,9 +398,22 @@ impl Supervisor {
     pub fn status(&self) -> Status {
         Status {
             generation: self.generation,
-            worker_pid: self.workers.serving().map(|w| w.pid()),
+            worker_pid: self.slots.iter().find_map(|s| s.who.serving()).map(|w| w.pid()),
             state: self.state_name(),
             connections: self.conns.len(),
+            workers: self
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| WorkerInfo {
+                    slot: i,
+                    pid: s.who.serving().map(|w| w.pid()),
+                    generation: s.generation,
+                    connections: s.share,
+                    state: s.state_name(),
+                })
+                .collect(),
+            rolling: self.roll.as_ref().map(|r| r.slot),
             listeners: self
                 .listeners
                 .iter()
@@ -354,12 +431,13 @@ impl Supervisor {
         }
     }
 
+    /// The one slot's state, or each slot's when they differ.
     fn state_name(&self) -> String {
-        match &self.workers {
-            Workers::Down { .. } => "restarting".into(),
-            Workers::Serving(_) => "serving".into(),
-            Workers::Handoff(h) => format!("handoff: {}", h.step.name()),
+        let names: Vec<String> = self.slots.iter().map(Slot::state_name).collect();
+        if names.iter().all(|n| *n == names[0]) {
+            return names[0].clone();
         }
+        names.iter().enumerate().map(|(i, n)| format!("worker {i}: {n}")).collect::<Vec<_>>().join("; ")
     }
 
     /// Records a reload's outcome for `ctl status`.
@@ -413,23 +491,12 @@ impl Supervisor {
     /// is gone.
     fn reap(&mut self) {
         let mut gone = Vec::new();
-        match &mut self.workers {
-            Workers::Serving(w) => {
+        for slot in &mut self.slots {
+            for w in slot.workers_mut() {
                 if w.proc.exited().is_some() {
                     gone.push(w.token);
                 }
             }
-            Workers::Handoff(h) => {
-                if h.new.proc.exited().is_some() {
-                    gone.push(h.new.token);
-                }
-                if let Some(o) = &mut h.old {
-                    if o.proc.exited().is_some() {
-                        gone.push(o.token);
-                    }
-                }
-            }
-            Workers::Down { .. } => {}
         }
         for token in gone {
             self.channel_broken(token, "exited");
@@ -439,21 +506,26 @@ impl Supervisor {
     fn stop(&mut self, sig: Signal) -> i32 {
         tracing::info!(signal = sig.as_str(), connections = self.conns.len(), "stopping");
         notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-        let serving = match std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) {
-            Workers::Serving(w) => Some(w),
-            Workers::Handoff(h) => {
-                let h = *h;
-                let mut new = h.new.proc;
-                new.kill();
-                crate::control_server::answer_reload(h.waiters, &self.stopped_record());
-                h.old
+        if let Some(roll) = self.roll.take() {
+            crate::control_server::answer_reload(roll.waiters, &self.stopped_record());
+        }
+        let mut serving = Vec::new();
+        for slot in 0..self.slots.len() {
+            match std::mem::replace(&mut self.slots[slot].who, Who::Down { at: Instant::now() }) {
+                Who::Serving(w) => serving.push((slot, w)),
+                Who::Handoff(h) => {
+                    let h = *h;
+                    let mut new = h.new.proc;
+                    new.kill();
+                    serving.extend(h.old.map(|o| (slot, o)));
+                }
+                Who::Down { .. } => {}
             }
-            Workers::Down { .. } => None,
-        };
-        if let Some(mut w) = serving {
-            let deadline = Instant::now() + self.cfg.ack_timeout.min(Duration::from_secs(2));
-            if let Err(e) = self.stop_blocking(&mut w, deadline) {
-                tracing::warn!("the worker did not stop ({e}); the saved states may be stale");
+        }
+        let deadline = Instant::now() + self.cfg.ack_timeout.min(Duration::from_secs(2));
+        for (slot, mut w) in serving {
+            if let Err(e) = self.stop_blocking(slot, &mut w, deadline) {
+                tracing::warn!(pid = w.pid(), "the worker did not stop ({e}); the saved states may be stale");
             }
             w.send(&ToWorker::Exit);
             let _ = w.flush(&self.conns);

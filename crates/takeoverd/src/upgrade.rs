@@ -47,12 +47,20 @@ use serde_json::value::RawValue;
 
 use crate::fdstore::{extend_usec, monotonic_usec, notify, StoreSnapshot};
 use crate::supervisor::Supervisor;
-use crate::workers::{Proto, Worker, Workers};
+use crate::workers::{Proto, Who};
 use takeoverd::status::{ReloadRecord, UpgradeReply};
 
-/// The version of the snapshot this build writes and reads. A binary that
-/// reads another version is refused before anything changes.
+/// The version of the snapshot this build writes with one worker: version
+/// 1, which every upgradable takeoverd reads. With `--workers N` > 1 it
+/// writes version 2 (version 1 plus `others` and `slots`), which a binary
+/// must say it reads. A binary that cannot read what would be written is
+/// refused before anything changes.
 pub const STATE_VERSION: u32 = 1;
+/// The snapshot versions this build reads.
+pub const READS: [u32; 2] = [1, 2];
+/// What `--upgrade-check` prints on its second line before the versions it
+/// reads (the first line names version 1, for takeoverds that read only it).
+pub const READS_LINE: &str = "takeoverd upgrade-reads";
 
 /// Names the snapshot memfd in the new image's environment.
 pub(crate) const SNAPSHOT_ENV: &str = "TAKEOVERD_UPGRADE_FD";
@@ -81,7 +89,15 @@ pub(crate) struct Snapshot {
     /// The control connection that asked for the upgrade.
     pub(crate) reply: RawFd,
     pub(crate) store: StoreSnapshot,
+    /// Slot 0's worker.
     pub(crate) worker: CarriedWorker,
+    /// Version 2: the workers of slots 1 and up (`--workers N`).
+    #[serde(default)]
+    pub(crate) others: Vec<CarriedWorker>,
+    /// Version 2: each connection's slot, in the order of `conns` (version
+    /// 1: all 0).
+    #[serde(default)]
+    pub(crate) slots: Vec<usize>,
     /// Workers told to exit and not reaped yet.
     pub(crate) retiring: Vec<u32>,
     pub(crate) reloads: Vec<ReloadRecord>,
@@ -115,8 +131,10 @@ impl Snapshot {
             out.push((*r, Some(Kind::UnixSeqpacket), "an overflow pair".into()));
             out.push((*w, Some(Kind::UnixSeqpacket), "an overflow pair".into()));
         }
-        out.push((self.worker.chan, Some(Kind::UnixSeqpacket), "the worker's channel".into()));
-        out.push((self.worker.stderr, None, "the worker's stderr".into()));
+        for (i, w) in [&self.worker].into_iter().chain(&self.others).enumerate() {
+            out.push((w.chan, Some(Kind::UnixSeqpacket), format!("worker {i}'s channel")));
+            out.push((w.stderr, None, format!("worker {i}'s stderr")));
+        }
         out.push((self.fallback, Some(Kind::File), "the previous binary".into()));
         out
     }
@@ -158,10 +176,12 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> nix::Result<()> {
 /// candidate binary before it execs it.
 pub fn print_check() {
     println!("{CHECK_LINE} {STATE_VERSION} {}", env!("CARGO_PKG_VERSION"));
+    println!("{READS_LINE} {}", READS.map(|v| v.to_string()).join(" "));
 }
 
-/// Runs `exe --upgrade-check`: `Ok(version)` if it reads our snapshot.
-fn check_candidate(exe: &Path) -> Result<String, String> {
+/// Runs `exe --upgrade-check`: `Ok(version)` if it reads snapshot version
+/// `writes`.
+fn check_candidate(exe: &Path, writes: u32) -> Result<String, String> {
     if let Err(why) = crate::runnable::check_runnable(exe, None) {
         return Err(format!("the binary on disk cannot be run: {why} ({})", exe.display()));
     }
@@ -191,14 +211,24 @@ fn check_candidate(exe: &Path) -> Result<String, String> {
     let line = out.lines().next().unwrap_or_default();
     let mut words = line.strip_prefix(CHECK_LINE).map(str::split_whitespace);
     let version = words.as_mut().and_then(|w| w.next()).and_then(|v| v.parse::<u32>().ok());
+    // A takeoverd from before `--workers` prints only the first line.
+    let mut reads: Vec<u32> = out
+        .lines()
+        .find_map(|l| l.strip_prefix(READS_LINE))
+        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    reads.extend(version);
     match version {
-        Some(v) if v == STATE_VERSION && status.success() => {
+        Some(_) if reads.contains(&writes) && status.success() => {
             Ok(words.and_then(|mut w| w.next()).unwrap_or("?").to_string())
         }
-        Some(v) => Err(format!(
-            "{} reads upgrade state version {v}, this takeoverd writes version {STATE_VERSION}: restart the \
+        Some(_) => Err(format!(
+            "{} reads upgrade state version{} {}, this takeoverd writes version {writes}{}: restart the \
              service instead (systemctl restart; connections survive through the fd store)",
-            exe.display()
+            exe.display(),
+            if reads.len() > 1 { "s" } else { "" },
+            reads.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            if writes > 1 { " (several workers)" } else { "" },
         )),
         None => Err(format!(
             "{} does not look like a takeoverd that can be upgraded to ({} --upgrade-check said {line:?}, {status})",
@@ -231,7 +261,7 @@ impl Supervisor {
             from: env!("CARGO_PKG_VERSION").into(),
             to: env!("CARGO_PKG_VERSION").into(),
             took_ms: 0.0,
-            worker_pid: self.workers.serving().map(Worker::pid),
+            worker_pid: self.serving_pids().first().copied(),
             connections: self.conns.len(),
         };
         crate::control_server::reply(&reply, &answer);
@@ -240,17 +270,20 @@ impl Supervisor {
     /// Returns only if the upgrade did not happen: why.
     fn try_upgrade(&mut self, reply: &OwnedFd, background: bool) -> String {
         let began_ms = now_ms();
-        let Workers::Serving(w) = &self.workers else {
-            return match &self.workers {
-                Workers::Handoff(_) => "a reload is in progress; upgrade once it is done".into(),
-                _ => "no worker serves (one is being restarted); upgrade once one serves".into(),
+        for slot in &self.slots {
+            let Who::Serving(w) = &slot.who else {
+                return match &slot.who {
+                    Who::Handoff(_) => "a reload is in progress; upgrade once it is done".into(),
+                    _ => "a worker is being restarted; upgrade once every worker serves".into(),
+                };
             };
-        };
-        if !w.drained() {
-            return "takeoverd is still sending to the worker (a burst of new connections); try again".into();
+            if !w.drained() {
+                return "takeoverd is still sending to a worker (a burst of new connections); try again".into();
+            }
         }
         let exe = self.cfg.exe.clone();
-        let to = match check_candidate(&exe) {
+        let writes = if self.slots.len() > 1 { 2 } else { STATE_VERSION };
+        let to = match check_candidate(&exe, writes) {
             Ok(v) => v,
             Err(why) => return why,
         };
@@ -322,26 +355,35 @@ impl Supervisor {
         began_ms: f64,
         background: bool,
     ) -> anyhow::Result<(OwnedFd, Vec<OwnedFd>, Vec<RawFd>)> {
-        let Workers::Serving(w) = &self.workers else { anyhow::bail!("no worker serves") };
-        let fallback: OwnedFd = std::fs::File::open("/proc/self/exe")?.into();
-        let snap = Snapshot {
-            version: STATE_VERSION,
-            from: env!("CARGO_PKG_VERSION").into(),
-            began_ms,
-            generation: self.generation,
-            listeners: self.listeners.iter().map(|l| (l.name.clone(), l.fd.as_raw_fd(), l.addr.clone())).collect(),
-            conns: self.conns.iter().map(|(n, c)| (n.clone(), c.fd.as_raw_fd(), c.state.clone())).collect(),
-            state: self.state.fd().as_raw_fd(),
-            ctl: (self.ctl.as_fd().as_raw_fd(), self.ctl.path().to_owned()),
-            reply: reply.as_raw_fd(),
-            store: self.store.snapshot(),
-            worker: CarriedWorker {
+        let mut carried = Vec::new();
+        for slot in &self.slots {
+            let Who::Serving(w) = &slot.who else { anyhow::bail!("not every worker serves") };
+            carried.push(CarriedWorker {
                 pid: w.pid(),
                 chan: w.chan().as_raw_fd(),
                 stderr: w.proc.stderr_pipe().as_raw_fd(),
                 proto: if w.proto == Proto::V1 { 1 } else { 2 },
                 served_ms: w.serving_since.map_or(0, |t| t.elapsed().as_millis() as u64),
-            },
+            });
+        }
+        let worker = carried.remove(0);
+        let several = !carried.is_empty();
+        let fallback: OwnedFd = std::fs::File::open("/proc/self/exe")?.into();
+        let conns: Vec<(&String, &crate::workers::HeldConn)> = self.conns.iter().collect();
+        let snap = Snapshot {
+            version: if several { 2 } else { STATE_VERSION },
+            from: env!("CARGO_PKG_VERSION").into(),
+            began_ms,
+            generation: self.generation,
+            listeners: self.listeners.iter().map(|l| (l.name.clone(), l.fd.as_raw_fd(), l.addr.clone())).collect(),
+            conns: conns.iter().map(|(n, c)| ((*n).clone(), c.fd.as_raw_fd(), c.state.clone())).collect(),
+            slots: if several { conns.iter().map(|(_, c)| c.slot).collect() } else { Vec::new() },
+            state: self.state.fd().as_raw_fd(),
+            ctl: (self.ctl.as_fd().as_raw_fd(), self.ctl.path().to_owned()),
+            reply: reply.as_raw_fd(),
+            store: self.store.snapshot(),
+            worker,
+            others: carried,
             retiring: self.retiring.iter().filter(|(_, h)| !h.is_finished()).map(|(pid, _)| *pid).collect(),
             reloads: self.reloads.iter().cloned().collect(),
             restarts: self.restarts,
@@ -363,9 +405,11 @@ impl Supervisor {
         out.push(self.state.fd());
         out.push(self.ctl.as_fd());
         out.extend(self.store.pair_fds());
-        if let Workers::Serving(w) = &self.workers {
-            out.push(w.chan());
-            out.push(w.proc.stderr_pipe());
+        for slot in &self.slots {
+            if let Who::Serving(w) = &slot.who {
+                out.push(w.chan());
+                out.push(w.proc.stderr_pipe());
+            }
         }
         out
     }
@@ -390,7 +434,7 @@ impl Supervisor {
             from: up.from.clone(),
             to: env!("CARGO_PKG_VERSION").into(),
             took_ms,
-            worker_pid: self.workers.serving().map(Worker::pid),
+            worker_pid: self.serving_pids().first().copied(),
             connections: self.conns.len(),
         };
         match &fell_back {

@@ -8,15 +8,15 @@ use std::os::fd::{AsFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::supervisor::{Config, HeldListener, Supervisor};
-use crate::upgrade::{exec_args, exec_env, set_cloexec, Snapshot, Upgraded, FALLBACK_ENV, SNAPSHOT_ENV, STATE_VERSION};
-use crate::workers::{HeldConn, Proto, Worker, Workers};
+use crate::upgrade::{exec_args, exec_env, set_cloexec, Snapshot, Upgraded, FALLBACK_ENV, READS, SNAPSHOT_ENV};
+use crate::workers::{HeldConn, Proto, Who, Worker};
 
 /// In a new image: the snapshot its predecessor left, if this start is an
 /// upgrade, taken into a supervisor. If the snapshot cannot be taken, the
 /// previous binary is exec'd with it (this function does not return then);
 /// if this image *is* that fallback and still cannot, an error (takeoverd
 /// exits; systemd restarts it with everything from the fd store).
-pub fn resume(cfg: Config) -> anyhow::Result<Option<Supervisor>> {
+pub fn resume(mut cfg: Config) -> anyhow::Result<Option<Supervisor>> {
     let Ok(var) = std::env::var(SNAPSHOT_ENV) else { return Ok(None) };
     let fell_back = std::env::var(FALLBACK_ENV).ok();
     let Some((raw, fallback_raw)) = var.split_once(',').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
@@ -69,22 +69,46 @@ pub fn resume(cfg: Config) -> anyhow::Result<Option<Supervisor>> {
             .into_iter()
             .map(|(name, fd, addr)| HeldListener { name, fd: take(fd), addr })
             .collect(),
-        conns: snap.conns.into_iter().map(|(name, fd, state)| (name, HeldConn { fd: take(fd), state })).collect(),
+        conns: snap
+            .conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, fd, state))| {
+                let slot = snap.slots.get(i).copied().unwrap_or(0);
+                (name, HeldConn { fd: take(fd), state, slot })
+            })
+            .collect(),
         store: crate::fdstore::FdStore::from_snapshot(snap.store, &mut take),
         state: crate::state::StateFile::from_fd(take(snap.state)),
         generation: snap.generation,
     };
     let ctl = takeover::Endpoint::inherit(take(snap.ctl.0), &snap.ctl.1)?;
     let reply = take(snap.reply);
-    let w = snap.worker;
-    let proc = crate::worker::WorkerProc::adopt(w.pid, take(w.chan), take(w.stderr))?;
+    let carried: Vec<_> = [snap.worker].into_iter().chain(snap.others).collect();
+    if cfg.workers != carried.len() {
+        tracing::warn!(
+            workers = carried.len(),
+            "the previous image ran {} workers, this one was started for {}: keeping {}",
+            carried.len(),
+            cfg.workers,
+            carried.len()
+        );
+        cfg.workers = carried.len();
+    }
+    let mut procs = Vec::new();
+    for w in carried {
+        procs.push((crate::worker::WorkerProc::adopt(w.pid, take(w.chan), take(w.stderr))?, w.proto, w.served_ms));
+    }
     let mut sup = Supervisor::assemble(cfg, poll, signals, ctl, restored)?;
-    let token = sup.worker_token();
-    let mut worker = Worker::new(proc, token);
-    worker.proto = if w.proto == 1 { Proto::V1 } else { Proto::V2 };
-    worker.serving_since = Some(Instant::now() - Duration::from_millis(w.served_ms));
-    sup.watch(&worker);
-    sup.workers = Workers::Serving(worker);
+    for (slot, (proc, proto, served_ms)) in procs.into_iter().enumerate() {
+        let token = sup.worker_token();
+        let mut worker = Worker::new(proc, token);
+        worker.proto = if proto == 1 { Proto::V1 } else { Proto::V2 };
+        worker.serving_since = Some(Instant::now() - Duration::from_millis(served_ms));
+        sup.watch(&worker);
+        sup.slots[slot].who = Who::Serving(worker);
+        sup.slots[slot].generation = snap.generation;
+    }
     sup.reloads = snap.reloads.into();
     sup.restarts = snap.restarts;
     sup.upgrades = snap.upgrades;
@@ -149,8 +173,8 @@ fn take_all(snap: &Snapshot, taken: &mut std::collections::HashMap<RawFd, OwnedF
             }
         }
     }
-    if snap.version != STATE_VERSION {
-        problem.get_or_insert(format!("snapshot version {} (this binary reads {STATE_VERSION})", snap.version));
+    if !READS.contains(&snap.version) {
+        problem.get_or_insert(format!("snapshot version {} (this binary reads {READS:?})", snap.version));
     }
     problem.map_or(Ok(()), Err)
 }

@@ -12,7 +12,7 @@ use takeover::channel::{FromWorker, ToWorker};
 use takeover::control as v1;
 
 use crate::supervisor::{Supervisor, BACKOFF_MAX, BACKOFF_STEP, HEALTHY_AFTER, WORKER_BASE};
-use crate::workers::{HeldConn, Proto, Worker, Workers};
+use crate::workers::{HeldConn, Proto, Who, Worker};
 
 impl Supervisor {
     /// A fresh token for a worker's channel.
@@ -27,10 +27,10 @@ impl Supervisor {
         let conns = &self.conns;
         let mut broken = Vec::new();
         let mut progressed = Vec::new();
-        let mut each = |w: &mut Worker| match w.flush(conns) {
+        let mut each = |slot: usize, w: &mut Worker| match w.flush(conns) {
             Ok(p) => {
                 if p {
-                    progressed.push(w.token);
+                    progressed.push((slot, w.token));
                 }
                 let want_room = !w.drained();
                 if want_room != w.wants_room {
@@ -41,18 +41,13 @@ impl Supervisor {
             }
             Err(e) => broken.push((w.token, e)),
         };
-        match &mut self.workers {
-            Workers::Serving(w) => each(w),
-            Workers::Handoff(h) => {
-                if let Some(o) = &mut h.old {
-                    each(o);
-                }
-                each(&mut h.new);
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            for w in slot.workers_mut() {
+                each(i, w);
             }
-            Workers::Down { .. } => {}
         }
-        for token in progressed {
-            self.handoff_progress(token);
+        for (slot, token) in progressed {
+            self.handoff_progress(slot, token);
         }
         for (token, e) in broken {
             self.channel_broken(token, &format!("its channel broke ({e})"));
@@ -146,11 +141,12 @@ impl Supervisor {
 
     /// A message from a version-2 worker (or a hello from any).
     fn on_message(&mut self, token: Token, msg: FromWorker) -> Result<(), String> {
-        if self.is_handoff_worker(token) {
-            return self.on_handoff_message(token, msg);
+        let Some(slot) = self.slot_of(token) else { return Ok(()) };
+        if self.is_handoff_worker(slot, token) {
+            return self.on_handoff_message(slot, token, msg);
         }
         match msg {
-            FromWorker::Pong => self.ping.1 = false,
+            FromWorker::Pong => self.slots[slot].ping.1 = false,
             FromWorker::Closed { name } => self.conn_closed(&name),
             FromWorker::State { entries } => self.update_states(entries),
             // The tail of a stop that a rollback overtook (it was told to resume).
@@ -164,27 +160,34 @@ impl Supervisor {
     /// what it says when it is quiesced.
     fn on_v1_message(&mut self, token: Token, received: takeover::wire::Received) -> Result<(), String> {
         let msg = v1::FromWorker::decode(&received.bytes).map_err(|e| e.to_string())?;
+        let Some(slot) = self.slot_of(token) else { return Ok(()) };
         match msg {
             v1::FromWorker::Opened { entry } => {
-                let name = self.v1_opened(entry, received.fds)?;
+                let name = self.v1_opened(slot, entry, received.fds)?;
                 // A staged successor gets it too.
-                if let Workers::Handoff(h) = &mut self.workers {
+                if let Who::Handoff(h) = &mut self.slots[slot].who {
                     if h.step >= crate::workers::Step::Staging {
                         h.new.assign([name]);
                     }
                 }
             }
             v1::FromWorker::Closed { name } => self.conn_closed(&name),
-            v1::FromWorker::Pong => self.ping.1 = false,
+            v1::FromWorker::Pong => self.slots[slot].ping.1 = false,
             v1::FromWorker::State { .. } | v1::FromWorker::Quiesced { .. } => {
-                return self.on_handoff_v1_quiesce(token, msg)
+                return self.on_handoff_v1_quiesce(slot, token, msg)
             }
         }
         Ok(())
     }
 
-    /// Holds a connection a version-1 worker accepted; returns its name.
-    pub(crate) fn v1_opened(&mut self, entry: takeover::Entry, fds: Vec<OwnedFd>) -> Result<String, String> {
+    /// Holds a connection a version-1 worker of `slot` accepted; returns its
+    /// name.
+    pub(crate) fn v1_opened(
+        &mut self,
+        slot: usize,
+        entry: takeover::Entry,
+        fds: Vec<OwnedFd>,
+    ) -> Result<String, String> {
         let [fd] = <[OwnedFd; 1]>::try_from(fds).map_err(|f| format!("'opened' came with {} fds", f.len()))?;
         if entry.kind != takeover::Kind::TcpStream {
             return Err(format!("'opened' of a {}", entry.kind));
@@ -193,20 +196,16 @@ impl Supervisor {
         takeover::check_name(&entry.name).map_err(|e| e.to_string())?;
         self.store.store(&entry.name, fd.as_fd(), false);
         let state = Some(&entry.state).filter(|s| !s.is_null()).and_then(|s| serde_json::value::to_raw_value(s).ok());
-        self.conns.insert(entry.name.clone(), HeldConn { fd, state });
-        self.status_dirty = true;
+        self.hold(entry.name.clone(), HeldConn { fd, state, slot });
         Ok(entry.name)
     }
 
     /// A worker reported that a connection ended: drop our copy; a staged
     /// successor drops its own.
     pub(crate) fn conn_closed(&mut self, name: &str) {
-        if self.conns.remove(name).is_none() {
-            return;
-        }
+        let Some((slot, _)) = self.unhold(name) else { return };
         self.store.remove(name);
-        self.status_dirty = true;
-        if let Workers::Handoff(h) = &mut self.workers {
+        if let Who::Handoff(h) = &mut self.slots[slot].who {
             if h.step >= crate::workers::Step::Staging && h.step < crate::workers::Step::Committing {
                 h.new.send(&ToWorker::Release { names: vec![name.to_string()] });
             }
@@ -224,28 +223,27 @@ impl Supervisor {
 
     /// The worker behind `token` among the live ones.
     pub(crate) fn worker_by_token(&self, token: Token) -> Option<&Worker> {
-        match &self.workers {
-            Workers::Serving(w) if w.token == token => Some(w),
-            Workers::Handoff(h) if h.new.token == token => Some(&h.new),
-            Workers::Handoff(h) => h.old.as_ref().filter(|o| o.token == token),
+        self.slots.iter().find_map(|s| match &s.who {
+            Who::Serving(w) if w.token == token => Some(w),
+            Who::Handoff(h) if h.new.token == token => Some(&h.new),
+            Who::Handoff(h) => h.old.as_ref().filter(|o| o.token == token),
             _ => None,
-        }
+        })
     }
 
     /// The worker behind `token` has a broken channel (or exited): it is gone.
     pub(crate) fn channel_broken(&mut self, token: Token, why: &str) {
-        if self.is_handoff_worker(token) {
-            return self.handoff_worker_failed(token, why);
+        let Some(slot) = self.slot_of(token) else { return };
+        if self.is_handoff_worker(slot, token) {
+            return self.handoff_worker_failed(slot, token, why);
         }
-        if matches!(&self.workers, Workers::Serving(w) if w.token == token) {
-            self.worker_gone(why);
-        }
+        self.worker_gone(slot, why);
     }
 
-    /// The serving worker died or hung: its connections are held here and
-    /// go to a new worker.
-    pub(crate) fn worker_gone(&mut self, why: &str) {
-        let Workers::Serving(w) = std::mem::replace(&mut self.workers, Workers::Down { at: Instant::now() }) else {
+    /// `slot`'s serving worker died or hung: its connections are held here
+    /// and go to a new worker; the other slots never notice.
+    pub(crate) fn worker_gone(&mut self, slot: usize, why: &str) {
+        let Who::Serving(w) = std::mem::replace(&mut self.slots[slot].who, Who::Down { at: Instant::now() }) else {
             return;
         };
         self.unwatch(&w);
@@ -254,19 +252,26 @@ impl Supervisor {
         let mut proc = w.proc;
         proc.kill();
         let status = proc.finish(Duration::from_millis(500));
-        tracing::error!(pid, %status, "worker {why}; its connections are held here and go to a new worker");
+        tracing::error!(
+            pid,
+            slot,
+            %status,
+            connections = self.slots[slot].share,
+            "worker {why}; its connections are held here and go to a new worker"
+        );
         if healthy {
-            self.backoff = Duration::ZERO;
+            self.slots[slot].backoff = Duration::ZERO;
         }
-        self.schedule_restart();
+        self.schedule_restart(slot);
     }
 
-    /// Starts a new worker after the backoff.
-    pub(crate) fn schedule_restart(&mut self) {
-        let at = Instant::now() + self.backoff;
-        tracing::warn!(in_ms = self.backoff.as_millis() as u64, "restarting the worker");
-        self.backoff = (self.backoff * 2).clamp(BACKOFF_STEP, BACKOFF_MAX);
-        self.workers = Workers::Down { at };
+    /// Starts a new worker for `slot` after its backoff.
+    pub(crate) fn schedule_restart(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        let at = Instant::now() + s.backoff;
+        tracing::warn!(slot, in_ms = s.backoff.as_millis() as u64, "restarting the worker");
+        s.backoff = (s.backoff * 2).clamp(BACKOFF_STEP, BACKOFF_MAX);
+        s.who = Who::Down { at };
         self.status_dirty = true;
     }
 }

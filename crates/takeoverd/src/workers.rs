@@ -1,6 +1,12 @@
-//! Who serves: [`Workers`], the supervisor's state machine, and [`Worker`],
-//! one worker as takeoverd sees it (its process, the version of its
-//! channel, and what is queued to be sent to it).
+//! Who serves: takeoverd runs `--workers N` [`Slot`]s, each a share of the
+//! connections and the state machine of who serves it ([`Who`]), and
+//! [`Worker`], one worker as takeoverd sees it (its process, the version of
+//! its channel, and what is queued to be sent to it).
+//!
+//! Every connection belongs to exactly one slot (`HeldConn::slot`), chosen
+//! when it is accepted (the live slot with the fewest connections); a
+//! slot's handoff, crash or restart touches only its own share. The state
+//! machine of one slot:
 //!
 //! ```text
 //!              start, crash, reload                     serving       commit
@@ -51,6 +57,15 @@ pub struct HeldConn {
     pub fd: std::os::fd::OwnedFd,
     /// The last state a worker reported, as raw JSON: moved, never parsed.
     pub state: Option<RawState>,
+    /// The slot whose worker serves it.
+    pub slot: usize,
+}
+
+impl HeldConn {
+    /// A connection not given to any slot yet (see `Supervisor::hold`).
+    pub fn new(fd: std::os::fd::OwnedFd, state: Option<RawState>) -> HeldConn {
+        HeldConn { fd, state, slot: usize::MAX }
+    }
 }
 
 /// Every connection held, by name.
@@ -240,8 +255,6 @@ pub struct Handoff {
     pub recovered: bool,
     /// When it was asked for.
     pub t0: Instant,
-    /// Unix time of the request.
-    pub at: u64,
     /// When the new worker said hello.
     pub hello_at: Option<Instant>,
     /// When the new worker said ready.
@@ -251,13 +264,11 @@ pub struct Handoff {
     /// Connections accepted after the old worker was stopped: it never got
     /// them, and gets them if the handoff rolls back.
     pub since_stop: Vec<String>,
-    /// Control connections waiting for the outcome.
-    pub waiters: Vec<std::os::fd::OwnedFd>,
 }
 
-/// Who serves.
+/// Who serves one slot's share.
 #[derive(Debug)]
-pub enum Workers {
+pub enum Who {
     /// Nobody; the next worker starts at `at`.
     Down {
         /// When.
@@ -269,13 +280,75 @@ pub enum Workers {
     Handoff(Box<Handoff>),
 }
 
-impl Workers {
+/// One share of the connections and who serves it.
+#[derive(Debug)]
+pub struct Slot {
+    /// Who serves it.
+    pub who: Who,
+    /// Crash-restart backoff of this slot's workers.
+    pub backoff: std::time::Duration,
+    /// When its last ping went out, and whether the pong is still due.
+    pub ping: (Instant, bool),
+    /// Connections that belong to it.
+    pub share: usize,
+    /// The generation of the worker that serves it (0: none yet).
+    pub generation: u64,
+}
+
+impl Slot {
+    /// A slot whose first worker starts at once.
+    pub fn new() -> Slot {
+        let now = Instant::now();
+        Slot {
+            who: Who::Down { at: now },
+            backoff: std::time::Duration::ZERO,
+            ping: (now, false),
+            share: 0,
+            generation: 0,
+        }
+    }
+
+    /// Whether `token` is one of this slot's workers.
+    pub fn has(&self, token: mio::Token) -> bool {
+        match &self.who {
+            Who::Serving(w) => w.token == token,
+            Who::Handoff(h) => h.new.token == token || h.old.as_ref().is_some_and(|o| o.token == token),
+            Who::Down { .. } => false,
+        }
+    }
+
+    /// Its workers (the old and the new one during a handoff).
+    pub fn workers_mut(&mut self) -> Vec<&mut Worker> {
+        match &mut self.who {
+            Who::Serving(w) => vec![w],
+            Who::Handoff(h) => h.old.iter_mut().chain([&mut h.new]).collect(),
+            Who::Down { .. } => Vec::new(),
+        }
+    }
+
+    /// `serving`, `restarting`, or `handoff: <step>`.
+    pub fn state_name(&self) -> String {
+        match &self.who {
+            Who::Down { .. } => "restarting".into(),
+            Who::Serving(_) => "serving".into(),
+            Who::Handoff(h) => format!("handoff: {}", h.step.name()),
+        }
+    }
+}
+
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot::new()
+    }
+}
+
+impl Who {
     /// The worker that serves now (the old one during a handoff until it
     /// is stopped).
     pub fn serving(&self) -> Option<&Worker> {
         match self {
-            Workers::Serving(w) => Some(w),
-            Workers::Handoff(h) if h.step <= Step::Staging => h.old.as_ref(),
+            Who::Serving(w) => Some(w),
+            Who::Handoff(h) if h.step <= Step::Staging => h.old.as_ref(),
             _ => None,
         }
     }
@@ -285,18 +358,18 @@ impl Workers {
     /// resumed (it could not be given what takeoverd accepted meanwhile).
     pub fn takeoverd_accepts(&self) -> bool {
         match self {
-            Workers::Serving(w) => w.proto != Proto::V1,
-            Workers::Handoff(h) => h.new.proto != Proto::V1 && h.old.as_ref().is_none_or(|o| o.proto != Proto::V1),
-            Workers::Down { .. } => true,
+            Who::Serving(w) => w.proto != Proto::V1,
+            Who::Handoff(h) => h.new.proto != Proto::V1 && h.old.as_ref().is_none_or(|o| o.proto != Proto::V1),
+            Who::Down { .. } => true,
         }
     }
 
     /// The deadline of whatever waits.
     pub fn deadline(&self, ping: Option<Instant>) -> Option<Instant> {
         match self {
-            Workers::Down { at } => Some(*at),
-            Workers::Serving(_) => ping,
-            Workers::Handoff(h) => Some(h.deadline),
+            Who::Down { at } => Some(*at),
+            Who::Serving(_) => ping,
+            Who::Handoff(h) => Some(h.deadline),
         }
     }
 }
