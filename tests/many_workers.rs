@@ -221,3 +221,103 @@ fn workers_must_be_a_count_or_auto() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"), "{out:?}");
     }
 }
+
+fn resize(d: &Takeoverd, n: &str) -> std::process::Output {
+    let out = ctl(&d.sock, &["workers", n]);
+    eprintln!(
+        "ctl workers {n}: {}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out
+}
+
+fn shares(d: &Takeoverd) -> Vec<usize> {
+    d.status().workers.iter().map(|w| w.connections).collect()
+}
+
+/// `ctl workers N` at runtime: 1 → 3 starts two workers and moves two
+/// thirds of the connections to them (version 3: the first worker gives
+/// them back at a message boundary); 3 → 1 hands the two workers' shares
+/// back. Clients see no error; then a rolling reload of what is left.
+#[test]
+fn ctl_workers_moves_connections_both_ways_without_a_client_error() {
+    let dir = TempDir::new("workers-resize");
+    let d = start(&dir, 1, &[], &[]);
+    let fds_before = settled_fd_count(d.pid);
+    let c = load(d.port, 60, "6");
+    wait_until("takeoverd holds the 60 connections", Duration::from_secs(5), || d.status().connections == 60);
+
+    let out = resize(&d, "3");
+    assert!(out.status.success(), "1 -> 3 failed: {out:?}\n{}", d.log_text());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("40 connections moved"), "{out:?}");
+    assert!(every_worker_serves(&d, 3));
+    assert_eq!(shares(&d), vec![20, 20, 20]);
+    assert_eq!(live_children(d.pid).len(), 3);
+    std::thread::sleep(Duration::from_millis(500)); // the moved connections echo in their new workers
+
+    let out = resize(&d, "1");
+    assert!(out.status.success(), "3 -> 1 failed: {out:?}\n{}", d.log_text());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("40 connections moved"), "{out:?}");
+    assert_eq!(shares(&d), vec![60]);
+    wait_until("the two leaving workers exit", Duration::from_secs(5), || live_children(d.pid).len() == 1);
+
+    let out = resize(&d, "2");
+    assert!(out.status.success(), "1 -> 2 failed: {out:?}\n{}", d.log_text());
+    let out = reload(&d);
+    assert!(out.status.success(), "a reload after the resizes failed: {out:?}\n{}", d.log_text());
+    assert_eq!(shares(&d), vec![30, 30]);
+    let out = resize(&d, "1");
+    assert!(out.status.success(), "2 -> 1 failed: {out:?}\n{}", d.log_text());
+
+    let (out, v) = client_summary(c);
+    assert_clean(&out, &v);
+    wait_until("the leaving worker exits", Duration::from_secs(5), || live_children(d.pid).len() == 1);
+    finish(d, 1, fds_before);
+}
+
+/// Workers that speak version 2 cannot give connections back: growing
+/// starts the new worker, moves nothing and says why; shrinking still works
+/// (the leaving worker stops, as in a reload).
+#[test]
+fn ctl_workers_with_version_2_workers_moves_only_what_it_can() {
+    let dir = TempDir::new("workers-resize-v2");
+    let d = start(&dir, 1, &["--", "--takeoverd-channel", "2"], &[]);
+    let c = load(d.port, 20, "4");
+    wait_until("takeoverd holds the 20 connections", Duration::from_secs(5), || d.status().connections == 20);
+    let out = resize(&d, "2");
+    assert!(out.status.success(), "1 -> 2 failed: {out:?}\n{}", d.log_text());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("version 2"), "the note says why nothing moved: {out:?}");
+    assert_eq!(shares(&d), vec![20, 0]);
+    let more = load(d.port, 10, "2");
+    wait_until("30 connections", Duration::from_secs(5), || d.status().connections == 30);
+    assert_eq!(shares(&d), vec![20, 10], "new connections go to the worker with the fewest");
+    let out = resize(&d, "1");
+    assert!(out.status.success(), "2 -> 1 failed: {out:?}\n{}", d.log_text());
+    assert_eq!(shares(&d), vec![30]);
+    for c in [more, c] {
+        let (out, v) = client_summary(c);
+        assert_clean(&out, &v);
+    }
+}
+
+/// A worker that hangs while it should give connections back is handled as
+/// any hung worker: killed, and restarted with every connection it had.
+/// The resize reports the failure; no client sees an error.
+#[test]
+fn a_worker_that_hangs_during_a_resize_loses_nothing() {
+    let dir = TempDir::new("workers-resize-hang");
+    let d = start(&dir, 1, &["--ack-timeout-ms", "1000"], &[]);
+    let c = load(d.port, 20, "6");
+    wait_until("takeoverd holds the 20 connections", Duration::from_secs(5), || d.status().connections == 20);
+    let first = d.status().workers[0].pid.unwrap();
+    kill(Pid::from_raw(first as i32), Signal::SIGSTOP).unwrap();
+    let out = resize(&d, "2");
+    assert!(!out.status.success(), "the resize should fail: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("worker 0"), "the failure names the worker: {out:?}");
+    wait_until("both workers serve", Duration::from_secs(5), || every_worker_serves(&d, 2));
+    assert_ne!(d.status().workers[0].pid, Some(first), "the hung worker was replaced");
+    assert_eq!(d.status().connections, 20);
+    let (out, v) = client_summary(c);
+    assert_clean(&out, &v);
+}

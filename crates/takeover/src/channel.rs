@@ -25,6 +25,15 @@
 //!   state*, wake*, stopped          ──▶
 //!                                   ◀──    exit | resume
 //! ```
+//!
+//! Version 3 is version 2 plus one exchange, for `takeoverd --workers N`:
+//! takeoverd moves some of a serving worker's connections to another worker
+//! (`takeoverd ctl workers N`).
+//!
+//! ```text
+//!                                   ◀──    give {names}               (while serving)
+//!   state*, wake*, given {names}    ──▶    (stopped at a message boundary, copies closed)
+//! ```
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
@@ -44,6 +53,10 @@ pub const STAGING_ENV: &str = "TAKEOVERD_STAGING";
 /// The supervisor channel version this build speaks. Version 1 is the
 /// channel of `control.rs` (the worker accepts, reports `opened`).
 pub const CHANNEL_VERSION: u32 = 2;
+
+/// Version 2 plus `give`/`given`: the worker can hand some of its
+/// connections back while it serves.
+pub const GIVE_VERSION: u32 = 3;
 
 /// Supervisor → worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +105,13 @@ pub enum ToWorker {
     Exit,
     /// Are you alive? Answer `pong` within the deadline.
     Ping,
+    /// Version 3, while serving: stop serving these connections at a
+    /// message boundary, close your copies and answer `state`*, `wake`*,
+    /// `given` (another worker serves them next).
+    Give {
+        /// Their names.
+        names: Vec<String>,
+    },
 }
 
 /// Worker → supervisor.
@@ -138,6 +158,13 @@ pub enum FromWorker {
     Stopped,
     /// The answer to `ping`.
     Pong,
+    /// Version 3, the answer to `give`: these connections are no longer
+    /// served here; every `state` and `wake` of them came before this. A
+    /// name of the `give` that is missing here ended first (`closed`).
+    Given {
+        /// Their names.
+        names: Vec<String>,
+    },
     /// The worker cannot go on (a bad fd, out of fds): it is exiting.
     Nack {
         /// Why.
@@ -162,6 +189,7 @@ impl ToWorker {
             ToWorker::Resume => "resume",
             ToWorker::Exit => "exit",
             ToWorker::Ping => "ping",
+            ToWorker::Give { .. } => "give",
         }
     }
 }
@@ -179,6 +207,7 @@ impl FromWorker {
             FromWorker::Stopped => "stopped",
             FromWorker::Pong => "pong",
             FromWorker::Nack { .. } => "nack",
+            FromWorker::Given { .. } => "given",
         }
     }
 }
@@ -192,7 +221,8 @@ pub fn encode_assign<'a>(conns: impl Iterator<Item = (&'a str, Option<&'a serde_
     manifest::wrap("assign", None, &encoded)
 }
 
-/// Encodes `kind` messages (`"state"`, `"wake"`, `"release"`) that carry
+/// Encodes `kind` messages (`"state"`, `"wake"`, `"release"`, `"give"`,
+/// `"given"`) that carry
 /// `items`, as many as the message size needs. `state` items are
 /// `(name, Some(state))`; the others `(name, None)`.
 pub fn encode_lists(kind: &str, items: &[(String, Option<RawState>)]) -> Result<Vec<Vec<u8>>> {
@@ -322,6 +352,7 @@ mod tests {
             ToWorker::Resume,
             ToWorker::Exit,
             ToWorker::Ping,
+            ToWorker::Give { names: vec!["c1".into()] },
         ];
         for m in to {
             assert_eq!(ToWorker::decode(&m.encode()).unwrap(), m);
@@ -336,6 +367,7 @@ mod tests {
             FromWorker::Stopped,
             FromWorker::Pong,
             FromWorker::Nack { reason: "no".into() },
+            FromWorker::Given { names: vec!["c1".into()] },
         ];
         for m in from {
             assert_eq!(FromWorker::decode(&m.encode()).unwrap(), m);

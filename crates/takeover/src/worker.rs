@@ -21,6 +21,15 @@
 //! | [`Event::Resume`]    | serves again (the handoff after a stop failed)        | —                 |
 //! | [`Event::Exit`]      | closes everything and exits 0 (a successor serves)    | —                 |
 //! | [`Event::Gone`]      | exits 1 *without* touching the sockets                | —                 |
+//! | [`Event::Give`]      | (version 3) stops serving those at a message boundary and closes its copies | [`Supervisor::given`] |
+//!
+//! [`Supervisor::from_env`] speaks version 2. A worker that can hand some of
+//! its connections back while it serves (so that `takeoverd ctl workers N`
+//! can move them to another worker) starts with
+//! [`Supervisor::from_env_giving`] instead, which speaks version 3 and may
+//! receive [`Event::Give`]. With version 2, `ctl workers N` still works:
+//! a worker being removed hands everything over with a `stop`, and a new
+//! worker gets new connections only.
 //!
 //! While serving, the worker tells [`Supervisor::closed`] when it closes a
 //! connection and may tell [`Supervisor::state`] whenever a connection's
@@ -56,7 +65,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::channel::{self, FromWorker, Incoming, ToWorker, CHANNEL_VERSION, STAGING_ENV};
+use crate::channel::{self, FromWorker, Incoming, ToWorker, CHANNEL_VERSION, GIVE_VERSION, STAGING_ENV};
 use crate::control::CONTROL_FD_ENV;
 use crate::error::Result;
 use crate::manifest::{RawState, StateEntry};
@@ -115,6 +124,12 @@ pub enum Event {
     /// will hand every connection to a new worker). Exit 1 without shutting
     /// any socket down.
     Gone,
+    /// Version 3 ([`Supervisor::from_env_giving`]), while serving: stop
+    /// serving these connections at a message boundary, close the copies
+    /// (without shutting them down: another worker serves them next) and
+    /// answer [`Supervisor::given`]. Names the worker no longer holds (it
+    /// closed them and said so) are left out of the answer.
+    Give(Vec<String>),
 }
 
 /// The worker's end of takeoverd's channel.
@@ -122,6 +137,8 @@ pub enum Event {
 pub struct Supervisor {
     chan: OwnedFd,
     send_timeout: Duration,
+    /// The channel version said in `hello`.
+    version: u32,
 }
 
 impl Supervisor {
@@ -136,12 +153,38 @@ impl Supervisor {
         }
     }
 
+    /// [`from_env`](Self::from_env), speaking version 3: the worker
+    /// handles [`Event::Give`].
+    pub fn from_env_giving() -> Result<Option<Supervisor>> {
+        match crate::sys::take_env_fd(CONTROL_FD_ENV)
+            .map_err(|e| crate::Error::io("taking the channel in $TAKEOVERD_FD", e))?
+        {
+            Some(chan) => Supervisor::new_giving(chan).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Says `hello` (version 2, our pid) on `chan`, a worker's end of the
     /// channel.
     pub fn new(chan: OwnedFd) -> Result<Supervisor> {
-        let sup = Supervisor { chan, send_timeout: DEFAULT_SEND_TIMEOUT };
-        sup.send(&FromWorker::Hello { version: CHANNEL_VERSION, pid: std::process::id() })?;
+        Supervisor::hello(chan, CHANNEL_VERSION)
+    }
+
+    /// [`new`](Self::new), speaking version 3 (the worker handles
+    /// [`Event::Give`]).
+    pub fn new_giving(chan: OwnedFd) -> Result<Supervisor> {
+        Supervisor::hello(chan, GIVE_VERSION)
+    }
+
+    fn hello(chan: OwnedFd, version: u32) -> Result<Supervisor> {
+        let sup = Supervisor { chan, send_timeout: DEFAULT_SEND_TIMEOUT, version };
+        sup.send(&FromWorker::Hello { version, pid: std::process::id() })?;
         Ok(sup)
+    }
+
+    /// The channel version this worker said in its `hello` (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     /// Sets how long a send waits for room in the channel (default
@@ -200,6 +243,15 @@ impl Supervisor {
                 ToWorker::Stop => Event::Stop,
                 ToWorker::Resume => Event::Resume,
                 ToWorker::Exit => Event::Exit,
+                ToWorker::Give { names } if self.version >= GIVE_VERSION => Event::Give(names),
+                ToWorker::Give { .. } => {
+                    let e = crate::Error::Protocol(crate::ProtocolError::Unexpected {
+                        expected: "a version-2 message (this worker said hello with version 2)",
+                        got: "give",
+                    });
+                    let _ = self.send(&FromWorker::Nack { reason: e.to_string() });
+                    return Err(e);
+                }
             }));
         }
     }
@@ -236,6 +288,21 @@ impl Supervisor {
         let wake: Vec<(String, Option<RawState>)> = wake.iter().map(|n| (n.clone(), None)).collect();
         self.send_lists("wake", &wake)?;
         self.send(&FromWorker::Stopped)
+    }
+
+    /// Answers [`Event::Give`]: the states takeoverd has not been told and
+    /// the connections with work left (as for [`stopped`](Self::stopped)),
+    /// then the names given up (their copies are closed).
+    pub fn given(&self, states: &[(String, RawState)], wake: &[String], names: &[String]) -> Result<()> {
+        self.state(states)?;
+        let wake: Vec<(String, Option<RawState>)> = wake.iter().map(|n| (n.clone(), None)).collect();
+        self.send_lists("wake", &wake)?;
+        let names: Vec<(String, Option<RawState>)> = names.iter().map(|n| (n.clone(), None)).collect();
+        // An empty list still answers the give.
+        if names.is_empty() {
+            return self.send(&FromWorker::Given { names: Vec::new() });
+        }
+        self.send_lists("given", &names)
     }
 
     /// Tells takeoverd the worker cannot go on (then exit 1).
@@ -337,6 +404,33 @@ mod tests {
         assert!(matches!(sup.next_event().unwrap(), Some(Event::Exit)));
         drop(takeoverd);
         assert!(matches!(sup.next_event().unwrap(), Some(Event::Gone)));
+    }
+
+    /// Version 3: `give` becomes [`Event::Give`], answered by `state`,
+    /// `wake` and `given`; a version-2 worker refuses it with a nack.
+    #[test]
+    fn give_needs_version_3() {
+        let (takeoverd, worker) = pair();
+        let sup = Supervisor::new_giving(worker).unwrap();
+        assert_eq!(sup.version(), 3);
+        assert!(matches!(from_worker(&takeoverd), FromWorker::Hello { version: 3, .. }));
+        to_worker(&takeoverd, &ToWorker::Give { names: vec!["c1".into(), "c2".into()] });
+        let Some(Event::Give(names)) = sup.next_event().unwrap() else { panic!("a give") };
+        assert_eq!(names, vec!["c1".to_string(), "c2".to_string()]);
+        let st = serde_json::value::to_raw_value(&serde_json::json!({"n": 3})).unwrap();
+        sup.given(&[("c1".into(), st)], &["c1".into()], &["c1".into()]).unwrap();
+        assert!(matches!(from_worker(&takeoverd), FromWorker::State { .. }));
+        assert_eq!(from_worker(&takeoverd), FromWorker::Wake { names: vec!["c1".into()] });
+        assert_eq!(from_worker(&takeoverd), FromWorker::Given { names: vec!["c1".into()] });
+        sup.given(&[], &[], &[]).unwrap();
+        assert_eq!(from_worker(&takeoverd), FromWorker::Given { names: vec![] }, "an empty give is answered too");
+
+        let (takeoverd, worker) = pair();
+        let sup = Supervisor::new(worker).unwrap();
+        let _hello = from_worker(&takeoverd);
+        to_worker(&takeoverd, &ToWorker::Give { names: vec!["c1".into()] });
+        assert!(sup.next_event().is_err());
+        assert!(matches!(from_worker(&takeoverd), FromWorker::Nack { .. }));
     }
 
     /// An assign whose fd is not a TCP stream is refused, told to takeoverd

@@ -87,6 +87,10 @@ impl Supervisor {
                 tracing::info!("in-place upgrade requested on the control socket");
                 self.upgrade(conn);
             }
+            Request::Workers { count } => {
+                tracing::info!(count, "a change of the number of workers requested on the control socket");
+                self.request_resize(count, conn);
+            }
         }
     }
 }

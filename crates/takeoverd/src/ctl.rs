@@ -69,6 +69,33 @@ pub fn upgrade(path: &Path, timeout: Duration) -> anyhow::Result<i32> {
     }
 }
 
+/// `takeoverd ctl workers N`: asks for N workers, waits for the outcome.
+/// Returns the process exit status (0: N workers run, every move made).
+pub fn workers(path: &Path, count: usize, timeout: Duration) -> anyhow::Result<i32> {
+    let reply = request(path, Request::Workers { count }, timeout)?;
+    let r: takeoverd::status::ResizeReply =
+        serde_json::from_slice(&reply).context("unreadable reply from takeoverd")?;
+    for note in &r.notes {
+        eprintln!("note: {note}");
+    }
+    if r.ok {
+        println!(
+            "workers: {} -> {}, {} connections moved between workers, took {:.2} ms",
+            r.from, r.to, r.moved, r.took_ms
+        );
+        Ok(0)
+    } else {
+        eprintln!(
+            "changing the number of workers failed ({} -> {} running now, {} connections moved): {}",
+            r.from,
+            r.to,
+            r.moved,
+            r.error.as_deref().unwrap_or("unknown reason")
+        );
+        Ok(1)
+    }
+}
+
 /// `takeoverd ctl status`: prints the status, as JSON or for people.
 pub fn status(path: &Path, json: bool) -> anyhow::Result<i32> {
     let reply = request(path, Request::Status, Duration::from_secs(10))?;

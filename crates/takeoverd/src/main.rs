@@ -9,6 +9,7 @@ mod fdstore;
 mod overflow;
 mod reload;
 mod reload_v1;
+mod resize;
 mod restore;
 mod runnable;
 mod state;
@@ -131,6 +132,20 @@ enum Ctl {
         #[arg(long, default_value_t = 30)]
         timeout_s: u64,
     },
+    /// Run N workers from now on (`auto`: one per CPU). New workers start
+    /// and, once they serve, take their share of the connections from the
+    /// others; removed workers hand theirs to the others. Every move stops
+    /// the connection at a message boundary first: nothing is lost. Waits
+    /// for the outcome; exits 1 if it failed. Not kept across a restart of
+    /// takeoverd: set --workers (or $TAKEOVERD_WORKERS) for that.
+    Workers {
+        /// How many (1-1024, or auto).
+        #[arg(value_parser = parse_workers)]
+        count: usize,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 90)]
+        timeout_s: u64,
+    },
     /// Show generation, worker, connections, listeners and reload history.
     Status {
         /// One line of JSON.
@@ -151,6 +166,7 @@ fn main() -> ExitCode {
             Ctl::Reload { timeout_s } => ctl::reload(&path, Duration::from_secs(timeout_s)),
             Ctl::Upgrade { timeout_s } => ctl::upgrade(&path, Duration::from_secs(timeout_s)),
             Ctl::Status { json } => ctl::status(&path, json),
+            Ctl::Workers { count, timeout_s } => ctl::workers(&path, count, Duration::from_secs(timeout_s)),
         };
         return match result {
             Ok(code) => ExitCode::from(code as u8),

@@ -2,7 +2,8 @@
 //! object per request, answered by one JSON reply: a
 //! [`Status`](crate::status::Status) for `status`, a
 //! [`ReloadRecord`](crate::status::ReloadRecord) for `reload`, an
-//! [`UpgradeReply`](crate::status::UpgradeReply) for `upgrade`.
+//! [`UpgradeReply`](crate::status::UpgradeReply) for `upgrade`, a
+//! [`ResizeReply`](crate::status::ResizeReply) for `workers`.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,4 +18,10 @@ pub enum Request {
     /// Re-execute the binary on disk in place and report the outcome (an
     /// [`UpgradeReply`](crate::status::UpgradeReply)).
     Upgrade,
+    /// Run `count` workers from now on, moving connections between them,
+    /// and report the outcome (a [`ResizeReply`](crate::status::ResizeReply)).
+    Workers {
+        /// How many.
+        count: usize,
+    },
 }

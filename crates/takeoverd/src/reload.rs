@@ -70,6 +70,14 @@ impl Supervisor {
             roll.waiters.extend(waiter);
             return;
         }
+        if self.resize.is_some() {
+            let why = "the number of workers is changing (ctl workers); reload once it is done";
+            tracing::error!("reload refused: {why}");
+            let mut rec = self.stopped_record();
+            rec.error = Some(why.into());
+            answer_reload(waiter.into_iter().collect(), &rec);
+            return;
+        }
         notify(&[
             NotifyState::Reloading,
             crate::fdstore::monotonic_usec(),
@@ -160,7 +168,7 @@ impl Supervisor {
             Who::Serving(w) => w.assign(names),
             Who::Handoff(h) => {
                 if h.step <= Step::Staging {
-                    if let Some(o) = h.old.as_mut().filter(|o| o.proto == Proto::V2) {
+                    if let Some(o) = h.old.as_mut().filter(|o| o.proto.assigns()) {
                         o.assign(names.iter().cloned());
                     }
                 } else if h.old.is_some() {
@@ -216,8 +224,8 @@ impl Supervisor {
         let Who::Handoff(h) = &mut self.slots[slot].who else { return Ok(()) };
         h.hello_at = Some(Instant::now());
         match version {
-            2 => {
-                h.new.proto = Proto::V2;
+            2 | 3 => {
+                h.new.proto = if version == 3 { Proto::V3 } else { Proto::V2 };
                 h.step = Step::Staging;
                 h.deadline = Instant::now() + self.cfg.ack_timeout;
                 h.new.assign(self.conns.iter().filter(|(_, c)| c.slot == slot).map(|(name, _)| name.clone()));
@@ -237,7 +245,7 @@ impl Supervisor {
                 Ok(())
             }
             v => {
-                let reason = format!("this takeoverd speaks versions 1 and 2 of the supervisor channel, not {v}");
+                let reason = format!("this takeoverd speaks versions 1, 2 and 3 of the supervisor channel, not {v}");
                 let refuse = Message::Refuse { reason: reason.clone() };
                 let _ = takeover::manifest::send(
                     h.new.chan(),
@@ -443,6 +451,8 @@ impl Supervisor {
             if !self.ready_sent && !self.slots.iter().any(|s| matches!(s.who, Who::Handoff(_))) {
                 self.publish_ready();
             }
+            // New workers of `ctl workers` serve: connections can move.
+            self.resize_progress();
             return;
         }
         let n = self.slots.len();

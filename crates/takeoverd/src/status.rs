@@ -86,6 +86,30 @@ pub struct UpgradeReply {
     pub connections: usize,
 }
 
+/// The answer to `ctl workers N`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResizeReply {
+    /// Whether takeoverd runs `to` workers now and every planned move was
+    /// made.
+    pub ok: bool,
+    /// What went wrong (nothing is lost: a connection that could not move
+    /// stays with its worker, or with that worker's successor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Workers before.
+    pub from: usize,
+    /// Workers now.
+    pub to: usize,
+    /// Connections moved from one worker to another.
+    pub moved: usize,
+    /// Request to done, in ms.
+    pub took_ms: f64,
+    /// What an operator should know (a worker that speaks version 2 keeps
+    /// its connections, which new connections then even out).
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
 /// A listener.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListenerInfo {

@@ -104,6 +104,8 @@ pub struct Supervisor {
     pub(crate) slots: Vec<Slot>,
     /// A rolling reload under way: the slot it is at, who waits for it.
     pub(crate) roll: Option<crate::reload::Roll>,
+    /// `ctl workers N` under way.
+    pub(crate) resize: Option<crate::resize::Resize>,
     /// Threads reaping workers told to exit (killed past their grace).
     pub(crate) retiring: Vec<(u32, std::thread::JoinHandle<()>)>,
     pub(crate) next_token: usize,
@@ -180,6 +182,7 @@ impl Supervisor {
             conns: Conns::new(),
             slots: (0..workers).map(|_| Slot::new()).collect(),
             roll: None,
+            resize: None,
             retiring: Vec::new(),
             next_token: 0,
             generation: restored.generation,
@@ -231,10 +234,14 @@ impl Supervisor {
     /// after a crash (docs/BENCHMARKS.md has the balance figure).
     pub(crate) fn least_loaded(&self) -> usize {
         let live = |s: &&Slot| !matches!(s.who, Who::Down { .. });
+        // Slots that `ctl workers` is about to remove get nothing.
+        let kept = self.resize.as_ref().map_or(self.slots.len(), |r| r.keeps());
         let pick = |only_live: bool| {
             self.slots
                 .iter()
+                .take(kept.max(1))
                 .enumerate()
+                .filter(|(_, s)| s.leaving.is_none())
                 .filter(|(_, s)| !only_live || live(s))
                 .min_by_key(|(_, s)| s.share)
                 .map(|(i, _)| i)
@@ -330,6 +337,7 @@ impl Supervisor {
             consider(slot.who.deadline(Some(if due { sent + self.cfg.ack_timeout } else { sent + PING_EVERY })));
         }
         consider(self.watchdog.map(|(every, last)| last + every));
+        consider(self.resize_deadline());
         consider(self.status_dirty.then(|| self.status_at + Duration::from_secs(1)));
         consider(self.ctl_deadline());
         consider(self.accept_retry);
@@ -351,6 +359,7 @@ impl Supervisor {
             self.handoff_timers(slot, now);
             self.check_ping(slot, now);
         }
+        self.resize_timers(now);
         self.ctl_timers(now);
         if self.accept_retry.is_some_and(|t| now >= t) {
             self.accept_retry = None;

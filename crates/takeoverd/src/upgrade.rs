@@ -47,7 +47,7 @@ use serde_json::value::RawValue;
 
 use crate::fdstore::{extend_usec, monotonic_usec, notify, StoreSnapshot};
 use crate::supervisor::Supervisor;
-use crate::workers::{Proto, Who};
+use crate::workers::Who;
 use takeoverd::status::{ReloadRecord, UpgradeReply};
 
 /// The version of the snapshot this build writes with one worker: version
@@ -270,6 +270,9 @@ impl Supervisor {
     /// Returns only if the upgrade did not happen: why.
     fn try_upgrade(&mut self, reply: &OwnedFd, background: bool) -> String {
         let began_ms = now_ms();
+        if self.resize.is_some() {
+            return "the number of workers is changing (ctl workers); upgrade once it is done".into();
+        }
         for slot in &self.slots {
             let Who::Serving(w) = &slot.who else {
                 return match &slot.who {
@@ -362,7 +365,7 @@ impl Supervisor {
                 pid: w.pid(),
                 chan: w.chan().as_raw_fd(),
                 stderr: w.proc.stderr_pipe().as_raw_fd(),
-                proto: if w.proto == Proto::V1 { 1 } else { 2 },
+                proto: w.proto.number(),
                 served_ms: w.serving_since.map_or(0, |t| t.elapsed().as_millis() as u64),
             });
         }

@@ -103,7 +103,7 @@ pub fn resume(mut cfg: Config) -> anyhow::Result<Option<Supervisor>> {
     for (slot, (proc, proto, served_ms)) in procs.into_iter().enumerate() {
         let token = sup.worker_token();
         let mut worker = Worker::new(proc, token);
-        worker.proto = if proto == 1 { Proto::V1 } else { Proto::V2 };
+        worker.proto = Proto::of(proto).unwrap_or(Proto::V2);
         worker.serving_since = Some(Instant::now() - Duration::from_millis(served_ms));
         sup.watch(&worker);
         sup.slots[slot].who = Who::Serving(worker);

@@ -149,6 +149,9 @@ impl Supervisor {
             FromWorker::Pong => self.slots[slot].ping.1 = false,
             FromWorker::Closed { name } => self.conn_closed(&name),
             FromWorker::State { entries } => self.update_states(entries),
+            // A worker leaving (`ctl workers`) stopped: its connections go.
+            FromWorker::Stopped if self.slots[slot].leaving.is_some() => self.left(slot),
+            FromWorker::Given { names } if !self.slots[slot].giving.is_empty() => self.on_given(slot, names),
             // The tail of a stop that a rollback overtook (it was told to resume).
             FromWorker::Wake { .. } | FromWorker::Stopped => {}
             other => return Err(format!("unexpected {} from a serving worker", other.name())),
@@ -205,6 +208,12 @@ impl Supervisor {
     pub(crate) fn conn_closed(&mut self, name: &str) {
         let Some((slot, _)) = self.unhold(name) else { return };
         self.store.remove(name);
+        // One being given back ended first: nothing to move.
+        let s = &mut self.slots[slot];
+        if s.giving.remove(name).is_some() && s.giving.is_empty() {
+            s.give_deadline = None;
+            self.resize_progress();
+        }
         if let Who::Handoff(h) = &mut self.slots[slot].who {
             if h.step >= crate::workers::Step::Staging && h.step < crate::workers::Step::Committing {
                 h.new.send(&ToWorker::Release { names: vec![name.to_string()] });
@@ -246,6 +255,7 @@ impl Supervisor {
         let Who::Serving(w) = std::mem::replace(&mut self.slots[slot].who, Who::Down { at: Instant::now() }) else {
             return;
         };
+        self.resize_worker_failed(slot, why);
         self.unwatch(&w);
         let pid = w.pid();
         let healthy = w.serving_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
@@ -263,6 +273,7 @@ impl Supervisor {
             self.slots[slot].backoff = Duration::ZERO;
         }
         self.schedule_restart(slot);
+        self.resize_progress();
     }
 
     /// Starts a new worker for `slot` after its backoff.

@@ -48,6 +48,36 @@ pub enum Proto {
     V1,
     /// Version 2: takeoverd accepts and `assign`s; staged handoffs.
     V2,
+    /// Version 3: version 2, and it gives connections back (`give`) for
+    /// `ctl workers N` to move them to another worker.
+    V3,
+}
+
+impl Proto {
+    /// From a `hello`'s version (or a carried worker's).
+    pub fn of(version: u32) -> Option<Proto> {
+        match version {
+            1 => Some(Proto::V1),
+            2 => Some(Proto::V2),
+            3 => Some(Proto::V3),
+            _ => None,
+        }
+    }
+
+    /// The version number (0: not known yet).
+    pub fn number(self) -> u32 {
+        match self {
+            Proto::Unknown => 0,
+            Proto::V1 => 1,
+            Proto::V2 => 2,
+            Proto::V3 => 3,
+        }
+    }
+
+    /// Whether takeoverd assigns it connections (versions 2 and 3).
+    pub fn assigns(self) -> bool {
+        matches!(self, Proto::V2 | Proto::V3)
+    }
 }
 
 /// A connection takeoverd holds.
@@ -293,6 +323,14 @@ pub struct Slot {
     pub share: usize,
     /// The generation of the worker that serves it (0: none yet).
     pub generation: u64,
+    /// `ctl workers N` removes this slot: its worker was told to stop, and
+    /// its connections go to the others when it has (the deadline).
+    pub leaving: Option<Instant>,
+    /// `ctl workers N` moves these connections to other slots (name →
+    /// slot): its worker was told to give them (version 3).
+    pub giving: HashMap<String, usize>,
+    /// When the worker must have given them.
+    pub give_deadline: Option<Instant>,
 }
 
 impl Slot {
@@ -305,6 +343,9 @@ impl Slot {
             ping: (now, false),
             share: 0,
             generation: 0,
+            leaving: None,
+            giving: HashMap::new(),
+            give_deadline: None,
         }
     }
 
@@ -328,6 +369,12 @@ impl Slot {
 
     /// `serving`, `restarting`, or `handoff: <step>`.
     pub fn state_name(&self) -> String {
+        if self.leaving.is_some() {
+            return "leaving: handing its connections to the others".into();
+        }
+        if !self.giving.is_empty() {
+            return format!("giving {} connections to other workers", self.giving.len());
+        }
         match &self.who {
             Who::Down { .. } => "restarting".into(),
             Who::Serving(_) => "serving".into(),

@@ -194,6 +194,10 @@ async fn on_event(shared: &Arc<Shared>, event: Event) -> Option<u8> {
         // Every task peeks its connection as soon as serving starts, so
         // connections with work left are served without being named.
         Event::Wake(_) => Ok(()),
+        // This worker speaks version 2 (`Supervisor::from_env`): takeoverd
+        // never asks it to give connections back (`ctl workers N` moves
+        // them with a stop instead), and the library refuses a `give`.
+        Event::Give(_) => Ok(()),
         // `recovered` needs nothing more: requests stay in the kernel until
         // answered, and the state says whether the one queued already ran.
         Event::Serve { recovered } => {

@@ -51,10 +51,10 @@ pub struct Args {
     /// taker for the giver's offer.
     #[arg(long = "ack-timeout-ms", default_value_t = 5000, value_name = "MS")]
     pub ack_timeout_ms: u64,
-    /// Under takeoverd: the version of its channel to speak (2, or 1 to
-    /// behave as workers before takeoverd's staged handoffs; for tests of
-    /// compatibility).
-    #[arg(long = "takeoverd-channel", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2), hide = true)]
+    /// Under takeoverd: the version of its channel to speak (3; 2 to behave
+    /// as workers before `give`, 1 as workers before takeoverd's staged
+    /// handoffs; for tests of compatibility).
+    #[arg(long = "takeoverd-channel", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=3), hide = true)]
     pub takeoverd_channel: u32,
 }
 

@@ -26,9 +26,10 @@ pub(super) fn start(args: &Args) -> Result<Worker, StartError> {
             if Supervisor::staged_beside_a_server() && takeover::priority::background() {
                 worker.staging_in_background = Some(Instant::now() + STAGING_IN_BACKGROUND);
             }
-            let sup = Supervisor::new(chan)
-                .doing(|| "saying hello to takeoverd".into())?
-                .with_send_timeout(args.ack_timeout());
+            // Version 3 adds `give` (takeoverd moves connections between
+            // workers); 2 is kept for the tests of older workers.
+            let sup = if args.takeoverd_channel >= 3 { Supervisor::new_giving(chan) } else { Supervisor::new(chan) };
+            let sup = sup.doing(|| "saying hello to takeoverd".into())?.with_send_timeout(args.ack_timeout());
             worker.set_control(Control::V2(sup))?;
             return Ok(worker);
         }

@@ -150,8 +150,53 @@ impl Worker {
                 return Flow::Exit(0);
             }
             Event::Gone => return takeoverd_gone(),
+            Event::Give(names) => return self.give_back(names),
         }
         Flow::Continue
+    }
+
+    /// Hands connections back for another worker (version 3): between two
+    /// events every connection is at a message boundary as far as this loop
+    /// goes; what takeoverd does not know of it (a state changed since it
+    /// was last told, work left) is told, and our copy is closed without a
+    /// shutdown. A name we no longer hold was closed and told already.
+    fn give_back(&mut self, names: Vec<String>) -> Flow {
+        let mut states = Vec::new();
+        let mut wakes = Vec::new();
+        let mut given = Vec::new();
+        let mut gone = std::collections::HashSet::new();
+        for name in names {
+            let Some(key) = self.key_of(&name) else { continue };
+            let mut conn = self.conns.remove(key);
+            self.by_cookie.remove(&conn.cookie);
+            gone.insert(key);
+            if self.blocked.remove(&key) || conn.queued {
+                wakes.push(name.clone());
+            }
+            if self.mid_message.remove(&key) {
+                states.push((name.clone(), to_raw_value(&conn.state()).expect("state serialises")));
+            }
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+            drop(conn);
+            given.push(name);
+        }
+        self.ready.retain(|k| !gone.contains(k));
+        match self.supervisor().given(&states, &wakes, &given) {
+            Ok(()) => {
+                tracing::info!(
+                    given = given.len(),
+                    states = states.len(),
+                    wake = wakes.len(),
+                    connections = self.conns.len(),
+                    "gave connections to another worker"
+                );
+                Flow::Continue
+            }
+            Err(e) => {
+                tracing::error!("reporting to takeoverd: {e}; exiting (takeoverd holds every connection)");
+                Flow::Exit(1)
+            }
+        }
     }
 
     /// Connections takeoverd gives us: served at once if we serve, else held.
