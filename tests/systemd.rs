@@ -497,3 +497,50 @@ fn the_newer_systemd_drop_in_applies_where_it_can_and_is_harmless_elsewhere() {
     assert_ne!(worker_pid(&st), worker, "the reload did not replace the worker: {st:?}");
     load.finish("50 clients through a reload with the newer-systemd drop-in");
 }
+
+/// `--workers 2` under systemd: the connections are shared out; rolling
+/// reloads replace both workers; a SIGKILL of one worker leaves the other
+/// untouched; `systemctl restart` and a SIGKILL of takeoverd bring both
+/// back with every connection from the fd store. 150 clients, not one
+/// error; the fd store holds what takeoverd holds; `STATUS=` names both.
+#[test]
+fn two_workers_under_systemd_through_reloads_restarts_and_kills() {
+    let Some((m, port)) = start("workers", &["--workers", "2"]) else { return };
+    let load = Client::start(
+        port,
+        &["--connections", "150", "--interval-ms", "5", "--duration", "12", "--timeout-ms", "10000"],
+    );
+    let st = wait_connections(&m, 150, Duration::from_secs(10));
+    let shares: Vec<usize> = st.workers.iter().map(|w| w.connections).collect();
+    assert_eq!(shares, vec![75, 75], "{st:?}");
+    let both = |st: &Status| -> Vec<Option<u32>> { st.workers.iter().map(|w| w.pid).collect() };
+    let serving = |st: &Status| st.workers.len() == 2 && st.workers.iter().all(|w| w.state == "serving");
+
+    for i in 1..=2 {
+        let before = both(&status(&m).unwrap());
+        m.systemctl_ok(&["reload", SERVICE]);
+        let after = both(&status(&m).unwrap());
+        assert!(before[0] != after[0] && before[1] != after[1], "reload {i} replaced both: {before:?} -> {after:?}");
+    }
+
+    let st = status(&m).unwrap();
+    let (keep, victim) = (st.workers[0].pid.unwrap(), st.workers[1].pid.unwrap());
+    sigkill(victim);
+    wait_until("worker 1 is replaced", Duration::from_secs(10), || {
+        status(&m).is_some_and(|st| serving(&st) && st.workers[1].pid != Some(victim))
+    });
+    assert_eq!(status(&m).unwrap().workers[0].pid, Some(keep), "worker 0 must not notice worker 1's crash");
+
+    for how in [&["restart", SERVICE][..], &["kill", "-s", "KILL", "--kill-who=main", SERVICE][..]] {
+        let main = m.main_pid(SERVICE);
+        m.systemctl_ok(how);
+        m.wait_running(SERVICE, main, Duration::from_secs(30));
+        let st = wait_connections(&m, 150, Duration::from_secs(10));
+        wait_until("both workers serve", Duration::from_secs(10), || status(&m).is_some_and(|st| serving(&st)));
+        assert_eq!(st.workers.iter().map(|w| w.connections).sum::<usize>(), 150, "{how:?}: {st:?}");
+    }
+    assert_fd_store(&m, 150, Duration::from_secs(5));
+    let text = m.show(SERVICE, "StatusText");
+    assert!(text.contains("2 workers"), "STATUS= names the workers: {text}");
+    load.finish("150 clients, 2 workers, through reloads, a worker SIGKILL, a restart and a takeoverd SIGKILL");
+}
