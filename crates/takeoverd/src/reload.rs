@@ -233,10 +233,13 @@ impl Supervisor {
                 self.inject(slot, Fault::NewStarted);
                 Ok(())
             }
-            1 if n > 1 => Err(format!(
-                "it speaks version 1 of the supervisor channel, whose workers accept connections themselves and \
-                 cannot share them with {} others: run takeoverd with --workers 1 for it, or use version 2",
-                n - 1
+            1 if n > 1 => Err(refuse(
+                h.new.chan(),
+                format!(
+                    "it speaks version 1 of the supervisor channel, whose workers accept connections themselves \
+                     and cannot share them with {} others: run takeoverd with --workers 1 for it, or use version 2",
+                    n - 1
+                ),
             )),
             1 => {
                 h.new.proto = Proto::V1;
@@ -244,17 +247,10 @@ impl Supervisor {
                 self.legacy_handoff(slot);
                 Ok(())
             }
-            v => {
-                let reason = format!("this takeoverd speaks versions 1, 2 and 3 of the supervisor channel, not {v}");
-                let refuse = Message::Refuse { reason: reason.clone() };
-                let _ = takeover::manifest::send(
-                    h.new.chan(),
-                    &refuse,
-                    &[],
-                    Some(Instant::now() + Duration::from_millis(100)),
-                );
-                Err(reason)
-            }
+            v => Err(refuse(
+                h.new.chan(),
+                format!("this takeoverd speaks versions 1, 2 and 3 of the supervisor channel, not {v}"),
+            )),
         }
     }
 
@@ -574,6 +570,14 @@ struct Phases {
     stage: Option<Duration>,
     /// Request → `serving`.
     total: Duration,
+}
+
+/// Tells a new worker its hello is refused (best effort, 100 ms); returns
+/// the reason.
+fn refuse(chan: std::os::fd::BorrowedFd<'_>, reason: String) -> String {
+    let msg = Message::Refuse { reason: reason.clone() };
+    let _ = takeover::manifest::send(chan, &msg, &[], Some(Instant::now() + Duration::from_millis(100)));
+    reason
 }
 
 fn why_name(why: Why) -> &'static str {
