@@ -115,7 +115,9 @@ pub fn resume(mut cfg: Config) -> anyhow::Result<Option<Supervisor>> {
     sup.ready_sent = true;
     for pid in snap.retiring {
         let grace = sup.cfg.ack_timeout;
-        sup.reap_in_background(pid, move || crate::worker::finish_pid(pid, grace));
+        sup.reap_in_background(pid, crate::worker_channel::Reaped::Retired, move || {
+            crate::worker::finish_pid(pid, grace)
+        });
     }
     sup.upgraded =
         Some(Upgraded { reply, from: snap.from, began_ms: snap.began_ms, fell_back, background: snap.background });

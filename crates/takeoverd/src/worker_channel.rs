@@ -14,6 +14,15 @@ use takeover::control as v1;
 use crate::supervisor::{Supervisor, BACKOFF_MAX, BACKOFF_STEP, HEALTHY_AFTER, WORKER_BASE};
 use crate::workers::{HeldConn, Proto, Who, Worker};
 
+/// Why a worker is reaped in the background (for the log).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Reaped {
+    /// Told to exit after its successor took over.
+    Retired,
+    /// It died, hung or broke the protocol, and was killed.
+    Failed,
+}
+
 impl Supervisor {
     /// A fresh token for a worker's channel.
     pub(crate) fn worker_token(&mut self) -> Token {
@@ -79,21 +88,28 @@ impl Supervisor {
         // looked at them: milliseconds at 10 000 connections) in the reaper's
         // context, and that must not delay the new worker on a shared core.
         let (pid, grace) = (w.pid(), self.cfg.ack_timeout);
-        self.reap_in_background(pid, move || w.proc.finish(grace));
+        self.reap_in_background(pid, Reaped::Retired, move || w.proc.finish(grace));
     }
 
-    /// Reaps worker `pid` (told to exit) from a thread at nice 19: `finish`
-    /// waits for it to exit, killing it past its grace.
+    /// Reaps worker `pid` (told to exit, or killed) from a thread at nice
+    /// 19: `finish` waits for it to exit, killing it past its grace. The
+    /// kernel's teardown of a worker that held thousands of sockets takes
+    /// milliseconds, which the other workers' clients must not wait for.
     pub(crate) fn reap_in_background(
         &mut self,
         pid: u32,
+        why: Reaped,
         finish: impl FnOnce() -> std::process::ExitStatus + Send + 'static,
     ) {
         let reaper = std::thread::Builder::new().name("reaper".into()).spawn(move || {
             takeover::priority::wind_down();
             let status = finish();
-            if !status.success() {
-                tracing::warn!(pid, %status, "the old worker did not exit cleanly after the handoff");
+            match why {
+                Reaped::Retired if !status.success() => {
+                    tracing::warn!(pid, %status, "the old worker did not exit cleanly after the handoff")
+                }
+                Reaped::Retired => {}
+                Reaped::Failed => tracing::warn!(pid, %status, "the failed worker is gone"),
             }
         });
         match reaper {
@@ -260,15 +276,18 @@ impl Supervisor {
         let pid = w.pid();
         let healthy = w.serving_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
         let mut proc = w.proc;
-        proc.kill();
-        let status = proc.finish(Duration::from_millis(500));
+        let status = proc.exited();
         tracing::error!(
             pid,
             slot,
-            %status,
+            status = %status.map_or("not reaped yet (logged when it is)".to_string(), |s| s.to_string()),
             connections = self.slots[slot].share,
             "worker {why}; its connections are held here and go to a new worker"
         );
+        if status.is_none() {
+            proc.kill();
+            self.reap_in_background(pid, Reaped::Failed, move || proc.finish(Duration::from_millis(500)));
+        }
         if healthy {
             self.slots[slot].backoff = Duration::ZERO;
         }
