@@ -77,11 +77,12 @@ pub struct Args {
     /// connect), to get past the ephemeral ports of one source address
     /// (~28 000, and connects slow down past ~14 000 to one server). Only
     /// for an IPv4 loopback server. When the connections on one source
-    /// address would pass 28 000 (or the size of
-    /// net.ipv4.ip_local_port_range, if smaller), counted over all the
-    /// processes (each process spreads its own connections from
-    /// 127.0.0.1), N is raised to the smallest that fits, and the change
-    /// logged on stderr; a run that 254 addresses cannot hold is refused.
+    /// address would pass half the ephemeral port range
+    /// (net.ipv4.ip_local_port_range; 14 116 by default), counted over all
+    /// the processes (each spreads its own connections from 127.0.0.1), N
+    /// is raised to the smallest that fits and the change logged on stderr:
+    /// past half the range, every connect scans the half that connect()
+    /// tries first. A run that 254 addresses cannot hold is refused.
     #[arg(
         long,
         value_name = "N",

@@ -421,7 +421,7 @@ mod tests {
             "2.5",
         ])
         .unwrap();
-        let limits = Limits { files_per_process: 20_000, ports_per_source_address: 28_000 };
+        let limits = Limits { files_per_process: 20_000, ephemeral_ports: 28_232 };
         let plan = Plan::new(&args, &limits).unwrap();
         let line = child_command_line(&plan, 6, plan.shares[5]);
         let child = crate::client::Args::try_parse_from(std::iter::once(OsString::from("x")).chain(line)).unwrap();
@@ -430,7 +430,7 @@ mod tests {
             processes: Some(1),
             json: true,
             timeline: Some("t.csv.6".into()),
-            source_addresses: 4,
+            source_addresses: 8,
             ..args
         };
         assert_eq!(child, want);
