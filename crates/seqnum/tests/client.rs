@@ -27,10 +27,11 @@ enum Behaviour {
 }
 
 /// A test server; `clean_eofs` counts connections that ended with an EOF
-/// (not a reset) right after a whole message.
+/// (not a reset) right after a whole message, `accepted` those accepted.
 struct Server {
     port: u16,
     clean_eofs: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
 }
 
 fn serve(behaviour: Behaviour) -> Server {
@@ -40,15 +41,17 @@ fn serve(behaviour: Behaviour) -> Server {
 fn serve_on(listener: TcpListener, behaviour: Behaviour) -> Server {
     let port = listener.local_addr().unwrap().port();
     let clean_eofs = Arc::new(AtomicUsize::new(0));
-    let eofs = clean_eofs.clone();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (eofs, seen) = (clean_eofs.clone(), accepted.clone());
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
+            seen.fetch_add(1, Ordering::SeqCst);
             let eofs = eofs.clone();
             thread::spawn(move || handle(stream, behaviour, &eofs));
         }
     });
-    Server { port, clean_eofs }
+    Server { port, clean_eofs, accepted }
 }
 
 fn handle(mut s: TcpStream, behaviour: Behaviour, clean_eofs: &AtomicUsize) {
@@ -377,6 +380,8 @@ fn bad_arguments_exit_2() {
         (&["--connect-address", "not-an-ip"], "--connect-address"),
         (&["--interval-ms", "soon"], "--interval-ms"),
         (&["--frobnicate"], "--frobnicate"),
+        (&["--processes", "0"], "--processes"),
+        (&["--processes", "4", "--connections", "3"], "--processes 4"),
     ] {
         let out = client(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -391,7 +396,150 @@ fn help_exits_0() {
     let out = client(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8(out.stdout).unwrap();
-    for opt in ["--connect-address", "--connect-port", "--connections", "--timeline", "Exit status"] {
+    for opt in ["--connect-address", "--connect-port", "--connections", "--timeline", "--processes", "Exit status"] {
         assert!(stdout.contains(opt), "{opt}");
+    }
+}
+
+/// Starts the client (not waiting for it) with `--json` and `args`.
+fn start_client(port: u16, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_seqnum-client"))
+        .args(["-p", &port.to_string(), "--json"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting seqnum-client")
+}
+
+/// A fresh directory for a test's files.
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("seqnum-client-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn processes_merge_into_one_summary() {
+    let server = serve(Behaviour::Echo);
+    let (code, v, stderr) =
+        run_json(server.port, &["--processes", "3", "--connections", "30", "--count", "10", "--interval-ms", "0"]);
+    assert_eq!(code, 0, "{v}\n{stderr}");
+    assert_eq!((v.connections, v.errors, v.processes, v.failed_processes), (30, 0, Some(3), 0), "{v:?}");
+    assert_eq!((v.sent, v.echoed, v.connects), (300, 300, 30), "{v:?}");
+    assert_eq!(v.latency_histogram.count(), v.echoed, "the histograms of the three merged");
+    let lat = &v.latency_us;
+    assert!(lat.p50 <= lat.p99 && lat.p99 <= lat.max && lat.max == v.latency_histogram.max(), "{v:?}");
+    assert_eq!(lat.mean, (v.latency_histogram.mean() * 10.0).round() / 10.0);
+    assert!(v.echoes_per_sec > 0.0);
+    assert_eq!(wait_for(&server.clean_eofs, 30), 30);
+    // Human output, as from one process.
+    let port = server.port.to_string();
+    let out = client(&["-p", &port, "--processes", "2", "--connections", "5", "--count", "2", "--interval-ms", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("connections 5 in 2 processes,") && stdout.contains("echoed 10"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("PASS") && !stdout.contains('{'), "{stdout}");
+}
+
+#[test]
+fn errors_of_several_processes_add_up() {
+    // Each connection gets three echoes, then the server closes it.
+    let server = serve(Behaviour::CloseAfterThree);
+    let (code, v, stderr) =
+        run_json(server.port, &["--processes", "3", "--connections", "9", "--count", "10", "--interval-ms", "20"]);
+    assert_eq!(code, 1, "{v:?}");
+    assert_eq!((v.echoed, v.latency_histogram.count()), (27, 27), "{v:?}");
+    assert_eq!((v.eofs + v.resets, v.errors, v.failed_processes), (9, 9, 0), "{v:?}");
+    // Each process's log lines come through, saying which process.
+    for n in 1..=3 {
+        assert!(stderr.contains(&format!("[client {n}/3] ")), "{stderr}");
+    }
+}
+
+#[test]
+fn a_failed_process_is_named_and_fails_the_run() {
+    let server = serve(Behaviour::Echo);
+    // Process 2 of 3 cannot create its timeline.
+    let dir = temp_dir("failed-process");
+    std::fs::create_dir(dir.join("t.csv.2")).unwrap();
+    let timeline = dir.join("t.csv");
+    let args = ["--processes", "3", "--connections", "30", "--count", "5", "--interval-ms", "0", "--timeline"];
+    let (code, v, stderr) = run_json(server.port, &[&args[..], &[timeline.to_str().unwrap()]].concat());
+    assert_eq!(code, 1, "{v:?}\n{stderr}");
+    assert_eq!((v.connections, v.processes, v.failed_processes, v.errors), (30, Some(3), 1, 1), "{v:?}");
+    assert_eq!(v.echoed, 2 * 10 * 5, "the two others ran: {v:?}");
+    let named = stderr.lines().find(|l| l.contains("client process 2 of 3 (10 connections) failed"));
+    let named = named.unwrap_or_else(|| panic!("{stderr}"));
+    assert!(named.contains("exited with status 1 without printing a summary"), "{named}");
+    assert!(stderr.contains("t.csv.2: Is a directory"), "what it printed is repeated: {stderr}");
+    // The others wrote theirs.
+    for n in [1, 3] {
+        let csv = std::fs::read_to_string(dir.join(format!("t.csv.{n}"))).unwrap();
+        assert!(csv.starts_with("t_ms,echoes,p50_us,p99_us,max_us,errors\n"), "{csv}");
+    }
+    assert!(!timeline.exists(), "no merged timeline");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_an_end_a_failed_process_ends_the_others() {
+    let server = serve(Behaviour::Echo);
+    let dir = temp_dir("endless");
+    std::fs::create_dir(dir.join("t.csv.2")).unwrap();
+    let timeline = dir.join("t.csv");
+    let start = Instant::now();
+    let (code, v, stderr) = run_json(
+        server.port,
+        &["--processes", "3", "--connections", "6", "--interval-ms", "10", "--timeline", timeline.to_str().unwrap()],
+    );
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(code, 1, "{v:?}");
+    assert_eq!((v.failed_processes, v.errors), (3, 3), "{v:?}");
+    for n in [1, 3] {
+        let why = format!(
+            "client process {n} of 3 (2 connections) failed: killed by the coordinator (client process 2 ended"
+        );
+        assert!(stderr.contains(&why), "{stderr}");
+    }
+    assert_eq!(wait_for(&server.clean_eofs, 4), 4, "the killed processes' connections are closed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn processes_split_under_a_low_open_file_limit() {
+    // 100 open files hold 68 connections a process: 150 need three.
+    let server = serve(Behaviour::Echo);
+    let out = Command::new("sh")
+        .args(["-c", r#"ulimit -n 100 && exec "$0" "$@""#, env!("CARGO_BIN_EXE_seqnum-client")])
+        .args(["-p", &server.port.to_string(), "--json", "--connections", "150", "--count", "3", "--interval-ms", "0"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let v: Summary = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!((v.connections, v.processes, v.errors, v.echoed), (150, Some(3), 0, 450), "{v:?}");
+    assert!(stderr.contains("open-file hard limit 100") && stderr.contains("in 3 client processes"), "{stderr}");
+}
+
+#[test]
+fn sigterm_to_the_coordinator_kills_every_process() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::os::unix::process::ExitStatusExt;
+    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+        // Without --count or --duration the processes run until killed.
+        let server = serve(Behaviour::Echo);
+        let mut c = start_client(server.port, &["--processes", "2", "--connections", "4", "--interval-ms", "10"]);
+        assert_eq!(wait_for(&server.accepted, 4), 4, "the processes connected");
+        kill(Pid::from_raw(c.id() as i32), sig).unwrap();
+        let status = c.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig as i32), "the coordinator dies of it: {status:?}");
+        // SIGTERM: the coordinator kills them; SIGKILL: the kernel sends
+        // them SIGTERM (PR_SET_PDEATHSIG). Either way their connections close.
+        assert_eq!(wait_for(&server.clean_eofs, 4), 4, "{sig}: client processes left running");
     }
 }

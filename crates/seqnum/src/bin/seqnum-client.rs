@@ -4,14 +4,25 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use seqnum::client::{self, Args};
+use clap::{CommandFactory, Parser};
+use seqnum::client::{self, Args, Limits, Plan};
 
 fn main() -> ExitCode {
     // Usage errors exit with status 2 (clap's default), --help with 0.
     let args = Args::parse();
     client::init_logging();
-    match client::run(&args) {
+    // A client process of a coordinator (--processes) runs what it was
+    // given; the coordinator has said what it decided.
+    let coordinated = client::watch_coordinator();
+    let plan = match Plan::new(&args, &Limits::of_this_machine()) {
+        Ok(plan) => plan,
+        Err(e) => Args::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit(),
+    };
+    if !coordinated {
+        plan.log();
+    }
+    let result = if plan.processes() > 1 { client::run_processes(&plan) } else { client::run(&plan.args) };
+    match result {
         Ok(summary) => {
             if args.json {
                 println!("{}", summary.to_json());
@@ -26,7 +37,11 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             tracing::error!("{}", takeover::log::report(&e));
-            ExitCode::from(1)
+            match e {
+                // The signal was raised again but did not end the process.
+                client::Error::Interrupted(sig) => ExitCode::from(128 + sig as u8),
+                _ => ExitCode::from(1),
+            }
         }
     }
 }

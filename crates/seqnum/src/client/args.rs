@@ -1,5 +1,6 @@
 //! Command-line arguments of `seqnum-client`.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,13 +12,17 @@ const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0  every connection connected, and every echo came back, in time and equal
      to the seqnum sent
-  1  at least one error (discontinuity, reset, EOF, timeout, connect error),
-     or the run could not be set up (e.g. the --timeline file)
-  2  bad command-line arguments
+  1  at least one error (discontinuity, reset, EOF, timeout, connect error,
+     a client process that failed), or the run could not be set up (e.g.
+     the --timeline file)
+  2  bad command-line arguments (also: more --processes than --connections,
+     or more connections than 254 source addresses hold)
 
 Without --duration or --count the client runs until it is killed (SIGINT or
 SIGTERM end it at once, without a summary); give one of them to get a
-summary and a meaningful exit status.
+summary and a meaningful exit status. With several processes, SIGINT,
+SIGTERM or SIGHUP to the command kill every client process, and the
+command then dies of the same signal.
 
 Logging goes to stderr, filtered by RUST_LOG (default: info).";
 
@@ -27,7 +32,9 @@ Logging goes to stderr, filtered by RUST_LOG (default: info).";
 /// a 4-byte big-endian counter from 0 upward, lock-step: the next seqnum
 /// only once the echo of the previous one came back. Every echo must equal
 /// the seqnum sent; anything else (a wrong value, a reset, an early EOF, a
-/// missing echo) is an error. All connections are driven by one thread.
+/// missing echo) is an error. All connections of a process are driven by
+/// one thread; past what one process can hold, the connections are split
+/// over several processes (see --processes) and their summaries merged.
 #[derive(Debug, Clone, PartialEq, Parser)]
 #[command(name = "seqnum-client", version, after_help = EXIT_STATUS_HELP)]
 pub struct Args {
@@ -52,8 +59,11 @@ pub struct Args {
     )]
     pub connect_port: u16,
 
-    /// Number of concurrent connections, all driven by a single event loop.
-    /// Thousands need a raised open-file limit (`ulimit -n`).
+    /// Number of concurrent connections, all driven by one event loop per
+    /// process. A process holds one file descriptor per connection: the
+    /// soft open-file limit is raised to the hard one, and past what that
+    /// allows one process (the hard limit less 32 for its other files) the
+    /// connections are split over several processes (see --processes).
     #[arg(
         long,
         value_name = "N",
@@ -66,7 +76,13 @@ pub struct Args {
     /// 127.0.0.(1 + i % N) before connecting (the port is left to the
     /// connect), to get past the ephemeral ports of one source address
     /// (~28 000, and connects slow down past ~14 000 to one server). Only
-    /// for an IPv4 loopback server.
+    /// for an IPv4 loopback server. When the connections on one source
+    /// address would pass half the ephemeral port range
+    /// (net.ipv4.ip_local_port_range; 14 116 by default), counted over all
+    /// the processes (each spreads its own connections from 127.0.0.1), N
+    /// is raised to the smallest that fits and the change logged on stderr:
+    /// past half the range, every connect scans the half that connect()
+    /// tries first. A run that 254 addresses cannot hold is refused.
     #[arg(
         long,
         value_name = "N",
@@ -122,8 +138,11 @@ pub struct Args {
     /// Print the final summary as one line of JSON on stdout (keys:
     /// connections, sent, echoed, discontinuities, resets, eofs, timeouts,
     /// connect_errors, errors, latency_us{p50,p99,p999,max,mean},
-    /// echoes_per_sec, duration_s, connects, connects_per_sec, and
-    /// churn_messages with --churn-messages) instead of a human-readable one.
+    /// echoes_per_sec, duration_s, connects, connects_per_sec,
+    /// latency_histogram (the sparse histogram the percentiles come from,
+    /// which merges with other runs'), churn_messages with
+    /// --churn-messages, and processes and failed_processes with several
+    /// processes) instead of a human-readable one.
     #[arg(long)]
     pub json: bool,
 
@@ -136,8 +155,33 @@ pub struct Args {
     /// max_us,errors`, then one row per 100 ms of the run, with the echoes
     /// received in that slice, their latency percentiles (0 if none), and
     /// the errors that happened in it. Rows are flushed as they close.
+    /// With several processes, process N of P (N = 1..=P) writes `FILE.N`,
+    /// its rows on its own clock (the processes start within milliseconds
+    /// of each other); no merged file is written, since the percentiles of
+    /// a slice cannot be made from those of each process.
     #[arg(long, value_name = "FILE")]
     pub timeline: Option<PathBuf>,
+
+    /// Run the connections in P client processes: this command runs its
+    /// own executable P times, each with `--processes 1 --json`, its share
+    /// of --connections (as even as can be), FILE.N for --timeline, and
+    /// every other option as given, and holds no connection itself. It
+    /// prints one summary of them all, as one process would: counts and
+    /// rates summed, latency percentiles and mean from the merged
+    /// histograms, the longest duration. Their stderr is passed on, each
+    /// line prefixed `[client N/P]`. A process that fails (it prints no
+    /// summary, or exits with a status its summary does not explain) is
+    /// counted in `errors` (and `failed_processes`), named on stderr with
+    /// the last lines it printed there, and the exit status is 1. Without
+    /// --count or --duration, the first process to end ends the run: the
+    /// others are killed. Default: as many as the open-file hard limit
+    /// needs (see --connections), the split logged on stderr.
+    #[arg(
+        long,
+        value_name = "P",
+        value_parser = clap::value_parser!(u32).range(1..=1024)
+    )]
+    pub processes: Option<u32>,
 }
 
 impl Args {
@@ -159,6 +203,43 @@ impl Args {
     /// Time over which the initial connects are spread.
     pub fn ramp(&self) -> Duration {
         Duration::from_millis(self.ramp_ms)
+    }
+
+    /// The command line (without the program name) that parses back to
+    /// these arguments: what a client process of `--processes` is given.
+    pub fn to_command_line(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = Vec::new();
+        let mut opt = |name: &str, value: String| {
+            v.push(name.into());
+            v.push(value.into());
+        };
+        opt("--connect-address", self.connect_address.to_string());
+        opt("--connect-port", self.connect_port.to_string());
+        opt("--connections", self.connections.to_string());
+        opt("--source-addresses", self.source_addresses.to_string());
+        opt("--interval-ms", self.interval_ms.to_string());
+        if let Some(d) = self.duration {
+            opt("--duration", d.as_secs_f64().to_string());
+        }
+        if let Some(k) = self.count {
+            opt("--count", k.to_string());
+        }
+        if let Some(k) = self.churn_messages {
+            opt("--churn-messages", k.to_string());
+        }
+        opt("--timeout-ms", self.timeout_ms.to_string());
+        opt("--ramp-ms", self.ramp_ms.to_string());
+        if let Some(p) = self.processes {
+            opt("--processes", p.to_string());
+        }
+        if self.json {
+            v.push("--json".into());
+        }
+        if let Some(path) = &self.timeline {
+            v.push("--timeline".into());
+            v.push(path.into());
+        }
+        v
     }
 }
 
@@ -200,6 +281,7 @@ mod tests {
         assert_eq!(a.churn_messages, None);
         assert!(!a.json);
         assert_eq!(a.timeline, None);
+        assert_eq!(a.processes, None);
     }
 
     #[test]
@@ -300,6 +382,56 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("Exit status"), "{text}");
         assert!(text.contains("--connect-address"), "{text}");
+    }
+
+    #[test]
+    fn processes_range() {
+        assert_eq!(parse(&[]).unwrap().processes, None);
+        assert_eq!(parse(&["--processes", "3"]).unwrap().processes, Some(3));
+        for bad in ["0", "1025", "x"] {
+            assert_eq!(parse(&["--processes", bad]).unwrap_err().kind(), ErrorKind::ValueValidation, "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_line_parses_back() {
+        for args in [
+            &[][..],
+            &["-a", "::1", "-p", "4321", "--connections", "30", "--processes", "3", "--json"],
+            &["--duration", "0.35", "--interval-ms", "0", "--timeline", "/tmp/x y.csv", "--ramp-ms", "250"],
+            &["--duration", "12.5", "--churn-messages", "3", "--source-addresses", "4", "--timeout-ms", "7"],
+            &["--count", "7", "-a", "10.1.2.3", "--connections", "100000"],
+        ] {
+            let a = parse(args).unwrap();
+            let line = a.to_command_line();
+            let back = Args::try_parse_from(std::iter::once(OsString::from("seqnum-client")).chain(line.clone()))
+                .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            assert_eq!(back, a, "{args:?} -> {line:?}");
+        }
+    }
+
+    /// A new option must be passed on to the client processes: add it to
+    /// `to_command_line` (and to `command_line_parses_back`), then here.
+    #[test]
+    fn command_line_knows_every_option() {
+        use clap::CommandFactory;
+        let ids: Vec<String> = Args::command().get_arguments().map(|a| a.get_id().to_string()).collect();
+        let known = [
+            "connect_address",
+            "connect_port",
+            "connections",
+            "source_addresses",
+            "interval_ms",
+            "duration",
+            "count",
+            "churn_messages",
+            "timeout_ms",
+            "json",
+            "ramp_ms",
+            "timeline",
+            "processes",
+        ];
+        assert_eq!(ids, known);
     }
 
     #[test]

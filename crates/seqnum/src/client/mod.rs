@@ -4,7 +4,9 @@
 //! lock-step (one message in flight), and checks that every echo equals
 //! the seqnum sent. One mio event loop on one thread drives any number of
 //! connections with O(1) work per event; see [`Args`] for the options and
-//! [`Summary`] for what a run reports.
+//! [`Summary`] for what a run reports. A [`Plan`] says how many processes
+//! a run needs (one holds one file descriptor per connection), and
+//! [`run_processes`] runs it in that many and merges their summaries.
 //!
 //! ```no_run
 //! use clap::Parser;
@@ -16,7 +18,6 @@
 //! ```
 
 use std::io::IsTerminal;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::{fmt, io};
 
@@ -28,10 +29,14 @@ mod conn;
 mod driver;
 pub mod histogram;
 mod monitor;
+pub mod plan;
+mod processes;
 mod report;
 
 pub use args::Args;
 pub use histogram::Histogram;
+pub use plan::{Limits, Plan, PlanError};
+pub use processes::{run_processes, watch_coordinator};
 pub use report::{Counters, ErrorKind, LatencySummary, Summary};
 
 /// Sets up logging to stderr: `RUST_LOG` filter (default `info`), colours
@@ -47,7 +52,9 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Runs the client as `args` say and returns what it measured.
+/// Runs the client as `args` say, in this process, and returns what it
+/// measured. (`--processes` is not looked at: see [`Plan`] and
+/// [`run_processes`].)
 ///
 /// Returns when every connection is done: after `--count` messages each,
 /// after `--duration` (plus the echoes then in flight), or, with neither,
@@ -57,7 +64,6 @@ pub fn init_logging() {
 /// (the poller or the `--timeline` file could not be set up).
 pub fn run(args: &Args) -> Result<Summary, Error> {
     let target = args.target();
-    check_source_addresses(args);
     check_fd_limit(args.connections);
 
     let mut poll = Poll::new().map_err(Error::Poller)?;
@@ -80,9 +86,6 @@ pub fn run(args: &Args) -> Result<Summary, Error> {
         source_addresses: args.source_addresses.min(254),
     };
     debug!(?cfg, "starting");
-    if args.count.is_none() && args.duration.is_none() {
-        tracing::info!("no --count or --duration: running until killed, without a final summary");
-    }
     let show_progress = std::io::stderr().is_terminal();
     let outcome = driver::Driver::new(cfg, registry, timeline, show_progress).run(&mut poll).map_err(Error::Polling)?;
     let mut summary = Summary::new(u64::from(args.connections), &outcome.counters, &outcome.latency, outcome.elapsed);
@@ -108,6 +111,24 @@ pub enum Error {
     },
     /// Waiting for events failed.
     Polling(io::Error),
+    /// Blocking the signals that end a run of several processes, or
+    /// opening the signalfd for them, failed.
+    Signals(io::Error),
+    /// This executable could not be found, to run it as client processes.
+    Executable(io::Error),
+    /// A client process could not be started (the others were killed).
+    Spawn {
+        /// Which, from 1.
+        process: u32,
+        /// Of how many.
+        of: u32,
+        /// Why.
+        source: io::Error,
+    },
+    /// Waiting for the client processes failed (they were killed).
+    Waiting(io::Error),
+    /// A signal ended a run of several processes: they were killed.
+    Interrupted(nix::sys::signal::Signal),
 }
 
 impl fmt::Display for Error {
@@ -117,6 +138,13 @@ impl fmt::Display for Error {
             Error::Registry(_) => f.write_str("cloning the mio registry"),
             Error::Timeline { path, .. } => write!(f, "creating the timeline {}", path.display()),
             Error::Polling(_) => f.write_str("polling"),
+            Error::Signals(_) => f.write_str("blocking SIGINT, SIGTERM and SIGHUP to read them from a signalfd"),
+            Error::Executable(_) => f.write_str("finding this executable, to run it as the client processes"),
+            Error::Spawn { process, of, .. } => {
+                write!(f, "starting client process {process} of {of} (the ones already started were killed)")
+            }
+            Error::Waiting(_) => f.write_str("waiting for the client processes (they were killed)"),
+            Error::Interrupted(sig) => write!(f, "{sig}: the client processes were killed"),
         }
     }
 }
@@ -124,15 +152,16 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Poller(e) | Error::Registry(e) | Error::Polling(e) | Error::Timeline { source: e, .. } => Some(e),
+            Error::Poller(e)
+            | Error::Registry(e)
+            | Error::Polling(e)
+            | Error::Timeline { source: e, .. }
+            | Error::Signals(e)
+            | Error::Executable(e)
+            | Error::Spawn { source: e, .. }
+            | Error::Waiting(e) => Some(e),
+            Error::Interrupted(_) => None,
         }
-    }
-}
-
-/// `--source-addresses` applies to an IPv4 loopback target only.
-fn check_source_addresses(args: &Args) {
-    if args.source_addresses > 1 && !matches!(args.connect_address, IpAddr::V4(a) if a.is_loopback()) {
-        warn!("--source-addresses only applies to an IPv4 loopback target; ignored");
     }
 }
 
@@ -150,12 +179,13 @@ fn check_fd_limit(connections: u32) {
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|s| s.parse::<u64>().ok());
-    let needed = u64::from(connections) + 16;
+    let needed = u64::from(connections) + plan::FD_MARGIN;
     if let Some(soft) = soft {
         if soft < needed {
             warn!(
                 "the open-file limit is {soft}, {connections} connections need about {needed}: \
-                 connects past it will fail (raise it first, e.g. ulimit -n {})",
+                 connects past it will fail (raise it first, e.g. ulimit -n {}, or split them over \
+                 several processes: --processes)",
                 needed.next_power_of_two()
             );
         }

@@ -129,7 +129,7 @@ pub struct Summary {
     pub timeouts: u64,
     /// Connects that failed or timed out.
     pub connect_errors: u64,
-    /// Sum of the five error counts.
+    /// Sum of the five error counts and of `failed_processes`.
     pub errors: u64,
     /// Latency of the echoes.
     pub latency_us: LatencySummary,
@@ -152,6 +152,19 @@ pub struct Summary {
     /// them all.
     #[serde(default)]
     pub latency_histogram: Histogram,
+    /// Client processes the run was split over (`--processes`), when more
+    /// than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u32>,
+    /// Client processes that failed: no summary, or an exit status their
+    /// summary does not explain. Their connections are in `connections`
+    /// only; each counts as one error.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_processes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Summary {
@@ -175,6 +188,56 @@ impl Summary {
             connects_per_sec: per_sec(c.connects, secs),
             churn_messages: None,
             latency_histogram: latency.clone(),
+            processes: None,
+            failed_processes: 0,
+        }
+    }
+
+    /// The summary of a run split over `processes` client processes, of
+    /// `connections` in all, from the summaries of those that did not fail
+    /// (`parts`; the others are counted in `failed_processes` and
+    /// `errors`). Counts and rates are summed; the latency figures come
+    /// from the merged histogram (a percentile of percentiles is not a
+    /// percentile; the mean is over every echo); the duration is the
+    /// longest. `churn_messages` is the caller's to set.
+    pub fn merge(connections: u64, processes: u32, parts: &[Summary]) -> Summary {
+        let mut c = Counters::default();
+        let mut latency = Histogram::new();
+        let (mut echoes_per_sec, mut connects_per_sec, mut duration_s) = (0.0, 0.0, 0.0f64);
+        for p in parts {
+            c.sent += p.sent;
+            c.echoed += p.echoed;
+            c.discontinuities += p.discontinuities;
+            c.resets += p.resets;
+            c.eofs += p.eofs;
+            c.timeouts += p.timeouts;
+            c.connect_errors += p.connect_errors;
+            c.connects += p.connects;
+            latency.merge(&p.latency_histogram);
+            echoes_per_sec += p.echoes_per_sec;
+            connects_per_sec += p.connects_per_sec;
+            duration_s = duration_s.max(p.duration_s);
+        }
+        let failed_processes = u64::from(processes).saturating_sub(parts.len() as u64);
+        Summary {
+            connections,
+            sent: c.sent,
+            echoed: c.echoed,
+            discontinuities: c.discontinuities,
+            resets: c.resets,
+            eofs: c.eofs,
+            timeouts: c.timeouts,
+            connect_errors: c.connect_errors,
+            errors: c.errors() + failed_processes,
+            latency_us: LatencySummary::from_histogram(&latency),
+            echoes_per_sec: (echoes_per_sec * 10.0).round() / 10.0,
+            duration_s,
+            connects: c.connects,
+            connects_per_sec: (connects_per_sec * 10.0).round() / 10.0,
+            churn_messages: None,
+            latency_histogram: latency,
+            processes: Some(processes),
+            failed_processes,
         }
     }
 
@@ -212,9 +275,13 @@ pub fn fmt_us(us: u64) -> String {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let l = &self.latency_us;
+        let processes = match self.processes {
+            Some(p) if p > 1 => format!(" in {p} processes"),
+            _ => String::new(),
+        };
         writeln!(
             f,
-            "connections {}, {:.3} s: sent {}, echoed {} ({:.1} echoes/s)",
+            "connections {}{processes}, {:.3} s: sent {}, echoed {} ({:.1} echoes/s)",
             self.connections, self.duration_s, self.sent, self.echoed, self.echoes_per_sec
         )?;
         if let Some(k) = self.churn_messages {
@@ -233,9 +300,13 @@ impl fmt::Display for Summary {
             fmt_us(l.max),
             fmt_us(l.mean.round() as u64)
         )?;
+        let failed = match self.failed_processes {
+            0 => String::new(),
+            n => format!(", failed client processes {n}"),
+        };
         write!(
             f,
-            "errors: {} (discontinuities {}, resets {}, eofs {}, timeouts {}, connect errors {}): {}",
+            "errors: {} (discontinuities {}, resets {}, eofs {}, timeouts {}, connect errors {}{failed}): {}",
             self.errors,
             self.discontinuities,
             self.resets,
@@ -282,7 +353,7 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
-        assert_eq!(keys.len(), 15, "churn_messages only with --churn-messages");
+        assert_eq!(keys.len(), 15, "churn_messages only with --churn-messages, processes with several");
         assert_eq!(v["latency_histogram"]["count"], 2);
         let lat = v["latency_us"].as_object().unwrap();
         for k in ["p50", "p99", "p999", "max", "mean"] {
@@ -314,6 +385,57 @@ mod tests {
         let back: Summary = serde_json::from_str(old).unwrap();
         assert_eq!((back.connects, back.churn_messages), (0, None));
         assert_eq!(back.latency_histogram.count(), 0);
+    }
+
+    fn part(sent: u64, resets: u64, latencies: &[u64], secs: f64) -> Summary {
+        let mut h = Histogram::new();
+        for &us in latencies {
+            h.record(us);
+        }
+        let c = Counters { sent, echoed: latencies.len() as u64, resets, connects: 2, ..Counters::default() };
+        Summary::new(2, &c, &h, Duration::from_secs_f64(secs))
+    }
+
+    #[test]
+    fn merge_sums_counts_and_merges_histograms() {
+        // One fast process, one slow: the median of all is fast, where the
+        // highest median would be slow.
+        let fast = part(100, 0, &[100; 99], 1.0);
+        let slow = part(60, 1, &[50_000; 60], 2.0);
+        let m = Summary::merge(4, 2, &[fast.clone(), slow.clone()]);
+        assert_eq!((m.connections, m.sent, m.echoed, m.resets, m.errors), (4, 160, 159, 1, 1));
+        assert_eq!((m.connects, m.processes, m.failed_processes), (4, Some(2), 0));
+        assert_eq!(m.latency_histogram.count(), 159);
+        assert_eq!(m.latency_us.p50, 100);
+        assert!(fast.latency_us.p50.max(slow.latency_us.p50) > 49_000);
+        // 50 000 µs lands in a bucket reported at its midpoint.
+        assert!((49_600..=50_000).contains(&m.latency_us.p99), "{:?}", m.latency_us);
+        assert_eq!(m.latency_us.max, 50_000);
+        // Weighted: (99 * 100 + 60 * 50 000) / 159, not (100 + 50 000) / 2.
+        assert_eq!(m.latency_us.mean, 18_930.2);
+        assert_eq!(m.echoes_per_sec, 99.0 + 30.0);
+        assert_eq!(m.connects_per_sec, 2.0 + 1.0);
+        assert_eq!(m.duration_s, 2.0);
+        assert!(m.to_string().starts_with("connections 4 in 2 processes, 2.000 s"), "{m}");
+        assert!(!m.to_string().contains("failed"), "{m}");
+        let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+        assert_eq!(v["processes"], 2);
+        assert!(v.get("failed_processes").is_none(), "{v}");
+        assert_eq!(serde_json::from_str::<Summary>(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn merge_counts_a_failed_process_as_an_error() {
+        let ok = part(10, 0, &[200; 10], 1.0);
+        let m = Summary::merge(6, 3, &[ok.clone(), ok]);
+        assert_eq!((m.connections, m.echoed, m.failed_processes, m.errors), (6, 20, 1, 1));
+        assert!(!m.is_success());
+        assert!(m.to_string().contains("failed client processes 1): FAIL"), "{m}");
+        let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+        assert_eq!(v["failed_processes"], 1);
+        // Nothing at all came back.
+        let m = Summary::merge(6, 3, &[]);
+        assert_eq!((m.errors, m.echoed, m.latency_us.p99, m.duration_s), (3, 0, 0, 0.0));
     }
 
     #[test]
