@@ -71,7 +71,7 @@ pub fn all(cli: &Cli, ctx: &mut Ctx, scratch: &Path, fd_limit: &str) -> Measured
     for &pinned in placements.iter().filter(|_| cli.wants(Part::Echo)) {
         for &n in echo_sizes {
             for (kind, out) in [(target::Kind::Takeoverd, &mut echo), (target::Kind::Floor, &mut floor_echo)] {
-                match scenarios::echo(ctx, n, pinned, kind) {
+                match scenarios::echo(ctx, n, pinned, kind, 1) {
                     Ok(e) => out.push(e),
                     Err(e) => {
                         failures += 1;
