@@ -97,6 +97,10 @@ pub struct RollResult {
     pub during_reload: WindowSpread,
     /// The same windows in a run without reloads.
     pub without_reload: WindowSpread,
+    /// Each reload window's worst latency minus that of the same window
+    /// without reloads, ms (windows where either saw no echo left out):
+    /// what the reload added.
+    pub above_no_reload_ms: Option<Spread>,
     /// Reload windows in which no echo arrived at all.
     pub silent_windows: usize,
     /// The reload run's client summary.
@@ -224,6 +228,7 @@ fn roll(ctx: &mut Ctx, sizes: Sizes, workers: usize) -> anyhow::Result<RollResul
         gap_between_pauses_ms: Spread::of(&gaps(&commits)),
         during_reload: spread_windows(&windows),
         without_reload: spread_windows(&base_windows),
+        above_no_reload_ms: Spread::of(&above(&windows, &base_windows)),
         silent_windows: windows.iter().filter(|w| w.echoes == 0).count(),
         errors: result.summary.errors + base.summary.errors,
         client_reload_run: result.summary,
@@ -231,6 +236,17 @@ fn roll(ctx: &mut Ctx, sizes: Sizes, workers: usize) -> anyhow::Result<RollResul
         events,
         baseline_windows: base_windows,
     })
+}
+
+/// Each window of `during` against the same one of `without`: the worst
+/// latency it added, ms (pairs where either saw no echo left out).
+fn above(during: &[Window], without: &[Window]) -> Vec<f64> {
+    during
+        .iter()
+        .zip(without)
+        .filter(|(d, b)| d.echoes > 0 && b.echoes > 0)
+        .map(|(d, b)| (d.max_us as f64 - b.max_us as f64) / 1e3)
+        .collect()
 }
 
 /// `n` idle connects to takeoverd with `workers` workers; each worker's
@@ -362,6 +378,14 @@ takeoverd[10]: 2026-12-01T19:45:51.000000Z  INFO reload complete pid=14 slot=0 g
         let g = gaps(&c);
         assert_eq!(g.len(), 1);
         assert!((g[0] - 99.5).abs() < 1e-6, "{g:?}");
+    }
+
+    #[test]
+    fn a_window_without_echoes_is_left_out_of_what_a_reload_added() {
+        let w = |echoes, max_us| Window { echoes, max_us, ..Window::default() };
+        let d = [w(5, 4_000), w(0, 0), w(5, 1_000)];
+        let b = [w(5, 1_500), w(5, 900), w(5, 2_000)];
+        assert_eq!(above(&d, &b), vec![2.5, -1.0]);
     }
 
     #[test]

@@ -65,16 +65,17 @@ fn rolls(w: &mut String, s: &crate::workers::WorkersSection) {
     let _ = writeln!(
         w,
         "Rolling reloads. Latency: the worst 100 ms row of each reload's window, ms, median (min–max) over the \
-         reloads; \"no reload\" is the same windows of a run without reloads. Pause and staging: takeoverd's \
-         records, the longest slot of each roll, ms.\n\n\
-         | workers | connections | interval | reloads ok | max during reload | max no reload | p99 during reload | \
-         p99 no reload | longest slot pause | longest staging | total_ms | errors |\n\
-         |---:|---:|---:|---:|---|---|---|---|---|---|---|---:|"
+         reloads; \"no reload\" is the same windows of a run without reloads, and \"added\" each reload window's \
+         worst minus its own window's without reloads (the target compares its median). Pause and staging: \
+         takeoverd's records, the longest slot of each roll, ms.\n\n\
+         | workers | connections | interval | reloads ok | max during reload | max no reload | added | p99 during \
+         reload | p99 no reload | longest slot pause | longest staging | total_ms | errors |\n\
+         |---:|---:|---:|---:|---|---|---|---|---|---|---|---|---:|"
     );
     for x in &s.reloads {
         let _ = writeln!(
             w,
-            "| {} | {} | {} ms | {}/{}{} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} ms | {}/{}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.workers,
             group(x.connections),
             x.interval_ms,
@@ -87,6 +88,7 @@ fn rolls(w: &mut String, s: &crate::workers::WorkersSection) {
             },
             ms(&x.during_reload.max_ms),
             ms(&x.without_reload.max_ms),
+            ms(&x.above_no_reload_ms),
             ms(&x.during_reload.p99_ms),
             ms(&x.without_reload.p99_ms),
             show(&x.rolls.pause_ms, 3),
@@ -141,6 +143,44 @@ fn slots(w: &mut String, s: &crate::workers::WorkersSection) {
             }
         );
     }
+    halving(w, s);
+}
+
+/// Whether each ratio to one worker's is about a half or less.
+fn halves(ratios: &[f64]) -> bool {
+    ratios.iter().all(|x| *x <= 0.65)
+}
+
+/// Whether a slot's pause and staging halve with its share: each of the
+/// two slots' medians against the one worker's.
+fn halving(w: &mut String, s: &crate::workers::WorkersSection) {
+    let (Some(one), Some(two)) = (roll(s, 1).and_then(|x| x.slots.first()), roll(s, 2)) else {
+        return;
+    };
+    let ratios = |get: fn(&crate::workers::SlotPauses) -> Option<Spread>| -> Option<Vec<f64>> {
+        let base = get(one)?.median;
+        two.slots.iter().map(|sl| get(sl).map(|x| x.median / base)).collect::<Option<Vec<f64>>>()
+    };
+    let (Some(pause), Some(stage)) = (ratios(|sl| sl.pause_ms), ratios(|sl| sl.stage_ms)) else {
+        return;
+    };
+    let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2} ×")).collect::<Vec<_>>().join(" and ");
+    let _ = writeln!(
+        w,
+        "
+Each of the two slots hands over half the connections; its pause is {} one worker's, its staging {}. {}",
+        list(&pause),
+        list(&stage),
+        match (halves(&pause), halves(&stage)) {
+            (true, _) => "The pause halves with the share.",
+            (false, true) => {
+                "The pause does not halve with the share, the staging does: takeoverd registers a share with the new \
+                 worker (the staging) while the old worker still serves, and stops the old one only then, so what \
+                 grows with the connections handed over is the staging, not the pause."
+            }
+            (false, false) => "Neither halves with the share in this run.",
+        }
+    );
 }
 
 /// Echo cost, two workers against one.
@@ -167,6 +207,12 @@ fn echo(w: &mut String, s: &crate::workers::WorkersSection) {
             bold_if(e.errors)
         );
     }
+    let _ = writeln!(
+        w,
+        "\nThe target compares CPU per echo. Echoes per second is shown but not compared: with one core for the \
+         server and lock-step clients it follows whatever else runs on the machine (see the load average under \
+         *Machine*), and it cannot show scaling here (above)."
+    );
 }
 
 /// How the connects were shared out.
