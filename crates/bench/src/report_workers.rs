@@ -8,6 +8,9 @@ use crate::report_floor::group;
 use crate::stats::show;
 use crate::workers::{RollResult, Sizes, WorkersSection};
 
+/// What the names of the section's targets start with.
+pub const PREFIX: &str = "`--workers 2`";
+
 /// The most the largest worker's share may be, in % of the connections.
 pub const SHARE_PCT: f64 = 55.0;
 /// The most two workers' server CPU per echo may be, in one worker's.
@@ -51,7 +54,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
     let two_silent = roll(s, 2).map_or(0, |r| r.silent_windows);
     let (one, two) = (added(s, 1), added(s, 2));
     t.push(Target {
-        name: format!("{} conns: worst echo latency a reload adds to its window, 2 workers against 1", group(reload_n)),
+        name: format!("{PREFIX} against 1, {} conns: worst echo latency a reload adds to its window", group(reload_n)),
         target: match one {
             Some(b) => format!("≤ {b:.2} ms (1 worker's)"),
             None => "≤ 1 worker's".into(),
@@ -75,7 +78,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
     let echo = |w: usize| s.echo.iter().find(|e| e.workers == w).map(|e| e.server_cpu_us_per_echo);
     let cpu = echo(2).zip(echo(1)).map(|(a, b)| a / b).filter(|x| x.is_finite());
     t.push(Target {
-        name: format!("{} conns: server CPU per echo, 2 workers against 1", group(echo_n)),
+        name: format!("{PREFIX} against 1, {} conns: server CPU per echo", group(echo_n)),
         target: format!("≤ {CPU_RATIO} ×"),
         measured: cpu,
         unit: "×".into(),
@@ -86,7 +89,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
     });
     let b = s.balance.as_ref();
     t.push(Target {
-        name: format!("{} connects: largest worker's share, 2 workers", group(balance_n)),
+        name: format!("{PREFIX}, {} connects: largest worker's share", group(balance_n)),
         target: format!("≤ {SHARE_PCT} %"),
         measured: b.map(|b| b.largest_share_pct),
         unit: "%".into(),

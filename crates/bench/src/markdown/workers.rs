@@ -231,7 +231,7 @@ fn balance(w: &mut String, s: &crate::workers::WorkersSection) {
         "\nBalance: {} connects to `--workers {}`; takeoverd held {}: {}; largest share {:.1} %; client errors {}.",
         group(b.connections),
         b.workers,
-        b.held,
+        group(b.held as u64),
         shares.join(", "),
         b.largest_share_pct,
         bold_if(b.errors)
