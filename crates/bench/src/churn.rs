@@ -155,7 +155,7 @@ fn one(ctx: &mut Ctx, kind: Kind, events: &[Ev], quiet_s: f64, spacing_ms: f64) 
         if events.is_empty() { quiet_s } else { (warm_ms + events.len() as f64 * spacing_ms + 500.0) / 1e3 };
     ctx.say(&format!("churn: {CONNECTIONS} connections × {MESSAGES} messages, {}, events: {label}", kind.name()));
     let tag = format!("churn-{}-{}", kind.name(), if events.is_empty() { "quiet" } else { "events" });
-    let server = Running::start(&ctx.bins, &ctx.dir, kind, &tag, ctx.server_cpu)?;
+    let server = Running::start(&ctx.bins, &ctx.dir, kind, &tag, ctx.server_cpu, 1)?;
     let spec = ClientSpec {
         port: server.port(),
         connections: CONNECTIONS,

@@ -69,6 +69,9 @@ pub fn text(r: &Results) -> String {
     if missed(r, "worker RSS") || missed(r, "takeoverd RSS") {
         memory(&mut s, r);
     }
+    if missed(r, crate::report_workers::PREFIX) {
+        workers(&mut s, r);
+    }
     scale(&mut s, r);
     if s.is_empty() {
         if r.targets.iter().all(|t| t.met.is_none()) {
@@ -379,6 +382,49 @@ fn memory(s: &mut String, r: &Results) {
          holds the receive path's buffers (batches, decoded entries) in freed-but-kept heap: free the `Handoff` as \
          soon as the connections are adopted, and decode the states straight into `ConnState` if that is not \
          already the case.\n"
+    );
+}
+
+/// Section 8's missed targets: the figures of both worker counts that bear
+/// on them, side by side.
+fn workers(s: &mut String, r: &Results) {
+    let Some(w) = &r.workers else { return };
+    let _ = writeln!(s, "### Several workers (`--workers 2` against 1)\n");
+    for x in &w.reloads {
+        let slot = |get: fn(&crate::workers::SlotPauses) -> Option<crate::stats::Spread>| {
+            x.slots.iter().map(|sl| show(&get(sl), 3)).collect::<Vec<_>>().join(" / ")
+        };
+        let _ = writeln!(
+            s,
+            "- {} worker(s), {} connections, {}/{} reloads: a reload added {} ms to its window's worst latency \
+             (reload windows {} ms, the same windows without reloads {} ms); per slot, pause {} ms, staging {} ms; \
+             a whole roll {} ms.",
+            x.workers,
+            x.connections,
+            x.reloads_ok,
+            x.reloads,
+            show(&x.above_no_reload_ms, 2),
+            show(&x.during_reload.max_ms, 2),
+            show(&x.without_reload.max_ms, 2),
+            slot(|sl| sl.pause_ms),
+            slot(|sl| sl.stage_ms),
+            show(&x.rolls.total_ms, 1)
+        );
+    }
+    for e in &w.echo {
+        let _ = writeln!(
+            s,
+            "- {} worker(s), {} connections, `--interval-ms 0`: {:.2} µs of server CPU per echo, {:.0} echoes/s, \
+             {:.2} server cores, p99 {} µs.",
+            e.workers, e.connections, e.server_cpu_us_per_echo, e.echoes_per_sec, e.server_cores, e.p99_us
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe two worker counts run one after the other, not at once: whatever else the machine ran in between \
+         (load average at the start and end: {} / {}) weighs on one and not the other. No profile of the \
+         two-worker runs is taken, so no change is proposed from these figures alone.\n",
+        r.machine.loadavg_at_start, r.machine.loadavg_at_end
     );
 }
 

@@ -6,13 +6,14 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use takeoverd::status::Status;
 
 use crate::client::{self, ClientRun, ClientSpec, Row, Summary, Window};
 use crate::kinds::{EventKind, Placement};
 use crate::phases::Phases;
 use crate::procs;
 use crate::scenarios::{interval_for, ramp_for, source_addresses, spread_windows, Ctx, Event, WindowSpread};
-use crate::server::Server;
+use crate::server::{workers_args, Server};
 use crate::stats::Spread;
 
 /// Reload handoff at one size.
@@ -57,25 +58,23 @@ pub struct HandoffResult {
 /// then the same run without reloads.
 pub fn run(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: bool) -> anyhow::Result<HandoffResult> {
     let placement = Placement::of(pinned);
-    let plan =
-        LoadPlan { n, tag: "handoff", placement, kind: EventKind::Reload, count: reloads, spacing_ms, extra_ms: 0.0 };
+    let plan = LoadPlan {
+        n,
+        tag: "handoff",
+        placement,
+        workers: 1,
+        kind: EventKind::Reload,
+        count: reloads,
+        spacing_ms,
+        extra_ms: 0.0,
+    };
     let mut status = None;
     let LoadedRun { events, result, base, base_windows } = under_load(
         ctx,
         &plan,
         |server| server.reload(),
         |server, events| {
-            // takeoverd's own record of each reload: its timings and outcome.
-            let st = server.status()?;
-            let records = &st.reloads[st.reloads.len().saturating_sub(events.len())..];
-            for (e, r) in events.iter_mut().zip(records) {
-                e.handoff_ms = Some(r.handoff_ms);
-                e.old_exit_ms = Some(r.old_exit_ms);
-                if !r.ok {
-                    e.ok = false;
-                }
-            }
-            status = Some(st);
+            status = Some(take_records(server, events)?);
             Ok(())
         },
     )?;
@@ -102,8 +101,25 @@ pub fn run(ctx: &mut Ctx, n: u64, reloads: usize, spacing_ms: f64, pinned: bool)
     })
 }
 
+/// takeoverd's own record of each of `events` (reloads, the last ones it
+/// made): their timings, and their outcome (a reload takeoverd records as
+/// failed is marked failed). Returns the status they were read from.
+pub fn take_records(server: &Server, events: &mut [Event]) -> anyhow::Result<Status> {
+    let st = server.status()?;
+    let records = &st.reloads[st.reloads.len().saturating_sub(events.len())..];
+    for (e, r) in events.iter_mut().zip(records) {
+        e.handoff_ms = Some(r.handoff_ms);
+        e.old_exit_ms = Some(r.old_exit_ms);
+        if !r.ok {
+            e.ok = false;
+        }
+    }
+    Ok(st)
+}
+
 /// What [`under_load`] does: `count` events of `kind`, `spacing_ms` apart,
-/// against takeoverd holding `n` lock-step connections.
+/// against takeoverd (with `workers` workers) holding `n` lock-step
+/// connections.
 #[derive(Debug, Clone)]
 pub struct LoadPlan {
     /// Connections.
@@ -112,6 +128,8 @@ pub struct LoadPlan {
     pub tag: &'static str,
     /// Pinned or shared.
     pub placement: Placement,
+    /// takeoverd's `--workers` (1: its default), in both runs.
+    pub workers: usize,
     /// What is done.
     pub kind: EventKind,
     /// How many times.
@@ -145,7 +163,7 @@ pub fn under_load(
     mut act: impl FnMut(&Server) -> anyhow::Result<crate::server::ReloadOutcome>,
     mut after: impl FnMut(&Server, &mut Vec<Event>) -> anyhow::Result<()>,
 ) -> anyhow::Result<LoadedRun> {
-    let LoadPlan { n, tag, placement, kind, count, spacing_ms, extra_ms } = *plan;
+    let LoadPlan { n, tag, placement, workers, kind, count, spacing_ms, extra_ms } = *plan;
     let pinned = placement == Placement::Pinned;
     let (scpu, ccpu) = if pinned { (ctx.server_cpu, ctx.client_cpu) } else { (None, None) };
     let interval = interval_for(n);
@@ -154,10 +172,15 @@ pub fn under_load(
     let warm_ms = if ctx.quick { 300.0 } else { 1000.0 };
     let tail_ms = if ctx.quick { 500.0 } else { 1500.0 };
     let duration_s = (ramp as f64 + slack_ms + warm_ms + count as f64 * spacing_ms + extra_ms + tail_ms) / 1e3;
-    ctx.say(&format!("{tag}: {n} connections, {placement}, {interval} ms interval, {count} {kind}s"));
+    let (args, w) = (workers_args(workers), if workers > 1 { format!("-w{workers}") } else { String::new() });
+    ctx.say(&format!(
+        "{tag}: {n} connections, {placement}, {interval} ms interval, {count} {kind}s{}",
+        if workers > 1 { format!(", --workers {workers}") } else { String::new() }
+    ));
 
     // The run with the events.
-    let server = Server::start(&ctx.bins, &ctx.dir, &format!("{tag}-{n}-{placement}"), scpu)?;
+    let name = format!("{tag}-{n}-{placement}{w}");
+    let server = Server::start_with(&ctx.bins, &ctx.dir, &name, scpu, &args)?;
     let spec = ClientSpec {
         port: server.port,
         connections: n,
@@ -169,7 +192,7 @@ pub fn under_load(
         cpu: ccpu,
         churn_messages: None,
     };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("{tag}-{n}-{placement}"), &spec)?;
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &name, &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
     let t_conn = ctx.clock.now_ms();
     procs::sleep_until(&ctx.clock, t_conn + warm_ms);
@@ -205,9 +228,10 @@ pub fn under_load(
 
     // The same without the events: the same windows, relative to the
     // moment every connection was up.
-    let server = Server::start(&ctx.bins, &ctx.dir, &format!("{tag}-baseline-{n}-{placement}"), scpu)?;
+    let name = format!("{tag}-baseline-{n}-{placement}{w}");
+    let server = Server::start_with(&ctx.bins, &ctx.dir, &name, scpu, &args)?;
     let spec = ClientSpec { port: server.port, ..spec };
-    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("{tag}-baseline-{n}-{placement}"), &spec)?;
+    let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &name, &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
     let t_conn2 = ctx.clock.now_ms();
     let base = run.finish(&ctx.clock, Duration::from_secs(30))?;

@@ -17,6 +17,7 @@ mod profile;
 mod profile_runs;
 mod report;
 mod report_floor;
+mod report_workers;
 mod scenarios;
 mod server;
 mod stats;
@@ -24,6 +25,7 @@ mod svg;
 mod systemd;
 mod target;
 mod upgrade;
+mod workers;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,7 +45,7 @@ const COMMAND: &str = "cargo build --release --workspace && cargo run --release 
     name = "seqnum-bench",
     version,
     about = "Benchmark takeoverd + seqnum-worker: reload handoff, restarts through the systemd fd store, echo cost, \
-memory and scale",
+memory, scale, upgrades and several workers",
     long_about = "Benchmark takeoverd + seqnum-worker on 127.0.0.1 and write docs/benchmarks.json, docs/BENCHMARKS.md \
 and docs/latency.svg.\n\n\
 seqnum-bench builds nothing itself: it runs the takeoverd, seqnum-worker and seqnum-client binaries that sit beside \
@@ -55,7 +57,8 @@ private systemd --user manager (root, systemd 252+), with reloads and `takeoverd
 floor-echo (a minimal epoll echo server, the floor), (4) RSS per idle connection, (5) the largest number of \
 connections that survives a reload, (6) connection churn (connects/s) against floor-echo and through reloads and \
 kill -9s of the worker, (7) `takeoverd ctl upgrade` at 1 000 and 10 000 connections against the same windows \
-without one, and 100 upgrades in a row. A full run takes about 12 minutes and uses both cores; run it on an otherwise idle machine. \
+without one, and 100 upgrades in a row, (8) `--workers 2` beside `--workers 1`: rolling reloads at 10 000 \
+connections, CPU per echo at 1 000, the shares of 10 000 connects. A full run takes about 14 minutes and uses both cores; run it on an otherwise idle machine. \
 Every process it starts is killed when it ends, fails or is interrupted.",
     after_help = "Examples:\n  cargo build --release --workspace && cargo run --release -p seqnum-bench\n  \
 seqnum-bench --quick                          a seconds-long smoke run into a temp dir\n  \
@@ -64,8 +67,8 @@ Exit status: 0 when every run completed with zero client errors, 1 when a client
 failed (the reports are still written), 2 on bad arguments."
 )]
 struct Cli {
-    /// A seconds-long smoke run: 100 connections, 2 reloads, no systemd, nothing at 10 000; writes into a temp
-    /// dir unless --out-dir is given.
+    /// A seconds-long smoke run: 100 connections, 2 reloads (200 connections for the workers part), no systemd,
+    /// nothing at 10 000; writes into a temp dir unless --out-dir is given.
     #[arg(long)]
     quick: bool,
 
@@ -112,6 +115,8 @@ enum Part {
     Churn,
     /// 7. In-place upgrade of takeoverd.
     Upgrade,
+    /// 8. Several workers (`--workers N`): one against two.
+    Workers,
     /// perf profiles.
     Profile,
 }
@@ -216,6 +221,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         floor_echo,
         upgrade,
         churn,
+        workers,
         memory,
         scale,
         systemd,
@@ -232,6 +238,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         + churn.as_ref().map_or(0, |c| c.runs.iter().map(|r| r.errors).sum::<u64>())
         + systemd.runs.iter().map(|s| s.errors).sum::<u64>()
         + upgrade.iter().map(|u| u.errors).sum::<u64>()
+        + workers.as_ref().map_or(0, |w| {
+            w.reloads.iter().map(|r| r.errors).sum::<u64>()
+                + w.echo.iter().map(|e| e.errors).sum::<u64>()
+                + w.balance.as_ref().map_or(0, |b| b.errors)
+        })
         + scale.as_ref().map_or(0, |s| s.steps.iter().filter(|st| st.ok).map(|st| st.errors).sum::<u64>());
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let command = if cli.quick {
@@ -268,6 +279,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         scale,
         churn,
         upgrade,
+        workers,
         profiles,
         profiling,
         targets: Vec::new(),
@@ -278,6 +290,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     };
     results.targets = report::targets(&results);
     results.targets.extend(report_floor::targets(&results));
+    results.targets.extend(report_workers::targets(&results));
     let diagnosis = diagnosis::text(&results);
 
     let json = serde_json::to_string_pretty(&results)?;

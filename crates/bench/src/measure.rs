@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::report::SystemdSection;
 use crate::scenarios::{self, Ctx};
-use crate::{churn, handoff, kinds, profile, profile_runs, systemd, target, upgrade, Cli, Part};
+use crate::{churn, handoff, kinds, profile, profile_runs, systemd, target, upgrade, workers, Cli, Part};
 
 /// Everything measured.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub struct Measured {
     pub upgrade: Vec<upgrade::UpgradeResult>,
     /// 6. Connection churn.
     pub churn: Option<churn::ChurnSection>,
+    /// 8. Several workers.
+    pub workers: Option<workers::WorkersSection>,
     /// 4. Memory.
     pub memory: Option<scenarios::MemoryResult>,
     /// 5. Scale.
@@ -71,7 +73,7 @@ pub fn all(cli: &Cli, ctx: &mut Ctx, scratch: &Path, fd_limit: &str) -> Measured
     for &pinned in placements.iter().filter(|_| cli.wants(Part::Echo)) {
         for &n in echo_sizes {
             for (kind, out) in [(target::Kind::Takeoverd, &mut echo), (target::Kind::Floor, &mut floor_echo)] {
-                match scenarios::echo(ctx, n, pinned, kind) {
+                match scenarios::echo(ctx, n, pinned, kind, 1) {
                     Ok(e) => out.push(e),
                     Err(e) => {
                         failures += 1;
@@ -94,6 +96,11 @@ pub fn all(cli: &Cli, ctx: &mut Ctx, scratch: &Path, fd_limit: &str) -> Measured
             }
         }
     }
+
+    // 8. Several workers: one beside two.
+    let sizes = if cli.quick { workers::Sizes::QUICK } else { workers::Sizes::FULL };
+    let workers = cli.wants(Part::Workers).then(|| workers::run(ctx, sizes));
+    failures += workers.as_ref().map_or(0, |w| w.failures.len());
 
     // 6. Connection churn (floor-echo, takeoverd, takeoverd through reloads and kills).
     let churn = cli.wants(Part::Churn).then(|| churn::run(ctx));
@@ -140,7 +147,20 @@ pub fn all(cli: &Cli, ctx: &mut Ctx, scratch: &Path, fd_limit: &str) -> Measured
         profile_runs::run(ctx)
     };
 
-    Measured { handoff, echo, floor_echo, upgrade, churn, memory, scale, systemd, profiles, profiling, failures }
+    Measured {
+        handoff,
+        echo,
+        floor_echo,
+        upgrade,
+        churn,
+        workers,
+        memory,
+        scale,
+        systemd,
+        profiles,
+        profiling,
+        failures,
+    }
 }
 
 fn systemd_runs(ctx: &mut Ctx) -> SystemdSection {

@@ -112,6 +112,8 @@ pub struct Results {
     pub churn: Option<crate::churn::ChurnSection>,
     /// 7. In-place upgrades of takeoverd.
     pub upgrade: Vec<crate::upgrade::UpgradeResult>,
+    /// 8. Several workers (`--workers N`), when run.
+    pub workers: Option<crate::workers::WorkersSection>,
     /// Profiles.
     pub profiles: Vec<Profile>,
     /// Profiling status.
@@ -317,6 +319,7 @@ pub fn console(r: &Results) -> String {
             sc.stopped_by
         );
     }
+    s.push_str(&crate::report_workers::console(r));
     let _ = writeln!(s);
     s.push_str(&crate::report_floor::console(r));
     let _ = writeln!(s, "\nTargets");

@@ -23,7 +23,7 @@ pub const PAUSE_SLACK_MS: f64 = 2.0;
 pub const ECHO_RATIO: f64 = 1.2;
 
 /// `19900` → `19 900`.
-fn group(n: u64) -> String {
+pub fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {

@@ -120,13 +120,16 @@ pub struct EchoResult {
     pub server: String,
     /// Connections (each sends its next message as soon as the echo is in).
     pub connections: u64,
+    /// takeoverd's `--workers` (1, its default, but in the workers
+    /// section; floor-echo: 1).
+    pub workers: usize,
     /// "pinned" (server on one CPU, client on the other) or "shared".
     pub placement: Placement,
     /// Echoes per second in the measured window.
     pub echoes_per_sec: f64,
-    /// CPU time of takeoverd + worker (or of floor-echo) per echo, µs.
+    /// CPU time of takeoverd + workers (or of floor-echo) per echo, µs.
     pub server_cpu_us_per_echo: f64,
-    /// Of which the worker (floor-echo: all of it).
+    /// Of which the workers (floor-echo: all of it).
     pub worker_cpu_us_per_echo: f64,
     /// CPU time of the client per echo, µs.
     pub client_cpu_us_per_echo: f64,
@@ -145,20 +148,23 @@ pub struct EchoResult {
 }
 
 /// Echo cost with `n` connections at `--interval-ms 0`, against takeoverd
-/// or against the floor.
-pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<EchoResult> {
+/// (with `workers` workers) or against the floor.
+pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind, workers: usize) -> anyhow::Result<EchoResult> {
     let placement = Placement::of(pinned);
-    ctx.say(&format!("echo cost: {n} connections, {placement}, {}", kind.name()));
+    let workers = if kind == Kind::Floor { 1 } else { workers.max(1) };
+    let with = if workers > 1 { format!(" --workers {workers}") } else { String::new() };
+    ctx.say(&format!("echo cost: {n} connections, {placement}, {}{with}", kind.name()));
     let (scpu, ccpu) = if pinned { (ctx.server_cpu, ctx.client_cpu) } else { (None, None) };
     let ramp = ramp_for(n);
     let warm_ms = if ctx.quick { 300.0 } else { 1000.0 };
     let measure_ms = if ctx.quick { 1000.0 } else { 3000.0 };
     let slack_ms = 500.0 + n as f64 / 10.0;
     let tag = match kind {
+        Kind::Takeoverd if workers > 1 => format!("echo-{n}-{placement}-w{workers}"),
         Kind::Takeoverd => format!("echo-{n}-{placement}"),
         Kind::Floor => format!("floor-echo-{n}-{placement}"),
     };
-    let server = Running::start(&ctx.bins, &ctx.dir, kind, &tag, scpu)?;
+    let server = Running::start(&ctx.bins, &ctx.dir, kind, &tag, scpu, workers)?;
     let spec = ClientSpec {
         port: server.port(),
         connections: n,
@@ -172,16 +178,16 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<E
     };
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &tag, &spec)?;
     server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3 + 10.0))?;
-    let worker = server.echo_pid()?;
+    let echoing = server.echo_pids()?;
     let others = server.other_pids();
     procs::sleep_until(&ctx.clock, ctx.clock.now_ms() + warm_ms);
     let pids = run.pids();
     let client_ticks = |ps: &[u32]| ps.iter().filter_map(|p| procfs::cpu_ticks(*p)).sum::<u64>();
     let server_ticks = |ps: &[u32]| ps.iter().map(|p| procfs::cpu_ticks(*p)).sum::<Option<u64>>();
     let t1 = ctx.clock.now_ms();
-    let (w1, d1, c1) = (procfs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
+    let (w1, d1, c1) = (server_ticks(&echoing), server_ticks(&others), client_ticks(&pids));
     procs::sleep_until(&ctx.clock, t1 + measure_ms);
-    let (w2, d2, c2) = (procfs::cpu_ticks(worker), server_ticks(&others), client_ticks(&pids));
+    let (w2, d2, c2) = (server_ticks(&echoing), server_ticks(&others), client_ticks(&pids));
     let t2 = ctx.clock.now_ms();
     let result = run.finish(&ctx.clock, Duration::from_secs(30))?;
     server.stop();
@@ -203,7 +209,7 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<E
     let per = |us: f64| if total_echoes > 0.0 { us / total_echoes } else { f64::NAN };
     if result.summary.errors > 0 || result.summary.failed_processes > 0 {
         ctx.note(format!(
-            "ERRORS in the echo run ({n}, {placement}, {}): {} ({:?})",
+            "ERRORS in the echo run ({n}, {placement}, {}{with}): {} ({:?})",
             kind.name(),
             result.summary.errors,
             result.summary.failure
@@ -212,6 +218,7 @@ pub fn echo(ctx: &mut Ctx, n: u64, pinned: bool, kind: Kind) -> anyhow::Result<E
     Ok(EchoResult {
         server: kind.name().into(),
         connections: n,
+        workers,
         placement,
         echoes_per_sec: rate,
         server_cpu_us_per_echo: per(server_us),

@@ -78,7 +78,23 @@ pub fn wait_connections(bins: &Bins, ctl: &Path, n: u64, timeout: Duration) -> a
     }
 }
 
-/// A takeoverd started by the benchmark (with its own worker).
+/// takeoverd's arguments for `workers` workers: none for 1 (its default,
+/// what every other run uses), else `--workers N`.
+pub fn workers_args(workers: usize) -> Vec<String> {
+    if workers > 1 {
+        vec!["--workers".into(), workers.to_string()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// A worker serves, and so does every slot of `--workers N` (a takeoverd
+/// that reports no slots: its one worker).
+fn every_worker_serves(s: &Status) -> bool {
+    s.worker_pid.is_some() && s.workers.iter().all(|w| w.pid.is_some())
+}
+
+/// A takeoverd started by the benchmark (with its own workers).
 #[derive(Debug)]
 pub struct Server {
     child: Option<Child>,
@@ -95,8 +111,20 @@ pub struct Server {
 
 impl Server {
     /// Starts takeoverd on a free port (retrying on a port race), pinned to
-    /// `cpu` if given, and waits until its first worker serves.
+    /// `cpu` if given, and waits until its worker serves.
     pub fn start(bins: &Bins, dir: &Path, tag: &str, cpu: Option<usize>) -> anyhow::Result<Server> {
+        Server::start_with(bins, dir, tag, cpu, &[])
+    }
+
+    /// [`Server::start`] with `extra` arguments for takeoverd (such as
+    /// [`workers_args`]); waits until every worker serves.
+    pub fn start_with(
+        bins: &Bins,
+        dir: &Path,
+        tag: &str,
+        cpu: Option<usize>,
+        extra: &[String],
+    ) -> anyhow::Result<Server> {
         let mut last_err = None;
         for attempt in 0..3 {
             let port = procs::free_port()?;
@@ -110,6 +138,7 @@ impl Server {
                 .arg(&ctl)
                 .arg("--worker")
                 .arg(&bins.worker)
+                .args(extra)
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -117,11 +146,11 @@ impl Server {
             let mut child = procs::spawn(&mut cmd)?;
             let pid = child.id();
             let mut exited = false;
-            let _ = poll_until("takeoverd's first worker serves", Duration::from_secs(10), || {
+            let _ = poll_until("takeoverd's workers serve", Duration::from_secs(10), || {
                 exited = matches!(child.try_wait(), Ok(Some(_)));
-                exited || (ctl.exists() && ctl_status(bins, &ctl).is_ok_and(|s| s.worker_pid.is_some()))
+                exited || (ctl.exists() && ctl_status(bins, &ctl).is_ok_and(|s| every_worker_serves(&s)))
             });
-            let up = !exited && ctl_status(bins, &ctl).is_ok_and(|s| s.worker_pid.is_some());
+            let up = !exited && ctl_status(bins, &ctl).is_ok_and(|s| every_worker_serves(&s));
             if up {
                 return Ok(Server { child: Some(child), pid, ctl, log, port, bins: bins.clone() });
             }
@@ -151,6 +180,17 @@ impl Server {
     pub fn worker_pid(&self) -> anyhow::Result<u32> {
         let s = self.status()?;
         s.worker_pid.context("takeoverd reports no worker")
+    }
+
+    /// The pids of every serving worker, slot by slot (the one worker's
+    /// from a takeoverd that reports no slots).
+    pub fn worker_pids(&self) -> anyhow::Result<Vec<u32>> {
+        let s = self.status()?;
+        let pids: Vec<u32> = s.workers.iter().filter_map(|w| w.pid).collect();
+        if pids.is_empty() {
+            return Ok(vec![s.worker_pid.context("takeoverd reports no worker")?]);
+        }
+        Ok(pids)
     }
 
     /// Waits for `n` connections.

@@ -39,10 +39,21 @@ pub enum Running {
 }
 
 impl Running {
-    /// Starts a server of `kind` on a free port, pinned to `cpu` if given.
-    pub fn start(bins: &Bins, dir: &Path, kind: Kind, tag: &str, cpu: Option<usize>) -> anyhow::Result<Running> {
+    /// Starts a server of `kind` on a free port, pinned to `cpu` if given;
+    /// takeoverd with `workers` workers (floor-echo has one thread whatever
+    /// `workers` says).
+    pub fn start(
+        bins: &Bins,
+        dir: &Path,
+        kind: Kind,
+        tag: &str,
+        cpu: Option<usize>,
+        workers: usize,
+    ) -> anyhow::Result<Running> {
         Ok(match kind {
-            Kind::Takeoverd => Running::Takeoverd(Server::start(bins, dir, tag, cpu)?),
+            Kind::Takeoverd => {
+                Running::Takeoverd(Server::start_with(bins, dir, tag, cpu, &crate::server::workers_args(workers))?)
+            }
             Kind::Floor => Running::Floor(FloorServer::start(bins, dir, tag, cpu)?),
         })
     }
@@ -63,11 +74,11 @@ impl Running {
         }
     }
 
-    /// The process that echoes: the serving worker, or floor-echo.
-    pub fn echo_pid(&self) -> anyhow::Result<u32> {
+    /// The processes that echo: the serving workers, or floor-echo.
+    pub fn echo_pids(&self) -> anyhow::Result<Vec<u32>> {
         match self {
-            Running::Takeoverd(s) => s.worker_pid(),
-            Running::Floor(f) => Ok(f.pid),
+            Running::Takeoverd(s) => s.worker_pids(),
+            Running::Floor(f) => Ok(vec![f.pid]),
         }
     }
 

@@ -78,8 +78,16 @@ pub fn run(
     hundred: bool,
 ) -> anyhow::Result<UpgradeResult> {
     let placement = Placement::of(pinned);
-    let plan =
-        LoadPlan { n, tag: "upgrade", placement, kind: EventKind::Upgrade, count: upgrades, spacing_ms, extra_ms: 0.0 };
+    let plan = LoadPlan {
+        n,
+        tag: "upgrade",
+        placement,
+        workers: 1,
+        kind: EventKind::Upgrade,
+        count: upgrades,
+        spacing_ms,
+        extra_ms: 0.0,
+    };
     let mut took = Vec::new();
     let (mut pid_unchanged, mut worker_unchanged) = (true, true);
     let LoadedRun { events, result, base, base_windows } = under_load(

@@ -67,9 +67,27 @@ fn quick_run_writes_reports_with_zero_errors() {
     }
     assert_eq!(churn[2]["reloads_ok"], churn[2]["reloads"], "{}", churn[2]);
     assert_eq!(churn[2]["kills_ok"], churn[2]["kills"], "{}", churn[2]);
+    // Section 8: one worker beside two, at --quick's size.
+    let workers = &v["workers"];
+    let rolls = workers["reloads"].as_array().expect("workers: reload runs");
+    assert_eq!(rolls.iter().map(|r| r["workers"].as_u64()).collect::<Vec<_>>(), [Some(1), Some(2)], "{workers}");
+    for r in rolls {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert_eq!(r["reloads_ok"], r["reloads"], "a reload failed: {r}");
+        let slots = r["slots"].as_array().expect("slots");
+        assert_eq!(slots.len() as u64, r["workers"].as_u64().unwrap_or(0), "one entry per slot: {r}");
+        assert!(slots.iter().all(|s| s["handovers"] == r["reloads"]), "each slot hands over once a reload: {r}");
+    }
+    let echo_w = workers["echo"].as_array().expect("workers: echo runs");
+    assert_eq!(echo_w.len(), 2, "{workers}");
+    assert!(echo_w.iter().all(|e| e["errors"] == 0), "{workers}");
+    assert_eq!(workers["balance"]["shares"].as_array().map_or(0, Vec::len), 2, "{workers}");
+    assert!(workers["failures"].as_array().is_some_and(Vec::is_empty), "{workers}");
     let md = read(&out.join("BENCHMARKS.md"));
     assert!(md.contains("![latency](latency.svg)"));
-    for section in ["### Against the floor", "## 6. Connection churn", "windows within their own bound"] {
+    for section in
+        ["### Against the floor", "## 6. Connection churn", "windows within their own bound", "## 8. Several workers"]
+    {
         assert!(md.contains(section), "BENCHMARKS.md has no {section:?}");
     }
     assert!(read(&out.join("latency.svg")).contains("<svg"));

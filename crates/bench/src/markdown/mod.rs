@@ -15,6 +15,7 @@ mod method;
 mod scale;
 mod systemd;
 mod upgrade;
+mod workers;
 
 /// What the section files use.
 mod prelude {
@@ -38,6 +39,7 @@ pub fn markdown(r: &Results, diagnosis: &str) -> String {
     memory::write(w, r);
     scale::write(w, r);
     upgrade::write(w, r);
+    workers::write(w, r);
     latency_and_profiles(w, r);
     diagnosis_and_notes(w, r, diagnosis);
     s
@@ -113,7 +115,7 @@ fn reproduce(w: &mut String, r: &Results) {
         w,
         "`seqnum-bench` builds nothing: it runs the `takeoverd`, `seqnum-worker` and `seqnum-client` that sit beside \
          its own executable (`target/release/`), or those in `--bin-dir`. `--quick` is a seconds-long smoke run \
-         (100 connections, 2 reloads, no systemd, nothing at 10 000) that writes into a temporary directory. \
+         (100 connections, 2 reloads, 200 connections for the workers section, no systemd, nothing at 10 000) that writes into a temporary directory. \
          The benchmark kills every process it started when it ends, fails, or gets SIGINT/SIGTERM.\n"
     );
 }
