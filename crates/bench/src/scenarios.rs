@@ -338,6 +338,11 @@ pub struct ScaleStep {
     pub errors: u64,
     /// Client processes.
     pub client_processes: u64,
+    /// Workers sharing the connections (`--workers`).
+    pub workers: usize,
+    /// Whether a SIGKILL of one worker, after the reloads, was recovered
+    /// (a new worker served its share) with the other untouched.
+    pub worker_kill_ok: bool,
     /// What went wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -389,6 +394,8 @@ pub fn scale(ctx: &mut Ctx, ladder: &[u64], fd_limit: &str) -> ScaleResult {
                     worst_latency_ms: 0.0,
                     errors: 0,
                     client_processes: 0,
+                    workers: SCALE_WORKERS,
+                    worker_kill_ok: false,
                     failure: Some(format!("{e:#}")),
                 });
                 break;
@@ -399,16 +406,22 @@ pub fn scale(ctx: &mut Ctx, ladder: &[u64], fd_limit: &str) -> ScaleResult {
     ScaleResult { steps, reached, fd_limit: fd_limit.to_owned(), stopped_by }
 }
 
+/// Workers at every step of the scale ladder.
+pub const SCALE_WORKERS: usize = 2;
+
 fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
     let reloads = 3;
     let interval = interval_for(n);
     let ramp = ramp_for(n);
     let slack_ms = 5000.0 + n as f64 / 5.0;
     let spacing_ms = 3000.0;
-    let duration_s = (ramp as f64 + slack_ms + 1000.0 + reloads as f64 * spacing_ms + 2000.0) / 1e3;
+    let duration_s = (ramp as f64 + slack_ms + 1000.0 + (reloads + 1) as f64 * spacing_ms + 2000.0) / 1e3;
     let source_addresses = source_addresses(n);
-    ctx.say(&format!("scale: {n} connections, {interval} ms interval, {reloads} reloads"));
-    let server = Server::start(&ctx.bins, &ctx.dir, &format!("scale-{n}"), None)?;
+    ctx.say(&format!(
+        "scale: {n} connections, {SCALE_WORKERS} workers, {interval} ms interval, {reloads} reloads, 1 worker SIGKILL"
+    ));
+    let extra = vec!["--workers".to_string(), SCALE_WORKERS.to_string()];
+    let server = Server::start_with(&ctx.bins, &ctx.dir, &format!("scale-{n}"), None, &extra)?;
     let spec = ClientSpec {
         port: server.port,
         connections: n,
@@ -439,6 +452,18 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
             procs::sleep_until(&ctx.clock, at + spacing_ms);
         }
     }
+    // Then a SIGKILL of the last worker: takeoverd restarts it with its
+    // share; the other serves on.
+    let mut worker_kill_ok = false;
+    if failure.is_none() {
+        let at = ctx.clock.now_ms();
+        match kill_last_worker(&server) {
+            Ok(()) => worker_kill_ok = true,
+            Err(e) => failure = Some(format!("worker SIGKILL: {e:#}")),
+        }
+        events.push((at, ctx.clock.now_ms(), worker_kill_ok));
+        procs::sleep_until(&ctx.clock, at + spacing_ms);
+    }
     let status = server.status().ok();
     let result = run.finish(&ctx.clock, Duration::from_secs(60))?;
     let log = std::fs::read_to_string(&server.log).unwrap_or_default();
@@ -467,8 +492,8 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
             result.summary.failure.as_deref().map(|f| format!("; {f}")).unwrap_or_default()
         ));
     }
-    let reloads_ok = events.iter().filter(|e| e.2).count();
-    let ok = failure.is_none() && reloads_ok == reloads;
+    let reloads_ok = events.iter().take(reloads).filter(|e| e.2).count();
+    let ok = failure.is_none() && reloads_ok == reloads && worker_kill_ok;
     if !ok {
         ctx.say(&format!("scale: {n} failed: {}", failure.as_deref().unwrap_or("?")));
     }
@@ -483,6 +508,28 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
         worst_latency_ms: worst,
         errors,
         client_processes,
+        workers: SCALE_WORKERS,
+        worker_kill_ok,
         failure,
     })
+}
+
+/// SIGKILLs the last slot's worker and waits until a new one serves its
+/// share while the others keep their pids.
+fn kill_last_worker(server: &Server) -> anyhow::Result<()> {
+    let before = server.status()?;
+    let Some(last) = before.workers.last() else { anyhow::bail!("takeoverd reports no workers") };
+    let victim = last.pid.ok_or_else(|| anyhow::anyhow!("worker {} is not serving", last.slot))?;
+    let others: Vec<Option<u32>> = before.workers.iter().rev().skip(1).map(|w| w.pid).collect();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let back = testkit::poll_until("a new worker serves the killed one's share", Duration::from_secs(30), || {
+        server
+            .status()
+            .is_ok_and(|s| s.workers.last().is_some_and(|w| w.state == "serving" && w.pid.is_some_and(|p| p != victim)))
+    });
+    back.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let after = server.status()?;
+    let now: Vec<Option<u32>> = after.workers.iter().rev().skip(1).map(|w| w.pid).collect();
+    anyhow::ensure!(now == others, "the other workers changed when one was killed: {others:?} -> {now:?}");
+    Ok(())
 }
