@@ -219,26 +219,13 @@ impl Summary {
             duration_s = duration_s.max(p.duration_s);
         }
         let failed_processes = u64::from(processes).saturating_sub(parts.len() as u64);
-        Summary {
-            connections,
-            sent: c.sent,
-            echoed: c.echoed,
-            discontinuities: c.discontinuities,
-            resets: c.resets,
-            eofs: c.eofs,
-            timeouts: c.timeouts,
-            connect_errors: c.connect_errors,
-            errors: c.errors() + failed_processes,
-            latency_us: LatencySummary::from_histogram(&latency),
-            echoes_per_sec: (echoes_per_sec * 10.0).round() / 10.0,
-            duration_s,
-            connects: c.connects,
-            connects_per_sec: (connects_per_sec * 10.0).round() / 10.0,
-            churn_messages: None,
-            latency_histogram: latency,
-            processes: Some(processes),
-            failed_processes,
-        }
+        let mut merged = Summary::new(connections, &c, &latency, Duration::from_secs_f64(duration_s));
+        merged.errors += failed_processes;
+        merged.echoes_per_sec = (echoes_per_sec * 10.0).round() / 10.0;
+        merged.connects_per_sec = (connects_per_sec * 10.0).round() / 10.0;
+        merged.processes = Some(processes);
+        merged.failed_processes = failed_processes;
+        merged
     }
 
     /// True when nothing went wrong: exit status 0.
