@@ -58,7 +58,7 @@ floor-echo (a minimal epoll echo server, the floor), (4) RSS per idle connection
 connections that survives a reload, (6) connection churn (connects/s) against floor-echo and through reloads and \
 kill -9s of the worker, (7) `takeoverd ctl upgrade` at 1 000 and 10 000 connections against the same windows \
 without one, and 100 upgrades in a row, (8) `--workers 2` beside `--workers 1`: rolling reloads at 10 000 \
-connections, CPU per echo at 1 000, the shares of 10 000 connects. A full run takes about 14 minutes and uses both cores; run it on an otherwise idle machine. \
+connections, CPU per echo at 1 000, the shares of 10 000 connects. A full run takes about 12 minutes and uses both cores; run it on an otherwise idle machine. \
 Every process it starts is killed when it ends, fails or is interrupted.",
     after_help = "Examples:\n  cargo build --release --workspace && cargo run --release -p seqnum-bench\n  \
 seqnum-bench --quick                          a seconds-long smoke run into a temp dir\n  \
