@@ -321,3 +321,49 @@ fn a_worker_that_hangs_during_a_resize_loses_nothing() {
     let (out, v) = client_summary(c);
     assert_clean(&out, &v);
 }
+
+/// `--max-open-connections`: past it, takeoverd's copies of served
+/// connections wait in flight (parked) instead of open, so takeoverd holds
+/// more connections than open files. 600 clients with a budget of 100:
+/// takeoverd's open fds stay near the budget, and rolling reloads and a
+/// worker SIGKILL take the parked connections out, hand them over and park
+/// them again, with no client error. An upgrade is refused while they are
+/// parked.
+#[test]
+fn connections_past_the_open_budget_are_parked_and_survive_reloads_and_crashes() {
+    let dir = TempDir::new("workers-park");
+    let d = start(&dir, 2, &["--max-open-connections", "100"], &[]);
+    let c = client(
+        d.port,
+        &["--connections", "600", "--interval-ms", "5", "--duration", "8", "--timeout-ms", "5000", "--ramp-ms", "500"],
+    );
+    wait_until("600 connections, most parked", Duration::from_secs(10), || {
+        let s = d.status();
+        s.connections == 600 && s.parked >= 500
+    });
+    let open_fds = || fd_count(d.pid).unwrap_or(usize::MAX);
+    assert!(open_fds() < 300, "takeoverd holds {} fds for 600 connections", open_fds());
+
+    for round in 1..=2 {
+        let out = reload(&d);
+        assert!(out.status.success(), "reload {round} failed: {out:?}\n{}", d.log_text());
+        wait_until("the connections are parked again", Duration::from_secs(5), || d.status().parked >= 500);
+    }
+    let victim = d.status().workers[0].pid.unwrap();
+    sigkill(victim);
+    wait_until("worker 0 serves again", Duration::from_secs(5), || {
+        let s = d.status();
+        s.workers[0].pid.is_some_and(|p| p != victim) && every_worker_serves(&d, 2)
+    });
+    let out = reload(&d);
+    assert!(out.status.success(), "a reload after the crash failed: {out:?}\n{}", d.log_text());
+    assert!(open_fds() < 300, "takeoverd holds {} fds after the reloads", open_fds());
+
+    let out = ctl(&d.sock, &["upgrade"]);
+    assert!(!out.status.success(), "an upgrade with parked connections must be refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("parked"), "{out:?}");
+
+    let (out, v) = client_summary(c);
+    assert_clean(&out, &v);
+    wait_until("takeoverd drops the closed connections", Duration::from_secs(5), || d.status().connections == 0);
+}

@@ -7,6 +7,7 @@ mod ctl;
 mod fault;
 mod fdstore;
 mod overflow;
+mod park;
 mod reload;
 mod reload_v1;
 mod resize;
@@ -69,6 +70,17 @@ struct Cli {
     /// [default: $TAKEOVERD_WORKERS, else 1].
     #[arg(long, value_name = "N|auto", value_parser = parse_workers)]
     workers: Option<usize>,
+
+    /// Without systemd's fd store: keep at most N connections' copies open
+    /// in takeoverd. Past N, the copies of connections their worker already
+    /// has wait in flight in per-worker socket queues (they are no open file
+    /// of any process), so that takeoverd holds more connections than its
+    /// own RLIMIT_NOFILE; a handoff or a crash restart takes them out a
+    /// batch at a time. Not with --workers' version-1 workers; `ctl
+    /// upgrade` and `ctl workers` are refused while connections are parked
+    /// [default: RLIMIT_NOFILE less 1 024; 0: never park].
+    #[arg(long, value_name = "N")]
+    max_open_connections: Option<usize>,
 
     /// Deadline of each handoff step (new worker's hello, old worker's
     /// quiesce, new worker's ack).
@@ -236,7 +248,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         },
     };
     tracing::info!(workers, "workers share the connections");
+    // Only after raise_fd_limit: the budget is what this process may open.
+    let max_open = match cli.max_open_connections {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .ok()
+            .map(|(soft, _)| (soft as usize).saturating_sub(1024).max(1024)),
+    };
     let cfg = supervisor::Config {
+        max_open,
         workers,
         worker_user,
         worker,

@@ -38,7 +38,7 @@ use crate::fault::{self, Step as Fault};
 use crate::fdstore::notify;
 use crate::supervisor::Supervisor;
 use crate::worker::WorkerProc;
-use crate::workers::{Handoff, Proto, Step, Who, Why, Worker};
+use crate::workers::{Handoff, Proto, Slot, Step, Who, Why, Worker};
 use takeoverd::status::{unix_now, ReloadRecord};
 
 fn ms(d: Duration) -> f64 {
@@ -221,14 +221,23 @@ impl Supervisor {
     fn new_said_hello(&mut self, slot: usize, version: u32) -> Result<(), String> {
         let n = self.slots.len();
         let share = self.slots[slot].share;
-        let Who::Handoff(h) = &mut self.slots[slot].who else { return Ok(()) };
+        let Slot { who, park, unparking, parked_dead, .. } = &mut self.slots[slot];
+        let Who::Handoff(h) = who else { return Ok(()) };
         h.hello_at = Some(Instant::now());
         match version {
             2 | 3 => {
                 h.new.proto = if version == 3 { Proto::V3 } else { Proto::V2 };
                 h.step = Step::Staging;
                 h.deadline = Instant::now() + self.cfg.ack_timeout;
-                h.new.assign(self.conns.iter().filter(|(_, c)| c.slot == slot).map(|(name, _)| name.clone()));
+                // The open copies by name, then the parked ones (park.rs).
+                let open = self.conns.iter().filter(|(_, c)| c.slot == slot && c.fd.is_some());
+                h.new.assign(open.map(|(name, _)| name.clone()));
+                if !park.is_empty() {
+                    unparking.append(std::mem::take(park));
+                    h.new.assign_parked();
+                }
+                // The pass drops the ended ones' copies.
+                *parked_dead = 0;
                 h.new.send(&ToWorker::Sync { count: share });
                 self.inject(slot, Fault::NewStarted);
                 Ok(())
@@ -354,6 +363,11 @@ impl Supervisor {
         let Who::Handoff(h) = std::mem::replace(&mut self.slots[slot].who, Who::Down { at: Instant::now() }) else {
             return;
         };
+        // What was parked again and what was not taken out yet: all of it
+        // stays this slot's.
+        let s = &mut self.slots[slot];
+        let rest = std::mem::take(&mut s.unparking);
+        s.park.append(rest);
         let h = *h;
         self.unwatch(&h.new);
         let pid = h.new.pid();
@@ -540,7 +554,7 @@ impl Supervisor {
         }
         w.send(&ToWorker::Stop);
         while !w.drained() {
-            w.flush(&self.conns).map_err(|e| e.to_string())?;
+            w.flush(&self.conns, None).map_err(|e| e.to_string())?;
             if Instant::now() >= deadline {
                 return Err("timed out sending to the worker".into());
             }

@@ -95,7 +95,9 @@ impl Supervisor {
             items.push(Item { name: &l.name, kind: Kind::TcpListener, fd: l.fd.as_fd(), state: None });
         }
         for (name, c) in self.conns.iter().filter(|(_, c)| c.slot == slot) {
-            items.push(Item { name, kind: Kind::TcpStream, fd: c.fd.as_fd(), state: c.state.as_deref() });
+            // (Never parked: a version-1 worker's slot does not park.)
+            let Some(fd) = c.open_fd() else { continue };
+            items.push(Item { name, kind: Kind::TcpStream, fd, state: c.state.as_deref() });
         }
         let app = serde_json::json!({ "generation": self.generation + 1 });
         takeover::offer(h.new.chan(), &items, &app, recovered, Some(deadline))?;

@@ -73,6 +73,11 @@ impl Supervisor {
         };
         let answer = if let Some(why) = busy {
             Some(refuse(why.into()))
+        } else if self.parked() > 0 {
+            Some(refuse(format!(
+                "{} connections are parked past --max-open-connections, which a resize cannot move yet",
+                self.parked()
+            )))
         } else if to == 0 || to > MAX_WORKERS {
             Some(refuse(format!("{to} workers: give 1 to {MAX_WORKERS}")))
         } else if self.slots.iter().any(|s| s.who.serving().is_some_and(|w| w.proto == Proto::V1)) {

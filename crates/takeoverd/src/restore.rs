@@ -108,9 +108,11 @@ pub fn restore(cfg: &Config) -> anyhow::Result<Restored> {
         store.mark_stored(name);
     }
     for (name, c) in conns.iter().filter(|(n, _)| !named.contains(n.as_str())) {
-        store.store(name, c.fd.as_fd(), false);
+        if let Some(fd) = c.open_fd() {
+            store.store(name, fd, false);
+        }
     }
-    store.flush(|n| conns.get(n).map(|c| c.fd.as_fd()));
+    store.flush(|n| conns.get(n).and_then(HeldConn::open_fd));
     Ok(Restored { listeners, conns, store, state, generation })
 }
 

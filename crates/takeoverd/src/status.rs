@@ -146,6 +146,10 @@ pub struct Status {
     /// fds in the store by name (listeners, connections, state, the
     /// overflow queue's two ends).
     pub fdstore_fds: usize,
+    /// Connections whose copy in takeoverd is parked in flight, past
+    /// `--max-open-connections` (not open files of takeoverd).
+    #[serde(default)]
+    pub parked: usize,
     /// Connections carried in the overflow queue (past the names budget).
     pub fdstore_overflow: usize,
     /// Socket pairs of the overflow queue (two named fds each).
@@ -213,6 +217,9 @@ impl Status {
         let _ = writeln!(s, "worker pid:   {}", self.worker_pid.map_or("none".into(), |p| p.to_string()));
         let _ = writeln!(s, "state:        {}", self.state);
         let _ = writeln!(s, "connections:  {}", self.connections);
+        if self.parked > 0 {
+            let _ = writeln!(s, "parked:       {} (copies in flight past --max-open-connections)", self.parked);
+        }
         if self.workers.len() > 1 {
             for w in &self.workers {
                 let _ = writeln!(

@@ -60,6 +60,10 @@ pub struct Config {
     pub fdstore_max: usize,
     /// takeoverd's own binary, as started: what `ctl upgrade` executes.
     pub exe: PathBuf,
+    /// Open copies of connections takeoverd keeps at most; past it, the
+    /// copies of served connections are parked (park.rs). `None`: never
+    /// park (the fd store is in use, or parking is off).
+    pub max_open: Option<usize>,
     /// Addresses to bind when systemd passes no listener.
     pub listen: Vec<std::net::SocketAddr>,
     /// Listen backlog for those.
@@ -106,6 +110,8 @@ pub struct Supervisor {
     pub(crate) roll: Option<crate::reload::Roll>,
     /// `ctl workers N` under way.
     pub(crate) resize: Option<crate::resize::Resize>,
+    /// Connections whose copy is open here (the others are parked).
+    pub(crate) open_conns: usize,
     /// Threads reaping workers told to exit (killed past their grace).
     pub(crate) retiring: Vec<(u32, std::thread::JoinHandle<()>)>,
     pub(crate) next_token: usize,
@@ -183,6 +189,7 @@ impl Supervisor {
             slots: (0..workers).map(|_| Slot::new()).collect(),
             roll: None,
             resize: None,
+            open_conns: 0,
             retiring: Vec::new(),
             next_token: 0,
             generation: restored.generation,
@@ -212,8 +219,10 @@ impl Supervisor {
         }
         let slot = conn.slot;
         self.slots[slot].share += 1;
+        self.open_conns += usize::from(conn.fd.is_some());
         if let Some(old) = self.conns.insert(name, conn) {
             self.slots[old.slot].share -= 1;
+            self.open_conns -= usize::from(old.fd.is_some());
         }
         self.status_dirty = true;
         slot
@@ -223,6 +232,11 @@ impl Supervisor {
     pub(crate) fn unhold(&mut self, name: &str) -> Option<(usize, HeldConn)> {
         let conn = self.conns.remove(name)?;
         self.slots[conn.slot].share -= 1;
+        if conn.fd.is_some() {
+            self.open_conns -= 1;
+        } else {
+            self.slots[conn.slot].parked_dead += 1;
+        }
         self.status_dirty = true;
         Some((conn.slot, conn))
     }
@@ -319,9 +333,10 @@ impl Supervisor {
             }
             self.on_timers();
             self.flush_workers();
+            self.park_excess();
             self.sync_accepting();
             let conns = &self.conns;
-            self.store.flush(|n| conns.get(n).map(|c| c.fd.as_fd()));
+            self.store.flush(|n| conns.get(n).and_then(HeldConn::open_fd));
         }
     }
 
@@ -410,6 +425,7 @@ impl Supervisor {
             worker_pid: self.slots.iter().find_map(|s| s.who.serving()).map(|w| w.pid()),
             state: self.state_name(),
             connections: self.conns.len(),
+            parked: self.parked(),
             workers: self
                 .slots
                 .iter()
@@ -537,7 +553,7 @@ impl Supervisor {
                 tracing::warn!(pid = w.pid(), "the worker did not stop ({e}); the saved states may be stale");
             }
             w.send(&ToWorker::Exit);
-            let _ = w.flush(&self.conns);
+            let _ = w.flush(&self.conns, None);
             w.proc.finish(Duration::from_secs(2));
         }
         for (_, reaper) in std::mem::take(&mut self.retiring) {

@@ -273,6 +273,13 @@ impl Supervisor {
         if self.resize.is_some() {
             return "the number of workers is changing (ctl workers); upgrade once it is done".into();
         }
+        if self.parked() > 0 {
+            return format!(
+                "{} connections are parked past --max-open-connections, which an upgrade cannot carry yet; \
+                 restart takeoverd instead, or raise --max-open-connections",
+                self.parked()
+            );
+        }
         for slot in &self.slots {
             let Who::Serving(w) = &slot.who else {
                 return match &slot.who {
@@ -379,7 +386,10 @@ impl Supervisor {
             began_ms,
             generation: self.generation,
             listeners: self.listeners.iter().map(|l| (l.name.clone(), l.fd.as_raw_fd(), l.addr.clone())).collect(),
-            conns: conns.iter().map(|(n, c)| ((*n).clone(), c.fd.as_raw_fd(), c.state.clone())).collect(),
+            conns: conns
+                .iter()
+                .filter_map(|(n, c)| Some(((*n).clone(), c.open_fd()?.as_raw_fd(), c.state.clone())))
+                .collect(),
             slots: if several { conns.iter().map(|(_, c)| c.slot).collect() } else { Vec::new() },
             state: self.state.fd().as_raw_fd(),
             ctl: (self.ctl.as_fd().as_raw_fd(), self.ctl.path().to_owned()),
@@ -404,7 +414,7 @@ impl Supervisor {
     /// Every fd the supervisor holds that the snapshot names.
     fn held_fds(&self) -> Vec<BorrowedFd<'_>> {
         let mut out: Vec<BorrowedFd<'_>> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
-        out.extend(self.conns.values().map(|c| c.fd.as_fd()));
+        out.extend(self.conns.values().filter_map(|c| c.open_fd()));
         out.push(self.state.fd());
         out.push(self.ctl.as_fd());
         out.extend(self.store.pair_fds());

@@ -75,7 +75,7 @@ pub fn resume(mut cfg: Config) -> anyhow::Result<Option<Supervisor>> {
             .enumerate()
             .map(|(i, (name, fd, state))| {
                 let slot = snap.slots.get(i).copied().unwrap_or(0);
-                (name, HeldConn { fd: take(fd), state, slot })
+                (name, HeldConn { fd: Some(take(fd)), state, slot })
             })
             .collect(),
         store: crate::fdstore::FdStore::from_snapshot(snap.store, &mut take),

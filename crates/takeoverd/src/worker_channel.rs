@@ -12,7 +12,7 @@ use takeover::channel::{FromWorker, ToWorker};
 use takeover::control as v1;
 
 use crate::supervisor::{Supervisor, BACKOFF_MAX, BACKOFF_STEP, HEALTHY_AFTER, WORKER_BASE};
-use crate::workers::{HeldConn, Proto, Who, Worker};
+use crate::workers::{HeldConn, Proto, Slot, Unpark, Who, Worker};
 
 /// Why a worker is reaped in the background (for the log).
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +36,7 @@ impl Supervisor {
         let conns = &self.conns;
         let mut broken = Vec::new();
         let mut progressed = Vec::new();
-        let mut each = |slot: usize, w: &mut Worker| match w.flush(conns) {
+        let mut each = |slot: usize, w: &mut Worker, unpark: Option<Unpark<'_>>| match w.flush(conns, unpark) {
             Ok(p) => {
                 if p {
                     progressed.push((slot, w.token));
@@ -51,8 +51,17 @@ impl Supervisor {
             Err(e) => broken.push((w.token, e)),
         };
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            for w in slot.workers_mut() {
-                each(i, w);
+            let Slot { who, park, unparking, .. } = slot;
+            match who {
+                Who::Serving(w) => each(i, w, None),
+                Who::Handoff(h) => {
+                    if let Some(o) = &mut h.old {
+                        each(i, o, None);
+                    }
+                    // The staged worker takes the slot's parked connections.
+                    each(i, &mut h.new, Some(Unpark { from: unparking, into: park, slot: i }));
+                }
+                Who::Down { .. } => {}
             }
         }
         for (slot, token) in progressed {
@@ -82,7 +91,7 @@ impl Supervisor {
         // Best effort and never blocking: a worker that cannot hear it is
         // killed past its grace.
         w.send(&ToWorker::Exit);
-        let _ = w.flush(&self.conns);
+        let _ = w.flush(&self.conns, None);
         // Reaped by a thread of its own at nice 19: the kernel frees what
         // the old worker held (its /proc entries, one per fd if anything
         // looked at them: milliseconds at 10 000 connections) in the reaper's
@@ -215,7 +224,7 @@ impl Supervisor {
         takeover::check_name(&entry.name).map_err(|e| e.to_string())?;
         self.store.store(&entry.name, fd.as_fd(), false);
         let state = Some(&entry.state).filter(|s| !s.is_null()).and_then(|s| serde_json::value::to_raw_value(s).ok());
-        self.hold(entry.name.clone(), HeldConn { fd, state, slot });
+        self.hold(entry.name.clone(), HeldConn { fd: Some(fd), state, slot });
         Ok(entry.name)
     }
 

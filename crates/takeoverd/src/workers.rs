@@ -21,7 +21,7 @@
 //! hangs costs only its own deadline, never the other worker's clients.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use takeover::channel::ToWorker;
@@ -83,8 +83,9 @@ impl Proto {
 /// A connection takeoverd holds.
 #[derive(Debug)]
 pub struct HeldConn {
-    /// takeoverd's copy.
-    pub fd: std::os::fd::OwnedFd,
+    /// takeoverd's copy, open; `None` while it is parked in its slot's
+    /// [`Park`](crate::park::Park).
+    pub fd: Option<std::os::fd::OwnedFd>,
     /// The last state a worker reported, as raw JSON: moved, never parsed.
     pub state: Option<RawState>,
     /// The slot whose worker serves it.
@@ -94,7 +95,12 @@ pub struct HeldConn {
 impl HeldConn {
     /// A connection not given to any slot yet (see `Supervisor::hold`).
     pub fn new(fd: std::os::fd::OwnedFd, state: Option<RawState>) -> HeldConn {
-        HeldConn { fd, state, slot: usize::MAX }
+        HeldConn { fd: Some(fd), state, slot: usize::MAX }
+    }
+
+    /// takeoverd's copy, if it is open (not parked).
+    pub fn open_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
     }
 }
 
@@ -109,6 +115,22 @@ enum Out {
     Assign(String),
     /// An encoded message without fds.
     Bytes(Vec<u8>),
+    /// Every connection of the slot's parked copies (see `park.rs`): taken
+    /// out a batch at a time, parked again, and assigned.
+    Unpark,
+    /// A batch taken out of the park (open here until it is sent).
+    Unparked(Vec<(String, OwnedFd)>),
+}
+
+/// Where a staged worker's parked connections come from and go back to.
+#[derive(Debug)]
+pub struct Unpark<'a> {
+    /// The park being emptied.
+    pub from: &'a mut crate::park::Park,
+    /// Where each batch is parked again once taken out.
+    pub into: &'a mut crate::park::Park,
+    /// The slot (a connection that moved or ended is dropped).
+    pub slot: usize,
 }
 
 /// What is queued for one worker, in order.
@@ -174,6 +196,12 @@ impl Worker {
         self.outbox.queue.extend(names.into_iter().map(Out::Assign));
     }
 
+    /// Queues the `assign`s of the slot's parked connections (taken out of
+    /// the park when the channel has room for them).
+    pub fn assign_parked(&mut self) {
+        self.outbox.queue.push_back(Out::Unpark);
+    }
+
     /// Whether everything queued has been sent.
     pub fn drained(&self) -> bool {
         self.outbox.queue.is_empty()
@@ -182,7 +210,7 @@ impl Worker {
     /// Sends what the channel takes now, assigns in batches of up to
     /// [`MAX_FDS`]. `Ok(true)` when something went out; an error means the
     /// channel is broken (the worker is gone or misbehaving).
-    pub fn flush(&mut self, conns: &Conns) -> takeover::Result<bool> {
+    pub fn flush(&mut self, conns: &Conns, mut unpark: Option<Unpark<'_>>) -> takeover::Result<bool> {
         let mut progress = false;
         loop {
             let (sent, count) = match self.outbox.queue.front() {
@@ -192,6 +220,39 @@ impl Worker {
                     let (bytes, fds, count) = self.next_assign(conns);
                     // Only ended connections: nothing to send.
                     (bytes.is_empty() || try_send(self.chan(), &bytes, &fds)?, count)
+                }
+                Some(Out::Unparked(batch)) => {
+                    let items = batch.iter().map(|(n, _)| (n.as_str(), conns.get(n).and_then(|c| c.state.as_deref())));
+                    let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(_, fd)| fd.as_fd()).collect();
+                    (try_send(self.chan(), &takeover::channel::encode_assign(items), &fds)?, 1)
+                }
+                Some(Out::Unpark) => {
+                    let Some(u) = unpark.as_mut() else {
+                        self.outbox.queue.pop_front();
+                        continue;
+                    };
+                    let Some(batch) = u.from.take() else {
+                        self.outbox.queue.pop_front();
+                        continue;
+                    };
+                    // Still parked and still this slot's: the others ended
+                    // (or moved) meanwhile, and their copies close here.
+                    let keep: Vec<(String, OwnedFd)> = batch
+                        .into_iter()
+                        .filter(|(n, _)| conns.get(n).is_some_and(|c| c.slot == u.slot && c.fd.is_none()))
+                        .collect();
+                    if keep.is_empty() {
+                        continue;
+                    }
+                    let refs: Vec<(&str, BorrowedFd<'_>)> = keep.iter().map(|(n, f)| (n.as_str(), f.as_fd())).collect();
+                    if let Err(e) = u.into.put(&refs) {
+                        tracing::error!(
+                            connections = keep.len(),
+                            "parking connections again failed ({e}): they are served, but would not survive a crash of their worker"
+                        );
+                    }
+                    self.outbox.queue.push_front(Out::Unparked(keep));
+                    continue;
                 }
             };
             if !sent {
@@ -222,8 +283,14 @@ impl Worker {
             }
             bytes += size;
             taken += 1;
+            let Some(fd) = c.open_fd() else {
+                // Parked: never queued as a name (only by `Unpark`).
+                tracing::error!(%name, "a parked connection was queued by name; skipped");
+                taken += 1;
+                continue;
+            };
             items.push((name.as_str(), c.state.as_deref()));
-            fds.push(c.fd.as_fd());
+            fds.push(fd);
         }
         if items.is_empty() {
             return (Vec::new(), fds, taken);
@@ -331,6 +398,12 @@ pub struct Slot {
     pub giving: HashMap<String, usize>,
     /// When the worker must have given them.
     pub give_deadline: Option<Instant>,
+    /// takeoverd's copies of this slot's connections that are parked.
+    pub park: crate::park::Park,
+    /// The park a staged worker is being given (emptied into `park`).
+    pub unparking: crate::park::Park,
+    /// Parked connections that ended (their copies linger in the park).
+    pub parked_dead: usize,
 }
 
 impl Slot {
@@ -346,6 +419,9 @@ impl Slot {
             leaving: None,
             giving: HashMap::new(),
             give_deadline: None,
+            park: crate::park::Park::default(),
+            unparking: crate::park::Park::default(),
+            parked_dead: 0,
         }
     }
 
