@@ -340,6 +340,11 @@ pub struct ScaleStep {
     pub client_processes: u64,
     /// Workers sharing the connections (`--workers`).
     pub workers: usize,
+    /// takeoverd's RSS growth per connection held, bytes (its copies open
+    /// or parked).
+    pub takeoverd_rss_per_conn_b: f64,
+    /// The workers' RSS growth (all of them) per connection held, bytes.
+    pub workers_rss_per_conn_b: f64,
     /// Whether a SIGKILL of one worker, after the reloads, was recovered
     /// (a new worker served its share) with the other untouched.
     pub worker_kill_ok: bool,
@@ -394,8 +399,10 @@ pub fn scale(ctx: &mut Ctx, ladder: &[u64], fd_limit: &str) -> ScaleResult {
                     worst_latency_ms: 0.0,
                     errors: 0,
                     client_processes: 0,
-                    workers: SCALE_WORKERS,
+                    workers: scale_workers(n),
                     worker_kill_ok: false,
+                    takeoverd_rss_per_conn_b: 0.0,
+                    workers_rss_per_conn_b: 0.0,
                     failure: Some(format!("{e:#}")),
                 });
                 break;
@@ -406,8 +413,13 @@ pub fn scale(ctx: &mut Ctx, ladder: &[u64], fd_limit: &str) -> ScaleResult {
     ScaleResult { steps, reached, fd_limit: fd_limit.to_owned(), stopped_by }
 }
 
-/// Workers at every step of the scale ladder.
-pub const SCALE_WORKERS: usize = 2;
+/// Workers at a step of the scale ladder: at least 2, and enough that no
+/// worker holds more than 18 000 connections (this machine's hard
+/// `RLIMIT_NOFILE` is 20 000 per process; takeoverd itself parks its copies
+/// past its budget, `--max-open-connections`).
+pub fn scale_workers(n: u64) -> usize {
+    (n.div_ceil(18_000) as usize).max(2)
+}
 
 fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
     let reloads = 3;
@@ -418,10 +430,12 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
     let duration_s = (ramp as f64 + slack_ms + 1000.0 + (reloads + 1) as f64 * spacing_ms + 2000.0) / 1e3;
     let source_addresses = source_addresses(n);
     ctx.say(&format!(
-        "scale: {n} connections, {SCALE_WORKERS} workers, {interval} ms interval, {reloads} reloads, 1 worker SIGKILL"
+        "scale: {n} connections, {} workers, {interval} ms interval, {reloads} reloads, 1 worker SIGKILL",
+        scale_workers(n)
     ));
-    let extra = vec!["--workers".to_string(), SCALE_WORKERS.to_string()];
+    let extra = vec!["--workers".to_string(), scale_workers(n).to_string()];
     let server = Server::start_with(&ctx.bins, &ctx.dir, &format!("scale-{n}"), None, &extra)?;
+    let rss_before = scale_rss(&server);
     let spec = ClientSpec {
         port: server.port,
         connections: n,
@@ -437,6 +451,11 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
     let client_processes = run.pids().len() as u64;
     let up = server.wait_connections(n, Duration::from_secs_f64((ramp as f64 + slack_ms) / 1e3));
     let held = server.status().map_or(0, |s| s.connections as u64);
+    // What the connections cost in memory, before any reload replaces a
+    // worker (a new one starts from nothing).
+    let rss_after = scale_rss(&server);
+    let per_conn = |before: u64, after: u64| after.saturating_sub(before) as f64 * 1024.0 / held.max(1) as f64;
+    let rss_per_conn = (per_conn(rss_before.0, rss_after.0), per_conn(rss_before.1, rss_after.1));
     let mut failure = up.err().map(|e| format!("{e:#}"));
     let mut events = Vec::new();
     if failure.is_none() {
@@ -508,10 +527,20 @@ fn scale_step(ctx: &mut Ctx, n: u64) -> anyhow::Result<ScaleStep> {
         worst_latency_ms: worst,
         errors,
         client_processes,
-        workers: SCALE_WORKERS,
+        workers: scale_workers(n),
         worker_kill_ok,
+        takeoverd_rss_per_conn_b: rss_per_conn.0,
+        workers_rss_per_conn_b: rss_per_conn.1,
         failure,
     })
+}
+
+/// RSS of takeoverd and of all its workers, KiB.
+fn scale_rss(server: &Server) -> (u64, u64) {
+    let workers =
+        server.status().map(|s| s.workers.iter().filter_map(|w| w.pid).collect::<Vec<_>>()).unwrap_or_default();
+    let rss = |pid: u32| procfs::rss_kib(pid).unwrap_or(0);
+    (rss(server.pid), workers.into_iter().map(rss).sum())
 }
 
 /// SIGKILLs the last slot's worker and waits until a new one serves its

@@ -125,11 +125,14 @@ mod tests {
     #[test]
     fn parked_connections_come_back_in_order_and_the_park_empties() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let conns: Vec<std::net::TcpStream> =
-            (0..300).map(|_| std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap()).collect();
+        // Each connect accepted at once: the listen backlog is small.
+        let pairs: Vec<(std::net::TcpStream, std::net::TcpStream)> = (0..300)
+            .map(|_| (std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap(), l.accept().unwrap().0))
+            .collect();
+        let conns: Vec<&std::net::TcpStream> = pairs.iter().map(|(c, _)| c).collect();
         let names: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
         let mut park = Park::default();
-        for chunk in names.iter().zip(&conns).collect::<Vec<_>>().chunks(wire::MAX_FDS) {
+        for chunk in names.iter().zip(conns).collect::<Vec<_>>().chunks(wire::MAX_FDS) {
             let batch: Vec<(&str, BorrowedFd<'_>)> = chunk.iter().map(|(n, c)| (n.as_str(), c.as_fd())).collect();
             park.put(&batch).unwrap();
         }
