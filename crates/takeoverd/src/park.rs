@@ -26,6 +26,8 @@ use std::time::Instant;
 
 use takeover::{wire, Entry, Kind, Message};
 
+use crate::workers::Who;
+
 /// The send buffer asked for (as the overflow queue does): with
 /// `CAP_NET_ADMIN` about 30 000 connections a pair, else 2 ×
 /// `net.core.wmem_max`.
@@ -118,35 +120,6 @@ fn grow_sndbuf(fd: BorrowedFd<'_>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parked_connections_come_back_in_order_and_the_park_empties() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        // Each connect accepted at once: the listen backlog is small.
-        let pairs: Vec<(std::net::TcpStream, std::net::TcpStream)> = (0..300)
-            .map(|_| (std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap(), l.accept().unwrap().0))
-            .collect();
-        let conns: Vec<&std::net::TcpStream> = pairs.iter().map(|(c, _)| c).collect();
-        let names: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
-        let mut park = Park::default();
-        for chunk in names.iter().zip(conns).collect::<Vec<_>>().chunks(wire::MAX_FDS) {
-            let batch: Vec<(&str, BorrowedFd<'_>)> = chunk.iter().map(|(n, c)| (n.as_str(), c.as_fd())).collect();
-            park.put(&batch).unwrap();
-        }
-        assert_eq!(park.count, 300);
-        let mut back = Vec::new();
-        while let Some(batch) = park.take() {
-            back.extend(batch.into_iter().map(|(n, _)| n));
-        }
-        assert_eq!(back, names);
-        assert!(park.is_empty());
-        assert_eq!(park.count, 0);
-    }
-}
-
 /// How far below `--max-open-connections` a parking pass goes, so that the
 /// next one waits for that many new connections.
 const SLACK: usize = 1024;
@@ -234,4 +207,31 @@ impl crate::supervisor::Supervisor {
     }
 }
 
-use crate::workers::Who;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parked_connections_come_back_in_order_and_the_park_empties() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // Each connect accepted at once: the listen backlog is small.
+        let pairs: Vec<(std::net::TcpStream, std::net::TcpStream)> = (0..300)
+            .map(|_| (std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap(), l.accept().unwrap().0))
+            .collect();
+        let conns: Vec<&std::net::TcpStream> = pairs.iter().map(|(c, _)| c).collect();
+        let names: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
+        let mut park = Park::default();
+        for chunk in names.iter().zip(conns).collect::<Vec<_>>().chunks(wire::MAX_FDS) {
+            let batch: Vec<(&str, BorrowedFd<'_>)> = chunk.iter().map(|(n, c)| (n.as_str(), c.as_fd())).collect();
+            park.put(&batch).unwrap();
+        }
+        assert_eq!(park.count, 300);
+        let mut back = Vec::new();
+        while let Some(batch) = park.take() {
+            back.extend(batch.into_iter().map(|(n, _)| n));
+        }
+        assert_eq!(back, names);
+        assert!(park.is_empty());
+        assert_eq!(park.count, 0);
+    }
+}
