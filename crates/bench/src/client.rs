@@ -37,6 +37,24 @@ pub struct ClientSpec {
     pub churn_messages: Option<u64>,
 }
 
+impl ClientSpec {
+    /// `connections` idle connects (each sends one message within the
+    /// hour, that is: after its first echo, nothing), spread over `ramp_ms`.
+    pub fn idle(port: u16, connections: u64, ramp_ms: u64, source_addresses: u32) -> ClientSpec {
+        ClientSpec {
+            port,
+            connections,
+            interval_ms: 3_600_000,
+            duration_s: 600.0,
+            timeout_ms: 5000,
+            ramp_ms,
+            source_addresses,
+            cpu: None,
+            churn_messages: None,
+        }
+    }
+}
+
 /// One 100 ms row of a timeline, on the benchmark's clock.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Row {

@@ -269,17 +269,7 @@ pub fn memory(ctx: &mut Ctx, n: u64) -> anyhow::Result<MemoryResult> {
     let w0 = server.worker_pid()?;
     let (wi, di) = (rss(w0), rss(server.pid));
     let ramp = ramp_for(n);
-    let spec = ClientSpec {
-        port: server.port,
-        connections: n,
-        interval_ms: 3_600_000,
-        duration_s: 600.0,
-        timeout_ms: 5000,
-        ramp_ms: ramp,
-        source_addresses: 1,
-        cpu: None,
-        churn_messages: None,
-    };
+    let spec = ClientSpec::idle(server.port, n, ramp, 1);
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &format!("memory-{n}"), &spec)?;
     let up = server.wait_connections(n, Duration::from_secs_f64(ramp as f64 / 1e3 + 20.0));
     std::thread::sleep(Duration::from_millis(1000));

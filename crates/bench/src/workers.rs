@@ -256,17 +256,7 @@ fn balance(ctx: &mut Ctx, n: u64, workers: usize) -> anyhow::Result<Balance> {
     let tag = format!("workers-balance-{n}-w{workers}");
     let server = Server::start_with(&ctx.bins, &ctx.dir, &tag, None, &workers_args(workers))?;
     let ramp = ramp_for(n);
-    let spec = ClientSpec {
-        port: server.port,
-        connections: n,
-        interval_ms: 3_600_000,
-        duration_s: 600.0,
-        timeout_ms: 5000,
-        ramp_ms: ramp,
-        source_addresses: scenarios::source_addresses(n),
-        cpu: None,
-        churn_messages: None,
-    };
+    let spec = ClientSpec::idle(server.port, n, ramp, scenarios::source_addresses(n));
     let run = ClientRun::start(&ctx.bins, &ctx.clock, &ctx.dir, &tag, &spec)?;
     let up = server.wait_connections(n, Duration::from_secs_f64(ramp as f64 / 1e3 + 20.0));
     // The client never ends on its own (600 s): kill it.
