@@ -85,7 +85,6 @@ impl Supervisor {
                 self.assign_new(slot, names);
             }
         }
-        let serving = self.serving_pids().first().copied();
-        crate::fault::at(crate::fault::Step::Accepted, None, serving);
+        crate::fault::at(crate::fault::Step::Accepted, None, self.first_serving_pid());
     }
 }

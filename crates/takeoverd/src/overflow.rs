@@ -68,16 +68,9 @@ impl Pair {
     fn drain(&mut self) -> Vec<(String, OwnedFd)> {
         let mut out = Vec::new();
         loop {
-            match takeover::manifest::try_recv(self.r.as_fd()) {
-                Ok(Some(Some((Message::Batch { entries, .. }, fds)))) if entries.len() == fds.len() => {
-                    for (e, fd) in entries.into_iter().zip(fds) {
-                        if takeover::validate(fd.as_fd(), Kind::TcpStream).is_ok() {
-                            out.push((e.name, fd));
-                        }
-                    }
-                }
-                Ok(Some(Some((m, _)))) => tracing::warn!("dropping an unexpected {} from the overflow queue", m.name()),
-                Ok(Some(None)) | Ok(None) => break,
+            match recv_batch(self.r.as_fd()) {
+                Ok(Some(batch)) => out.extend(batch),
+                Ok(None) => break,
                 Err(e) => {
                     tracing::warn!("reading the overflow queue: {e}");
                     break;
@@ -87,6 +80,39 @@ impl Pair {
         self.live = 0;
         self.dead = 0;
         out
+    }
+}
+
+/// Sends one batch (at most [`wire::MAX_FDS`]) of named connections into a
+/// queue pair's write end, never blocking (a full pair: `Error::Timeout`).
+/// Shared with the parks of `park.rs`.
+pub(crate) fn send_batch(w: BorrowedFd<'_>, batch: &[(&str, BorrowedFd<'_>)]) -> takeover::Result<()> {
+    let entries: Vec<Entry> = batch
+        .iter()
+        .map(|(n, _)| Entry { name: n.to_string(), kind: Kind::TcpStream, state: serde_json::Value::Null })
+        .collect();
+    let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(_, fd)| *fd).collect();
+    takeover::manifest::send(w, &Message::Batch { seq: 0, entries }, &fds, Some(Instant::now()))
+}
+
+/// Receives the next batch from a queue pair's read end: `Ok(None)` when it
+/// is empty; fds that are not TCP streams are closed and left out, and a
+/// message that is not a batch is dropped (an empty batch).
+pub(crate) fn recv_batch(r: BorrowedFd<'_>) -> takeover::Result<Option<Vec<(String, OwnedFd)>>> {
+    match takeover::manifest::try_recv(r)? {
+        Some(Some((Message::Batch { entries, .. }, fds))) if entries.len() == fds.len() => Ok(Some(
+            entries
+                .into_iter()
+                .zip(fds)
+                .filter(|(_, fd)| takeover::validate(fd.as_fd(), Kind::TcpStream).is_ok())
+                .map(|(e, fd)| (e.name, fd))
+                .collect(),
+        )),
+        Some(Some((m, _))) => {
+            tracing::warn!("dropping an unexpected {} from a queue pair", m.name());
+            Ok(Some(Vec::new()))
+        }
+        Some(None) | None => Ok(None),
     }
 }
 
@@ -209,16 +235,11 @@ impl Overflow {
         let found: Vec<(Box<str>, BorrowedFd<'a>)> =
             pending.into_iter().filter_map(|n| fd_of(&n).map(|fd| (n, fd))).collect();
         'chunks: for chunk in found.chunks(wire::MAX_FDS) {
-            let entries: Vec<Entry> = chunk
-                .iter()
-                .map(|(n, _)| Entry { name: n.to_string(), kind: Kind::TcpStream, state: serde_json::Value::Null })
-                .collect();
-            let msg = Message::Batch { seq: 0, entries };
-            let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| *fd).collect();
+            let batch: Vec<(&str, BorrowedFd<'_>)> = chunk.iter().map(|(n, fd)| (&**n, *fd)).collect();
             loop {
                 // Never block: a full pair answers at once and the next opens.
                 let sent = match self.pairs.last() {
-                    Some(p) => takeover::manifest::send(p.w.as_fd(), &msg, &fds, Some(Instant::now())),
+                    Some(p) => send_batch(p.w.as_fd(), &batch),
                     None => Err(takeover::Error::Timeout("no pair yet")),
                 };
                 match sent {
@@ -282,7 +303,8 @@ impl Overflow {
     }
 }
 
-fn grow_sndbuf(fd: BorrowedFd<'_>) {
+/// Asks for [`SNDBUF`] of send buffer on a queue pair's write end.
+pub(crate) fn grow_sndbuf(fd: BorrowedFd<'_>) {
     use nix::sys::socket::{setsockopt, sockopt};
     if setsockopt(&fd, sockopt::SndBufForce, &SNDBUF).is_err() {
         // Without CAP_NET_ADMIN: as much as net.core.wmem_max allows.

@@ -22,16 +22,12 @@
 //! `ctl workers` yet: both are refused while connections are parked.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::Instant;
 
-use takeover::{wire, Entry, Kind, Message};
+use takeover::wire;
+
+use crate::overflow::{grow_sndbuf, recv_batch, send_batch};
 
 use crate::workers::Who;
-
-/// The send buffer asked for (as the overflow queue does): with
-/// `CAP_NET_ADMIN` about 30 000 connections a pair, else 2 ×
-/// `net.core.wmem_max`.
-const SNDBUF: usize = 8 << 20;
 
 /// One slot's parked copies: pairs, oldest first.
 #[derive(Debug, Default)]
@@ -50,12 +46,9 @@ impl Park {
     /// Parks a batch (at most [`wire::MAX_FDS`]) of connections: on
     /// success their copies are in flight and the caller closes its own.
     pub fn put(&mut self, batch: &[(&str, BorrowedFd<'_>)]) -> Result<(), String> {
-        let entries: Vec<Entry> = batch
-            .iter()
-            .map(|(n, _)| Entry { name: n.to_string(), kind: Kind::TcpStream, state: serde_json::Value::Null })
-            .collect();
-        let msg = Message::Batch { seq: 0, entries };
-        let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(_, fd)| *fd).collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
         for fresh in [false, true] {
             if fresh || self.pairs.is_empty() {
                 let (r, w) = wire::seqpacket_pair().map_err(|e| format!("a parking pair: {e}"))?;
@@ -64,7 +57,7 @@ impl Park {
             }
             let (_, w) = self.pairs.last().expect("a pair");
             // Never block: a full pair answers at once, and a fresh one opens.
-            match takeover::manifest::send(w.as_fd(), &msg, &fds, Some(Instant::now())) {
+            match send_batch(w.as_fd(), batch) {
                 Ok(()) => {
                     self.count += batch.len();
                     return Ok(());
@@ -80,19 +73,12 @@ impl Park {
     /// streams); `None` once the park is empty.
     pub fn take(&mut self) -> Option<Vec<(String, OwnedFd)>> {
         while let Some((r, _)) = self.pairs.first() {
-            match takeover::manifest::try_recv(r.as_fd()) {
-                Ok(Some(Some((Message::Batch { entries, .. }, fds)))) if entries.len() == fds.len() => {
-                    self.count = self.count.saturating_sub(fds.len());
-                    let batch = entries
-                        .into_iter()
-                        .zip(fds)
-                        .filter(|(_, fd)| takeover::validate(fd.as_fd(), Kind::TcpStream).is_ok())
-                        .map(|(e, fd)| (e.name, fd))
-                        .collect();
+            match recv_batch(r.as_fd()) {
+                Ok(Some(batch)) => {
+                    self.count = self.count.saturating_sub(batch.len());
                     return Some(batch);
                 }
-                Ok(Some(Some((m, _)))) => tracing::error!("dropping an unexpected {} from a parking pair", m.name()),
-                Ok(Some(None)) | Ok(None) => {
+                Ok(None) => {
                     self.pairs.remove(0);
                 }
                 Err(e) => {
@@ -110,13 +96,6 @@ impl Park {
     pub fn append(&mut self, mut other: Park) {
         self.count += other.count;
         self.pairs.append(&mut other.pairs);
-    }
-}
-
-fn grow_sndbuf(fd: BorrowedFd<'_>) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    if setsockopt(&fd, sockopt::SndBufForce, &SNDBUF).is_err() {
-        let _ = setsockopt(&fd, sockopt::SndBuf, &SNDBUF);
     }
 }
 

@@ -140,16 +140,14 @@ impl Supervisor {
     /// to the others, each to the one with the fewest, and the slot goes.
     pub(crate) fn left(&mut self, slot: usize) {
         let names: Vec<String> = self.conns.iter().filter(|(_, c)| c.slot == slot).map(|(n, _)| n.clone()).collect();
-        let mut to: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut moves = Vec::with_capacity(names.len());
         for name in names {
+            // One at a time: each move changes who has the fewest.
             let dest = self.least_loaded();
             self.move_conn(&name, dest);
-            to.entry(dest).or_default().push(name);
+            moves.push((name, dest));
         }
-        let moved: usize = to.values().map(Vec::len).sum();
-        for (dest, names) in to {
-            self.assign_new(dest, names);
-        }
+        let moved = self.assign_moved(moves);
         let s = self.slots.remove(slot);
         debug_assert_eq!(s.share, 0);
         match s.who {
@@ -159,9 +157,6 @@ impl Supervisor {
             Who::Handoff(h) => tracing::error!(slot, pid = h.new.pid(), "a leaving slot was in a handoff"),
         }
         tracing::info!(slot, moved, "worker left; its connections went to the others");
-        if let Some(r) = &mut self.resize {
-            r.moved += moved;
-        }
         self.status_dirty = true;
         self.leave_next();
         self.resize_progress();
@@ -174,6 +169,23 @@ impl Supervisor {
             c.slot = dest;
             self.slots[dest].share += 1;
         }
+    }
+
+    /// Assigns moved connections `(name, slot)` to their new slots' workers,
+    /// a batch per slot, and counts them for the resize's reply.
+    fn assign_moved(&mut self, moves: Vec<(String, usize)>) -> usize {
+        let moved = moves.len();
+        let mut to: HashMap<usize, Vec<String>> = HashMap::new();
+        for (name, dest) in moves {
+            to.entry(dest).or_default().push(name);
+        }
+        for (dest, names) in to {
+            self.assign_new(dest, names);
+        }
+        if let Some(r) = &mut self.resize {
+            r.moved += moved;
+        }
+        moved
     }
 
     /// More workers, once the new ones serve: each worker above its share
@@ -235,23 +247,17 @@ impl Supervisor {
 
     /// A worker gave connections back: each goes to the slot planned for it.
     pub(crate) fn on_given(&mut self, slot: usize, names: Vec<String>) {
-        let mut to: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut moves = Vec::with_capacity(names.len());
         for name in names {
             let Some(dest) = self.slots[slot].giving.remove(&name) else { continue };
             if self.conns.get(&name).is_some_and(|c| c.slot == slot) {
                 self.move_conn(&name, dest);
-                to.entry(dest).or_default().push(name);
+                moves.push((name, dest));
             }
         }
-        let moved: usize = to.values().map(Vec::len).sum();
-        for (dest, names) in to {
-            self.assign_new(dest, names);
-        }
+        self.assign_moved(moves);
         if self.slots[slot].giving.is_empty() {
             self.slots[slot].give_deadline = None;
-        }
-        if let Some(r) = &mut self.resize {
-            r.moved += moved;
         }
         self.status_dirty = true;
         self.resize_progress();

@@ -268,9 +268,10 @@ impl Supervisor {
         self.slots.iter().position(|s| s.has(token))
     }
 
-    /// The pids of the workers that serve now, slot by slot.
-    pub(crate) fn serving_pids(&self) -> Vec<u32> {
-        self.slots.iter().filter_map(|s| s.who.serving().map(|w| w.pid())).collect()
+    /// The pid of the first worker that serves now (the only one with
+    /// `--workers 1`).
+    pub(crate) fn first_serving_pid(&self) -> Option<u32> {
+        self.slots.iter().find_map(|s| s.who.serving()).map(|w| w.pid())
     }
 
     /// Starts the first worker and serves until stopped. Returns the exit
@@ -422,7 +423,7 @@ impl Supervisor {
     pub fn status(&self) -> Status {
         Status {
             generation: self.generation,
-            worker_pid: self.slots.iter().find_map(|s| s.who.serving()).map(|w| w.pid()),
+            worker_pid: self.first_serving_pid(),
             state: self.state_name(),
             connections: self.conns.len(),
             parked: self.parked(),

@@ -261,7 +261,7 @@ impl Supervisor {
             from: env!("CARGO_PKG_VERSION").into(),
             to: env!("CARGO_PKG_VERSION").into(),
             took_ms: 0.0,
-            worker_pid: self.serving_pids().first().copied(),
+            worker_pid: self.first_serving_pid(),
             connections: self.conns.len(),
         };
         crate::control_server::reply(&reply, &answer);
@@ -447,7 +447,7 @@ impl Supervisor {
             from: up.from.clone(),
             to: env!("CARGO_PKG_VERSION").into(),
             took_ms,
-            worker_pid: self.serving_pids().first().copied(),
+            worker_pid: self.first_serving_pid(),
             connections: self.conns.len(),
         };
         match &fell_back {
