@@ -147,15 +147,33 @@ impl Drop for RunDir {
     }
 }
 
+/// The longest `XDG_RUNTIME_DIR` a manager can use. A Unix socket's path
+/// (`sun_path`) holds 107 bytes and a NUL; the longest socket under it is the
+/// service's control socket, `seqnum/control.sock` (20 bytes with its
+/// slash); the manager's own `systemd/private` is 16. Past 91 bytes
+/// `systemd --user` 252 exits with status 1 and prints nothing (measured),
+/// which is why [`UserManager::start_in`] checks before it starts one.
+pub const RUNTIME_DIR_MAX: usize = 107 - "/seqnum/control.sock".len();
+
+/// The longest base [`run_base`] keeps under the target dir: room for the
+/// longest test's `systemd-<tag>-<pid>-<n>/runtime` (a 25-byte tag, a
+/// 7-digit pid) within [`RUNTIME_DIR_MAX`].
+const RUN_BASE_MAX: usize = 32;
+
 /// Where the systemd tests keep their directories: under the cargo target
 /// dir, unless that is under /tmp or /var/tmp. There the service would not
 /// see them: the unit's `PrivateTmp=` (which `DynamicUser=` implies, so it
 /// cannot be switched off) gives it a /tmp of its own. Then
 /// /var/lib/takeover-tests is used instead (the tests run as root; under
 /// /run the service could not execute its binaries: 203/EXEC).
+///
+/// A target dir with a long path is not used either: the manager binds its
+/// sockets under `XDG_RUNTIME_DIR`, inside the run dir, and a Unix socket's
+/// path has at most 107 bytes (see [`RUNTIME_DIR_MAX`]).
 pub fn run_base() -> PathBuf {
     let target = bin_dir();
-    if under_tmp(&target) {
+    let in_target = target.join("systemd-tests");
+    if under_tmp(&target) || in_target.as_os_str().len() > RUN_BASE_MAX {
         let base = PathBuf::from("/var/lib/takeover-tests");
         std::fs::create_dir_all(&base).unwrap();
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -196,10 +214,8 @@ impl UserManager {
         }
         let tag = format!("systemd-{tag}");
         let m = UserManager::start_in(&run_base(), &tag).or_else(|e| {
-            // Seen once in CI: a manager that exited at start with status 1
-            // and said nothing (its messages went to the kernel log before
-            // SYSTEMD_LOG_TARGET=console). The manager is the test's
-            // scaffolding, not what is tested: say so and try once more.
+            // A manager is the test's scaffolding, not what is tested: one
+            // that did not come up is tried once more, with a note.
             eprintln!("note: the private systemd manager did not start ({e}); trying once more");
             UserManager::start_in(&run_base(), &tag)
         });
@@ -214,6 +230,14 @@ impl UserManager {
         let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
         let dir = RunDir::new_in(base, tag).map_err(|e| io("creating the manager's directory", e))?;
         let runtime_dir = dir.path("runtime");
+        if runtime_dir.as_os_str().len() > RUNTIME_DIR_MAX {
+            return Err(format!(
+                "XDG_RUNTIME_DIR {} is {} bytes; the sockets under it need it to be at most {RUNTIME_DIR_MAX} \
+                 (a Unix socket path holds 107): start the manager under a shorter directory",
+                runtime_dir.display(),
+                runtime_dir.as_os_str().len()
+            ));
+        }
         let config_dir = dir.path("config");
         // 0711: systemd wants it private, the DynamicUser= service must pass
         // through it to reach the notify socket and its RuntimeDirectory=.
