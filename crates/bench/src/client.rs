@@ -5,7 +5,6 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use seqnum::client::Histogram;
 use serde::Serialize;
 
 use crate::procs::{self, Bins, Clock};
@@ -265,8 +264,7 @@ impl ClientRun {
     /// reads the summaries and timelines. A client still running is killed
     /// and counted as failed.
     pub fn finish(self, clock: &Clock, grace: Duration) -> anyhow::Result<ClientResult> {
-        let mut summary = Summary::default();
-        let mut latency = Histogram::new();
+        let (mut parts, mut failed_processes, mut failure) = (Vec::new(), 0, None);
         let mut timelines = Vec::new();
         for mut p in self.procs {
             let left = (self.end_ms - clock.now_ms()).max(0.0) / 1e3;
@@ -280,47 +278,56 @@ impl ClientRun {
             }
             procs::kill_group(&mut p.child);
             match testkit::parse_summary(&stdout) {
-                Ok(s) => add(&mut summary, &mut latency, &s),
+                Ok(s) => parts.push(s),
                 Err(_) => {
-                    summary.failed_processes += 1;
+                    failed_processes += 1;
                     let text = std::fs::read_to_string(&p.stderr).unwrap_or_default();
-                    summary.failure = Some(format!(
+                    failure = Some(format!(
                         "seqnum-client {}: {}",
                         status.map_or("did not finish in time".to_owned(), |s| s.to_string()),
                         crate::server::last_lines(&text, 3)
                     ));
                 }
             }
-            if status.is_some_and(|s| !s.success()) && summary.failure.is_none() {
+            if status.is_some_and(|s| !s.success()) && failure.is_none() {
                 let text = std::fs::read_to_string(&p.stderr).unwrap_or_default();
-                summary.failure =
-                    Some(format!("seqnum-client exited non-zero: {}", crate::server::last_lines(&text, 3)));
+                failure = Some(format!("seqnum-client exited non-zero: {}", crate::server::last_lines(&text, 3)));
             }
             timelines.push(read_timeline(&p.timeline, p.t0_ms)?);
         }
-        (summary.p50_us, summary.p99_us) = (latency.percentile(0.50), latency.percentile(0.99));
+        // The client's own merge (histograms merged, counts and rates
+        // summed), over the processes that printed a summary; the ones that
+        // did not are counted here, apart from `errors`.
+        let connections = parts.iter().map(|s| s.connections).sum();
+        let merged = seqnum::client::Summary::merge(connections, parts.len() as u32, &parts);
+        let summary = Summary { failed_processes, failure, ..Summary::from(&merged) };
         Ok(ClientResult { summary, timelines })
     }
 }
 
-/// Adds one process's summary `c` to `s`, and its latency histogram to
-/// `latency` (the percentiles are read from the merged histogram).
-fn add(s: &mut Summary, latency: &mut Histogram, c: &seqnum::client::Summary) {
-    s.connections += c.connections;
-    s.sent += c.sent;
-    s.echoed += c.echoed;
-    s.errors += c.errors;
-    s.discontinuities += c.discontinuities;
-    s.resets += c.resets;
-    s.eofs += c.eofs;
-    s.timeouts += c.timeouts;
-    s.connect_errors += c.connect_errors;
-    latency.merge(&c.latency_histogram);
-    s.max_us = s.max_us.max(c.latency_us.max);
-    s.echoes_per_sec += c.echoes_per_sec;
-    s.connects += c.connects;
-    s.connects_per_sec += c.connects_per_sec;
-    s.duration_s = s.duration_s.max(c.duration_s);
+impl From<&seqnum::client::Summary> for Summary {
+    fn from(c: &seqnum::client::Summary) -> Summary {
+        Summary {
+            connections: c.connections,
+            sent: c.sent,
+            echoed: c.echoed,
+            errors: c.errors,
+            discontinuities: c.discontinuities,
+            resets: c.resets,
+            eofs: c.eofs,
+            timeouts: c.timeouts,
+            connect_errors: c.connect_errors,
+            p50_us: c.latency_us.p50,
+            p99_us: c.latency_us.p99,
+            max_us: c.latency_us.max,
+            echoes_per_sec: c.echoes_per_sec,
+            connects: c.connects,
+            connects_per_sec: c.connects_per_sec,
+            duration_s: c.duration_s,
+            failed_processes: c.failed_processes,
+            failure: None,
+        }
+    }
 }
 
 /// Reads a `--timeline` CSV, placing its rows on the benchmark's clock.
