@@ -85,6 +85,11 @@ fn rolling_reloads_replace_every_worker_without_a_client_error() {
         assert_eq!(gens, vec![g0 + 1, g0 + 2, g0 + 3], "reload {round}: the roll goes slot by slot");
         let rec = s.reloads.last().unwrap();
         assert!(rec.ok && rec.failed_worker.is_none(), "reload {round}: {rec:?}");
+        // The record has each slot's handover, in the order of the roll,
+        // with the pid that serves it now.
+        let handed: Vec<(usize, Option<u32>)> = rec.slots.iter().map(|h| (h.slot, Some(h.pid))).collect();
+        assert_eq!(handed, after.iter().copied().enumerate().collect::<Vec<_>>(), "reload {round}: {rec:?}");
+        assert!(rec.slots.windows(2).all(|w| w[0].serving_at_ms <= w[1].serving_at_ms), "{rec:?}");
         assert_eq!(s.workers.iter().map(|w| w.connections).sum::<usize>(), 60);
     }
     let human = String::from_utf8_lossy(&ctl(&d.sock, &["status"]).stdout).into_owned();
@@ -116,6 +121,8 @@ fn a_failed_step_stops_the_roll_and_says_which_worker() {
     assert!(err.contains("worker 1 of 3"), "the failure names the worker: {err}");
     let s = d.status();
     assert_eq!(s.reloads.last().unwrap().failed_worker, Some(1), "{:?}", s.reloads.last());
+    let done: Vec<usize> = s.reloads.last().unwrap().slots.iter().map(|h| h.slot).collect();
+    assert_eq!(done, vec![0], "only worker 0's handover completed: {:?}", s.reloads.last());
     let after = pids(&d);
     assert_ne!(after[0], before[0], "worker 0 was replaced before the failure");
     assert_eq!(after[1..], before[1..], "workers 1 and 2 serve on, untouched");

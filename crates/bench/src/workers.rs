@@ -1,13 +1,14 @@
 //! Section 8: `takeoverd --workers N`, one worker beside two in the same
 //! run. What clients see in a rolling reload (and each slot's own pause,
-//! from takeoverd's log), the server CPU per echo, and how evenly new
+//! from takeoverd's reload records), the server CPU per echo, and how evenly new
 //! connections are shared out. The reload and echo runs are the handoff's
 //! and the echo section's runners with a worker count; only the balance
 //! run is this file's own.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
+use takeoverd::status::{ReloadRecord, SlotHandover};
 
 use crate::client::{ClientRun, ClientSpec, Summary, Window};
 use crate::handoff::{take_records, under_load, LoadPlan, LoadedRun};
@@ -88,7 +89,7 @@ pub struct RollResult {
     /// The rolls, from takeoverd's records: a roll's `pause_ms` is its
     /// longest slot pause, its `stage_ms` its longest staging.
     pub rolls: Phases,
-    /// Each slot's handovers, from takeoverd's `reload complete` log lines.
+    /// Each slot's handovers, from takeoverd's reload records.
     pub slots: Vec<SlotPauses>,
     /// Within a roll, one slot serving again → the next slot's old worker
     /// told to stop, ms (negative: their pauses overlapped).
@@ -193,26 +194,16 @@ fn roll(ctx: &mut Ctx, sizes: Sizes, workers: usize) -> anyhow::Result<RollResul
         spacing_ms: sizes.spacing_ms,
         extra_ms: 0.0,
     };
-    let (mut records, mut log) = (Vec::new(), String::new());
+    let mut records = Vec::new();
     let LoadedRun { events, result, base, base_windows } = under_load(
         ctx,
         &plan,
         |server| server.reload(),
         |server, events| {
-            let st = take_records(server, events)?;
-            records = st.reloads;
-            log = std::fs::read_to_string(&server.log).unwrap_or_default();
+            records = take_records(server, events)?.reloads;
             Ok(())
         },
     )?;
-    let commits = commits(&log);
-    if commits.len() != workers * events.iter().filter(|e| e.ok).count() {
-        ctx.note(format!(
-            "workers: {} `reload complete` lines in takeoverd's log for {} successful reloads of {workers} workers",
-            commits.len(),
-            events.iter().filter(|e| e.ok).count()
-        ));
-    }
     let recent = &records[records.len().saturating_sub(events.len())..];
     let windows: Vec<Window> = events.iter().map(|e| e.window).collect();
     Ok(RollResult {
@@ -224,8 +215,8 @@ fn roll(ctx: &mut Ctx, sizes: Sizes, workers: usize) -> anyhow::Result<RollResul
         reloads_ok: events.iter().filter(|e| e.ok).count(),
         failed_workers: recent.iter().filter_map(|r| r.failed_worker).collect(),
         rolls: Phases::from_records(&records, events.len()),
-        slots: slot_pauses(&commits, workers),
-        gap_between_pauses_ms: Spread::of(&gaps(&commits)),
+        slots: slot_pauses(recent, workers),
+        gap_between_pauses_ms: Spread::of(&gaps(recent)),
         during_reload: spread_windows(&windows),
         without_reload: spread_windows(&base_windows),
         above_no_reload_ms: Spread::of(&above(&windows, &base_windows)),
@@ -275,70 +266,33 @@ fn balance(ctx: &mut Ctx, n: u64, workers: usize) -> anyhow::Result<Balance> {
     })
 }
 
-/// One slot's handover as takeoverd logs it when the slot's new worker
-/// serves (`reload complete ... slot=S connections=C pause_ms=P
-/// stage_ms=T`).
-#[derive(Debug, Clone, PartialEq)]
-struct Commit {
-    /// The line's timestamp.
-    at: Option<SystemTime>,
-    /// The slot.
-    slot: usize,
-    /// Its share.
-    connections: usize,
-    /// Its pause, ms (none: nobody was stopped).
-    pause_ms: Option<f64>,
-    /// Its staging, ms.
-    stage_ms: Option<f64>,
-}
-
-/// takeoverd's `reload complete` lines in `log` (its own and its workers'
-/// stderr), in order.
-fn commits(log: &str) -> Vec<Commit> {
-    log.lines().filter(|l| l.starts_with("takeoverd[") && l.contains(" reload complete ")).filter_map(commit).collect()
-}
-
-fn commit(line: &str) -> Option<Commit> {
-    let field = |key: &str| line.split_whitespace().find_map(|t| t.strip_prefix(key)?.strip_prefix('='));
-    let number = |key: &str| field(key).and_then(|v| v.parse::<f64>().ok());
-    Some(Commit {
-        at: line.split_whitespace().find_map(|t| humantime::parse_rfc3339(t).ok()),
-        slot: field("slot")?.parse().ok()?,
-        connections: field("connections")?.parse().ok()?,
-        pause_ms: number("pause_ms"),
-        stage_ms: number("stage_ms"),
-    })
-}
-
-/// Each of `workers` slots' pauses, stagings and shares.
-fn slot_pauses(commits: &[Commit], workers: usize) -> Vec<SlotPauses> {
+/// Each of `workers` slots' pauses, stagings and shares over the handovers
+/// of `records`.
+fn slot_pauses(records: &[ReloadRecord], workers: usize) -> Vec<SlotPauses> {
     (0..workers)
         .map(|slot| {
-            let mine: Vec<&Commit> = commits.iter().filter(|c| c.slot == slot).collect();
-            let spread =
-                |get: fn(&Commit) -> Option<f64>| Spread::of(&mine.iter().filter_map(|c| get(c)).collect::<Vec<_>>());
+            let mine: Vec<&SlotHandover> = records.iter().flat_map(|r| &r.slots).filter(|h| h.slot == slot).collect();
+            let spread = |get: fn(&SlotHandover) -> Option<f64>| {
+                Spread::of(&mine.iter().filter_map(|h| get(h)).collect::<Vec<_>>())
+            };
             SlotPauses {
                 slot,
                 handovers: mine.len(),
-                pause_ms: spread(|c| c.pause_ms),
-                stage_ms: spread(|c| c.stage_ms),
-                connections: spread(|c| Some(c.connections as f64)),
+                pause_ms: spread(|h| h.pause_ms),
+                stage_ms: spread(|h| h.stage_ms),
+                connections: spread(|h| Some(h.connections as f64)),
             }
         })
         .collect()
 }
 
-/// Within each roll (slot S's commit followed by slot S + 1's), the time
-/// from the one serving again to the next one's old worker told to stop
-/// (its commit minus its pause), ms.
-fn gaps(commits: &[Commit]) -> Vec<f64> {
-    commits
-        .windows(2)
-        .filter(|w| w[1].slot == w[0].slot + 1)
-        .filter_map(|w| {
-            let between = w[1].at?.duration_since(w[0].at?).ok()?.as_secs_f64() * 1e3;
-            Some(between - w[1].pause_ms?)
-        })
+/// Within each roll, from one slot serving again to the next slot's old
+/// worker told to stop (its serving time minus its pause), ms.
+fn gaps(records: &[ReloadRecord]) -> Vec<f64> {
+    records
+        .iter()
+        .flat_map(|r| r.slots.windows(2))
+        .filter_map(|w| Some(w[1].serving_at_ms - w[1].pause_ms? - w[0].serving_at_ms))
         .collect()
 }
 
@@ -346,28 +300,49 @@ fn gaps(commits: &[Commit]) -> Vec<f64> {
 mod tests {
     use super::*;
 
-    const LOG: &str = "\
-takeoverd[10]: 2026-12-01T19:45:44.100000Z  INFO worker serving pid=11 slot=0 generation=1 connections=0 pause_ms=none stage_ms=0.00 total_ms=3.10
-seqnum-worker[11]: 2026-12-01T19:45:44.200000Z  INFO reload complete slot=9 connections=1
-takeoverd[10]: 2026-12-01T19:45:50.000000Z  INFO reload complete pid=12 slot=0 generation=3 connections=5000 pause_ms=0.250 stage_ms=40.00 total_ms=80.00
-takeoverd[10]: 2026-12-01T19:45:50.100000Z  INFO reload complete pid=13 slot=1 generation=4 connections=4998 pause_ms=0.500 stage_ms=42.00 total_ms=90.00
-takeoverd[10]: 2026-12-01T19:45:51.000000Z  INFO reload complete pid=14 slot=0 generation=5 connections=5000 pause_ms=0.350 stage_ms=38.00 total_ms=70.00
-";
+    fn handover(slot: usize, connections: usize, pause_ms: Option<f64>, stage_ms: f64, at: f64) -> SlotHandover {
+        SlotHandover { slot, pid: 10 + slot as u32, connections, pause_ms, stage_ms: Some(stage_ms), serving_at_ms: at }
+    }
+
+    fn record(slots: Vec<SlotHandover>) -> ReloadRecord {
+        ReloadRecord {
+            generation: 1,
+            at: 0,
+            ok: true,
+            error: None,
+            handoff_ms: 0.0,
+            old_exit_ms: 0.0,
+            pause_ms: None,
+            stage_ms: None,
+            total_ms: None,
+            worker_pid: None,
+            connections: 0,
+            failed_worker: None,
+            slots,
+        }
+    }
 
     #[test]
-    fn reads_each_slots_commit_from_takeoverds_lines() {
-        let c = commits(LOG);
-        assert_eq!(c.len(), 3, "the worker's line and the first start are not reloads: {c:?}");
-        assert_eq!((c[0].slot, c[0].connections, c[0].pause_ms, c[0].stage_ms), (0, 5000, Some(0.25), Some(40.0)));
-        assert_eq!(c[1].at.unwrap().duration_since(c[0].at.unwrap()).unwrap(), Duration::from_millis(100));
-        let slots = slot_pauses(&c, 2);
+    fn reads_each_slots_handover_from_takeoverds_records() {
+        let records = [
+            record(vec![handover(0, 5000, Some(0.25), 40.0, 80.0), handover(1, 4998, Some(0.5), 42.0, 180.0)]),
+            record(vec![handover(0, 5000, Some(0.35), 38.0, 70.0)]),
+        ];
+        let slots = slot_pauses(&records, 2);
         assert_eq!((slots[0].handovers, slots[1].handovers), (2, 1));
         assert_eq!(slots[0].pause_ms.map(|s| (s.min, s.max)), Some((0.25, 0.35)));
         assert_eq!(slots[1].connections.map(|s| s.median), Some(4998.0));
-        // Slot 1 paused 0.5 ms before its commit, 100 ms after slot 0's.
-        let g = gaps(&c);
+        // Slot 1 paused 0.5 ms before it served, 100 ms after slot 0 did.
+        let g = gaps(&records);
         assert_eq!(g.len(), 1);
         assert!((g[0] - 99.5).abs() < 1e-6, "{g:?}");
+    }
+
+    #[test]
+    fn a_pause_of_none_is_no_figure() {
+        let records = [record(vec![handover(0, 0, None, 0.0, 1.0), handover(1, 0, None, 0.0, 2.0)])];
+        assert_eq!(slot_pauses(&records, 2)[0].pause_ms.map(|s| s.max), None);
+        assert!(gaps(&records).is_empty());
     }
 
     #[test]
@@ -376,11 +351,5 @@ takeoverd[10]: 2026-12-01T19:45:51.000000Z  INFO reload complete pid=14 slot=0 g
         let d = [w(5, 4_000), w(0, 0), w(5, 1_000)];
         let b = [w(5, 1_500), w(5, 900), w(5, 2_000)];
         assert_eq!(above(&d, &b), vec![2.5, -1.0]);
-    }
-
-    #[test]
-    fn a_pause_of_none_is_no_figure() {
-        let c = commit("takeoverd[1]: 2026-12-01T00:00:00Z  INFO reload complete slot=0 connections=0 pause_ms=none");
-        assert_eq!(c.map(|c| (c.pause_ms, c.stage_ms)), Some((None, None)));
     }
 }

@@ -39,7 +39,7 @@ use crate::fdstore::notify;
 use crate::supervisor::Supervisor;
 use crate::worker::WorkerProc;
 use crate::workers::{Handoff, Proto, Slot, Step, Who, Why, Worker};
-use takeoverd::status::{unix_now, ReloadRecord};
+use takeoverd::status::{unix_now, ReloadRecord, SlotHandover};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -56,10 +56,8 @@ pub(crate) struct Roll {
     pub(crate) at: u64,
     /// When it was asked for.
     pub(crate) t0: Instant,
-    /// The longest pause of a slot so far (what a client saw at worst).
-    pub(crate) pause: Option<Duration>,
-    /// The longest staging of a slot so far.
-    pub(crate) stage: Option<Duration>,
+    /// The slots handed over so far.
+    pub(crate) done: Vec<SlotHandover>,
 }
 
 impl Supervisor {
@@ -89,8 +87,7 @@ impl Supervisor {
             waiters: waiter.into_iter().collect(),
             at: unix_now(),
             t0: Instant::now(),
-            pause: None,
-            stage: None,
+            done: Vec::new(),
         });
         self.roll_step(0);
     }
@@ -153,7 +150,7 @@ impl Supervisor {
         if matches!(self.slots[slot].who, Who::Down { .. }) {
             self.schedule_restart(slot);
         }
-        self.finish(slot, why, Err(error), None);
+        self.finish(slot, why, Err(error));
     }
 
     /// Whether `token` is the new or the old worker of `slot`'s handoff.
@@ -403,7 +400,7 @@ impl Supervisor {
                 self.schedule_restart(slot);
             }
         }
-        self.finish(slot, h.why, Err(error), None);
+        self.finish(slot, h.why, Err(error));
     }
 
     /// The new worker serves: the old one goes.
@@ -424,6 +421,8 @@ impl Supervisor {
             pause: h.stop_at.map(|s| now - s),
             stage: h.hello_at.zip(h.ready_at).map(|(a, b)| b - a),
             total: now - h.t0,
+            serving_at: now,
+            pid: new_pid,
         };
         if let Some(old) = h.old.take() {
             self.retire(old);
@@ -445,13 +444,14 @@ impl Supervisor {
         self.slots[slot].who = Who::Serving(h.new);
         self.slots[slot].ping = (now, false);
         self.save_state();
-        self.finish(slot, h.why, Ok(phases), Some(new_pid));
+        self.finish(slot, h.why, Ok(phases));
     }
 
     /// A slot's handoff ended: the roll goes on to the next slot, or ends
     /// (recorded, answered, told to systemd).
-    fn finish(&mut self, slot: usize, why: Why, outcome: Result<Phases, String>, pid: Option<u32>) {
+    fn finish(&mut self, slot: usize, why: Why, outcome: Result<Phases, String>) {
         let ok = outcome.is_ok();
+        let pid = outcome.as_ref().ok().map(|p| p.pid);
         let rolling = why == Why::Reload && self.roll.as_ref().is_some_and(|r| r.slot == slot);
         if !rolling {
             if ok && why == Why::Restart {
@@ -468,8 +468,14 @@ impl Supervisor {
         let n = self.slots.len();
         let roll = self.roll.as_mut().expect("rolling");
         if let Ok(p) = &outcome {
-            roll.pause = roll.pause.max(p.pause);
-            roll.stage = roll.stage.max(p.stage);
+            roll.done.push(SlotHandover {
+                slot,
+                pid: p.pid,
+                connections: self.slots[slot].share,
+                pause_ms: p.pause.map(ms),
+                stage_ms: p.stage.map(ms),
+                serving_at_ms: ms(p.serving_at - roll.t0),
+            });
             if slot + 1 < n {
                 roll.slot += 1;
                 return self.roll_step(slot + 1);
@@ -492,12 +498,13 @@ impl Supervisor {
             error,
             handoff_ms: ms(total),
             old_exit_ms: 0.0,
-            pause_ms: roll.pause.map(ms),
-            stage_ms: roll.stage.map(ms),
+            pause_ms: longest(&roll.done, |d| d.pause_ms),
+            stage_ms: longest(&roll.done, |d| d.stage_ms),
             total_ms: Some(ms(total)),
             worker_pid: pid.or_else(|| self.slots[slot].who.serving().map(|w| w.pid())),
             connections: self.conns.len(),
             failed_worker: (!ok).then_some(slot),
+            slots: roll.done,
         };
         self.record(rec.clone());
         answer_reload(roll.waiters, &rec);
@@ -519,6 +526,7 @@ impl Supervisor {
             worker_pid: None,
             connections: self.conns.len(),
             failed_worker: None,
+            slots: Vec::new(),
         }
     }
 
@@ -584,6 +592,15 @@ struct Phases {
     stage: Option<Duration>,
     /// Request → `serving`.
     total: Duration,
+    /// When the new worker served.
+    serving_at: Instant,
+    /// The new worker.
+    pid: u32,
+}
+
+/// The longest of the slots' `get` (what a client saw at worst).
+fn longest(done: &[SlotHandover], get: fn(&SlotHandover) -> Option<f64>) -> Option<f64> {
+    done.iter().filter_map(get).reduce(f64::max)
 }
 
 /// Tells a new worker its hello is refused (best effort, 100 ms); returns

@@ -42,6 +42,28 @@ pub struct ReloadRecord {
     /// stopped the roll; the ones before it serve the new generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_worker: Option<usize>,
+    /// Each worker's handover that completed, in the order of the roll
+    /// (one entry with a single worker).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<SlotHandover>,
+}
+
+/// One worker's handover within a (rolling) reload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotHandover {
+    /// The worker (slot).
+    pub slot: usize,
+    /// The new worker's pid.
+    pub pid: u32,
+    /// Its share, handed over.
+    pub connections: usize,
+    /// Its old worker told to stop → its new worker serving, ms: the pause
+    /// its share saw. None when nobody was stopped.
+    pub pause_ms: Option<f64>,
+    /// Its new worker's hello → its share registered with it, ms.
+    pub stage_ms: Option<f64>,
+    /// The reload's request → its new worker serving, ms.
+    pub serving_at_ms: f64,
 }
 
 /// One worker slot of `--workers N`.

@@ -32,8 +32,8 @@ pub(super) fn write(w: &mut String, r: &Results) {
          - **Rolling reload:** lock-step connections at the handoff section's interval, pinned (takeoverd and its \
          workers on one CPU, the clients on the other), `ctl reload`s one at a time; each reload's window is \
          compared with the same window of a run without reloads, as in section 1. takeoverd's reload records \
-         (`ctl status --json`) give each roll's longest slot pause and staging; its `reload complete` log lines \
-         (`slot=`, `pause_ms=`, `stage_ms=`, `connections=`, one per slot and reload) give each slot's own.\n\
+         (`ctl status --json`) give each roll's longest slot pause and staging, and in their `slots` each slot's own \
+         (`pause_ms`, `stage_ms`, `connections`, `serving_at_ms`).\n\
          - **Echo cost:** as section 3 (`--interval-ms 0`, pinned, CPU of takeoverd and every worker over the \
          measured window, per echo the client counted in it).\n\
          - **Balance:** idle connects (each sends one message, then nothing), then each worker's `connections` \
@@ -108,7 +108,7 @@ fn slots(w: &mut String, s: &crate::workers::WorkersSection) {
     };
     let _ = writeln!(
         w,
-        "\nEach slot's handovers, from takeoverd's log, ms, median (min–max); \"÷ 1 worker\" divides the medians by \
+        "\nEach slot's handovers, from takeoverd's reload records, ms, median (min–max); \"÷ 1 worker\" divides the medians by \
          those of `--workers 1`'s one slot:\n\n\
          | workers | slot | handovers | connections handed over | pause | pause ÷ 1 worker | staging | staging ÷ 1 \
          worker |\n|---:|---:|---:|---|---|---:|---|---:|"
